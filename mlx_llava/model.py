@@ -1,0 +1,123 @@
+"""LLaVA: image -> CLIP features -> projector -> image tokens spliced into the prompt -> Llama."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.models import llama
+
+from .config import ModelConfig
+from .projector import MultiModalProjector
+from .vision import VisionTower
+
+
+def merge_image_features(
+    embeddings: mx.array, image_features: mx.array, image_mask: mx.array
+) -> mx.array:
+    """Write image features into the image-token positions, in order.
+
+    Args:
+        embeddings: token embeddings [B, L, D].
+        image_features: projected features [n_images, T, D], in prompt order across the batch.
+        image_mask: [B, L] bool, True at image tokens; it must hold n_images * T positions.
+
+    Returns:
+        [B, L, D]. The k-th True position (row-major over the batch) gets feature row k; no host
+        synchronisation is needed.
+    """
+    B, L, D = embeddings.shape
+    flat_features = image_features.reshape(-1, D).astype(embeddings.dtype)
+    flat_mask = image_mask.reshape(-1)
+    order = mx.maximum(mx.cumsum(flat_mask.astype(mx.int32)) - 1, 0)
+    gathered = flat_features[order]
+    merged = mx.where(flat_mask[:, None], gathered, embeddings.reshape(-1, D))
+    return merged.reshape(B, L, D)
+
+
+class Model(nn.Module):
+    """LlavaForConditionalGeneration in MLX; attribute names follow the llava-hf checkpoints."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.vision_tower = VisionTower(config.vision_config)
+        self.multi_modal_projector = MultiModalProjector(config)
+        args = llama.ModelArgs.from_dict(config.text_config.to_mlx_lm_args())
+        self.language_model = llama.Model(args)
+
+    @property
+    def layers(self):
+        """The decoder layers (mlx-lm's cache helpers size the KV cache from these)."""
+        return self.language_model.layers
+
+    def get_image_features(self, pixel_values: mx.array) -> mx.array:
+        """pixel_values [n, H, W, 3] -> projected image features [n, T, D_text]."""
+        dtype = self.vision_tower.embeddings.patch_embedding.weight.dtype
+        states = self.vision_tower(pixel_values.astype(dtype), self.config.feature_layers)
+        if self.config.vision_feature_select_strategy == "default":
+            states = [s[:, 1:] for s in states]
+        features = states[0] if len(states) == 1 else mx.concatenate(states, axis=-1)
+        return self.multi_modal_projector(features)
+
+    def get_input_embeddings(
+        self, input_ids: mx.array, pixel_values: Optional[mx.array] = None
+    ) -> mx.array:
+        """input_ids [B, L] (image positions hold `image_token_index`) -> embeddings [B, L, D].
+
+        The caller guarantees that the ids hold `num_image_tokens` positions per image, as the
+        processor writes them; `check_image_tokens` verifies it.
+        """
+        image_mask = input_ids == self.config.image_token_index
+        # The placeholder id may lie outside the vocabulary (original checkpoints): embed a 0.
+        embed_tokens = self.language_model.model.embed_tokens
+        embeddings = embed_tokens(mx.where(image_mask, 0, input_ids))
+        if pixel_values is None:
+            return embeddings
+        features = self.get_image_features(pixel_values)
+        return merge_image_features(embeddings, features, image_mask)
+
+    def check_image_tokens(self, input_ids: mx.array, num_images: int) -> None:
+        """Raise ValueError unless the ids hold exactly one run of image tokens per image."""
+        found = int((input_ids == self.config.image_token_index).sum().item())
+        expected = num_images * self.config.num_image_tokens
+        if found != expected:
+            raise ValueError(
+                f"the prompt has {found} image tokens but {num_images} image(s) need {expected} "
+                f"({self.config.num_image_tokens} each): use one <image> per image"
+            )
+
+    def __call__(
+        self,
+        input_ids: mx.array,
+        pixel_values: Optional[mx.array] = None,
+        cache: Optional[list[Any]] = None,
+        input_embeddings: Optional[mx.array] = None,
+    ) -> mx.array:
+        """Logits [B, L, vocab] for input_ids [B, L] and optional pixel_values [n, H, W, 3]."""
+        if input_embeddings is None:
+            n_images = 0 if pixel_values is None else pixel_values.shape[0]
+            self.check_image_tokens(input_ids, n_images)
+            input_embeddings = self.get_input_embeddings(input_ids, pixel_values)
+        hidden = self.language_model.model(input_ids, cache, input_embeddings)
+        return self.lm_head(hidden)
+
+    def lm_head(self, hidden: mx.array) -> mx.array:
+        """Final hidden states [..., D] -> logits [..., vocab]."""
+        lm = self.language_model
+        if lm.args.tie_word_embeddings:
+            return lm.model.embed_tokens.as_linear(hidden)
+        return lm.lm_head(hidden)
+
+    def make_cache(self) -> list[Any]:
+        return self.language_model.make_cache()
+
+    def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
+        """Drop buffers that checkpoints carry but the model does not hold."""
+        return {
+            k: v
+            for k, v in weights.items()
+            if not k.endswith(("rotary_emb.inv_freq", "position_ids"))
+            and not (self.config.text_config.tie_word_embeddings and k.endswith("lm_head.weight"))
+        }
