@@ -1,0 +1,204 @@
+"""Image loading and CLIP preprocessing, bit-exact with transformers' PIL backend."""
+
+import json
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, fields
+from io import BytesIO
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+ImageSource = Image.Image | str | Path
+
+OPENAI_CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
+OPENAI_CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
+
+
+class ImageLoadError(ValueError):
+    """An image that cannot be fetched, read or decoded."""
+
+
+def _fetch(url: str) -> bytes:
+    request = urllib.request.Request(url, headers={"User-Agent": "mlx-llava"})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.read()
+    except Exception as e:
+        reason = e if isinstance(e, urllib.error.HTTPError) else getattr(e, "reason", e)
+        raise ImageLoadError(f"cannot fetch image URL '{url}': {reason}") from e
+
+
+def _read_error(name: str, e: Exception) -> ImageLoadError:
+    if isinstance(e, FileNotFoundError):
+        reason = "file not found"
+    elif isinstance(e, IsADirectoryError):
+        reason = "is a directory"
+    elif isinstance(e, PermissionError):
+        reason = "permission denied"
+    elif isinstance(e, UnidentifiedImageError):
+        reason = "not an image"
+    else:
+        reason = f"invalid image data ({e})"
+    return ImageLoadError(f"cannot read image '{name}': {reason}")
+
+
+def load_image(source: ImageSource) -> Image.Image:
+    """Load an image from a PIL image, a file path or an http(s) URL.
+
+    Files and URLs are fully decoded and turned upright by their EXIF orientation; a PIL
+    image is returned as is. The mode is kept: convert with `to_rgb`.
+
+    Raises:
+        ImageLoadError: the source cannot be fetched, read or decoded.
+    """
+    if isinstance(source, Image.Image):
+        return source
+    name = str(source)
+    if name.startswith(("http://", "https://")):
+        data = _fetch(name)
+    else:
+        try:
+            data = Path(name).read_bytes()
+        except OSError as e:
+            raise _read_error(name, e) from e
+    try:
+        img = Image.open(BytesIO(data))
+        img.load()
+        return ImageOps.exif_transpose(img)
+    # PIL raises many types here: OSError, SyntaxError, zlib.error, struct.error...
+    except Exception as e:
+        raise _read_error(name, e) from e
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Convert any PIL mode to RGB, compositing transparency onto white.
+
+    Same rule as transformers' `convert_to_rgb`: images with an "A" band or a
+    `transparency` entry go through RGBA and are alpha-composited on white; every other
+    mode (L, 1, I;16, I, F, CMYK, YCbCr, ...) uses PIL's own `convert("RGB")`.
+    """
+    if "A" in img.getbands() or img.info.get("transparency") is not None:
+        white = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, img.convert("RGBA")).convert("RGB")
+    return img.convert("RGB")
+
+
+def expand2square(
+    img: Image.Image, background_color: tuple[int, int, int]
+) -> Image.Image:
+    """Pad to a square of side max(w, h), centring the image, as original LLaVA does."""
+    width, height = img.size
+    if width == height:
+        return img
+    side = max(width, height)
+    result = Image.new(img.mode, (side, side), background_color)
+    result.paste(img, ((side - width) // 2, (side - height) // 2))
+    return result
+
+
+def _size_dict(size: int | dict[str, int], square: bool) -> dict[str, int]:
+    """An int is the shortest edge for `size` and a square for `crop_size`."""
+    if isinstance(size, int):
+        return {"height": size, "width": size} if square else {"shortest_edge": size}
+    if set(size) in ({"shortest_edge"}, {"height", "width"}):
+        return dict(size)
+    raise ValueError(
+        f"unsupported size {size}: use an int, shortest_edge or height/width"
+    )
+
+
+@dataclass
+class CLIPImageProcessor:
+    """CLIP preprocessing with the fields of `preprocessor_config.json`.
+
+    `pad_to_square` (not a transformers key) first applies `expand2square` with the
+    mean colour, as original LLaVA checkpoints with `image_aspect_ratio: "pad"` expect.
+    `size` and `crop_size` may also be given as ints, as old configs do.
+    """
+
+    do_resize: bool = True
+    size: dict[str, int] = field(default_factory=lambda: {"shortest_edge": 336})
+    resample: int = 3  # PIL bicubic
+    do_center_crop: bool = True
+    crop_size: dict[str, int] = field(
+        default_factory=lambda: {"height": 336, "width": 336}
+    )
+    do_rescale: bool = True
+    rescale_factor: float = 1 / 255
+    do_normalize: bool = True
+    image_mean: list[float] = field(default_factory=lambda: list(OPENAI_CLIP_MEAN))
+    image_std: list[float] = field(default_factory=lambda: list(OPENAI_CLIP_STD))
+    do_convert_rgb: bool = True
+    pad_to_square: bool = False
+
+    def __post_init__(self):
+        self.size = _size_dict(self.size, square=False)
+        self.crop_size = _size_dict(self.crop_size, square=True)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "CLIPImageProcessor":
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path) -> "CLIPImageProcessor":
+        """Read `folder/preprocessor_config.json`."""
+        with open(Path(folder) / "preprocessor_config.json") as f:
+            return cls.from_dict(json.load(f))
+
+    def to_dict(self) -> dict[str, Any]:
+        """The config to save; `image_processor_type` lets transformers read it too."""
+        return {"image_processor_type": "CLIPImageProcessor", **asdict(self)}
+
+    def _resized_size(self, width: int, height: int) -> tuple[int, int]:
+        if "height" in self.size:
+            return self.size["width"], self.size["height"]
+        # As transformers' get_resize_output_image_size: truncated, not rounded.
+        short, long = min(width, height), max(width, height)
+        new_short = self.size["shortest_edge"]
+        new_long = int(new_short * long / short)
+        return (new_short, new_long) if width <= height else (new_long, new_short)
+
+    def _to_uint8(self, source: ImageSource) -> np.ndarray:
+        """Load, convert, pad, resize and crop one image to uint8 [H, W, 3]."""
+        img = load_image(source)
+        if self.do_convert_rgb:
+            img = to_rgb(img)
+        elif img.mode != "RGB":
+            raise ValueError(f"image mode is {img.mode}, not RGB: set do_convert_rgb")
+        if self.pad_to_square:
+            img = expand2square(img, tuple(int(x * 255) for x in self.image_mean))
+        if self.do_resize:
+            img = img.resize(self._resized_size(*img.size), resample=self.resample)
+        if self.do_center_crop:
+            # Floor offsets; out-of-bounds parts of the box are zero, which is exactly
+            # transformers' padding of images smaller than the crop.
+            w, h = img.size
+            cw, ch = self.crop_size["width"], self.crop_size["height"]
+            left, top = (w - cw) // 2, (h - ch) // 2
+            img = img.crop((left, top, left + cw, top + ch))
+        return np.asarray(img)
+
+    def __call__(self, images: ImageSource | Sequence[ImageSource]) -> np.ndarray:
+        """Preprocess one image or a list of images (PIL images, paths or URLs).
+
+        Returns:
+            float32 array of shape [n, H, W, 3] (channels last).
+        """
+        if isinstance(images, (Image.Image, str, Path)):
+            images = [images]
+        x = np.stack([self._to_uint8(img) for img in images])
+        # Same dtypes and operation order as transformers, so the result is bit-exact.
+        if self.do_rescale:
+            x = (x.astype(np.float64) * self.rescale_factor).astype(np.float32)
+        else:
+            x = x.astype(np.float32)
+        if self.do_normalize:
+            mean = np.asarray(self.image_mean, dtype=np.float32)
+            std = np.asarray(self.image_std, dtype=np.float32)
+            x = (x - mean) / std
+        return x
