@@ -1,0 +1,285 @@
+"""Turn a LLaVA checkpoint (llava-hf, or an original haotian-liu release) into an MLX folder.
+
+Tensors stream shard by shard: each is renamed (`weights.to_mlx_key`), moved to MLX layout, cast,
+optionally quantized, and written to a temporary folder that is renamed at the end, so a failure
+leaves nothing half-written and a 7B model is never held twice in memory.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Optional, Union
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+from .config import ConfigError, ModelConfig, TextConfig
+from .hub import resolve_folder
+from .model import Model
+from .weights import ShardWriter, iter_shards, to_mlx_key, to_mlx_tensor
+
+MAX_SHARD_BYTES = 5 << 30
+DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
+ORIGINAL_IMAGE_TOKEN_INDEX = -200  # haotian-liu/LLaVA's IMAGE_TOKEN_INDEX
+
+# Files that describe the tokenizer and the processor, copied as they are.
+PROCESSOR_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.json",
+    "chat_template.jinja",
+    "processor_config.json",
+    "preprocessor_config.json",
+    "generation_config.json",
+)
+
+
+@dataclass
+class QuantizeSpec:
+    """`nn.quantize` settings; `vision` also quantizes the vision tower and projector."""
+
+    bits: int = 4
+    group_size: int = 64
+    vision: bool = False
+
+
+@dataclass
+class Source:
+    """Where a checkpoint's tensors come from: folders, each with its key layout."""
+
+    config: ModelConfig
+    folders: list[tuple[Path, str]]
+    processor_folders: list[Path] = field(default_factory=list)
+
+
+def is_original_config(config: dict) -> bool:
+    """Original haotian-liu configs carry `mm_*` keys (`model_type` says "llava" in both worlds)."""
+    return any(k.startswith("mm_") for k in config)
+
+
+def read_json(path: Path) -> dict:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path.parent} has no {path.name}") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path} is not valid JSON ({e})") from None
+
+
+def _clip_vision_config(folder: Path) -> dict:
+    """The vision part of a CLIPModel or CLIPVisionModel config."""
+    config = read_json(folder / "config.json")
+    if config.get("model_type") == "clip":
+        return config.get("vision_config", {})
+    if config.get("model_type") == "clip_vision_model":
+        return config
+    raise ConfigError(f"{folder} is not a CLIP checkpoint (model_type '{config.get('model_type')}')")
+
+
+def original_model_config(
+    config: dict, vision_config: dict, conv_mode: Optional[str] = None
+) -> ModelConfig:
+    """A ModelConfig for an original LLaVA checkpoint (LLaVA v1 or v1.5) and its CLIP tower."""
+    from .conversation import template_for_config
+
+    if config.get("mm_use_im_start_end"):
+        raise ConfigError(
+            "checkpoints trained with mm_use_im_start_end (<im_start>/<im_end> around the image) "
+            "are not supported"
+        )
+    projector = config.get("mm_projector_type", "linear")
+    if projector not in ("linear", "mlp2x_gelu"):
+        raise ConfigError(f"unknown projector type '{projector}' (linear, mlp2x_gelu)")
+    select = config.get("mm_vision_select_feature", "patch")
+    if select not in ("patch", "cls_patch"):
+        raise ConfigError(f"mm_vision_select_feature '{select}' is not supported (patch, cls_patch)")
+    aspect = config.get("image_aspect_ratio") or "square"
+    if aspect not in ("pad", "square"):
+        raise ConfigError(f"image_aspect_ratio '{aspect}' is not supported (pad, square)")
+    vision_hidden = vision_config.get("hidden_size", 1024)
+    if config.get("mm_hidden_size", vision_hidden) != vision_hidden:
+        raise ConfigError(
+            f"vision tower mismatch: its hidden size is {vision_hidden} but the checkpoint's "
+            f"mm_hidden_size is {config['mm_hidden_size']}"
+        )
+    text_fields = set(TextConfig.__dataclass_fields__)
+    text_config = {k: v for k, v in config.items() if k in text_fields}
+    text_config["model_type"] = "llama"
+    return ModelConfig(
+        vision_config=vision_config,
+        text_config=TextConfig.from_dict(text_config),
+        image_token_index=ORIGINAL_IMAGE_TOKEN_INDEX,
+        projector_type=projector,
+        projector_hidden_act="gelu",
+        vision_feature_select_strategy="default" if select == "patch" else "full",
+        vision_feature_layer=config.get("mm_vision_select_layer", -2),
+        image_aspect_ratio=aspect,
+        conv_mode=conv_mode or template_for_config(config, None),
+        pad_token_id=config.get("pad_token_id"),
+    )
+
+
+def read_source(
+    hf_path: Union[str, Path],
+    vision_tower: Optional[Union[str, Path]] = None,
+    conv_mode: Optional[str] = None,
+) -> Source:
+    """Find the config, the weight folders and the processor files of a checkpoint."""
+    folder = resolve_folder(hf_path)
+    config = read_json(folder / "config.json")
+    if is_original_config(config):
+        tower_name = vision_tower or config.get("mm_vision_tower")
+        if not tower_name:
+            raise ConfigError("the checkpoint names no vision tower: pass --vision-tower")
+        tower = resolve_folder(tower_name)
+        model_config = original_model_config(config, _clip_vision_config(tower), conv_mode)
+        return Source(
+            model_config,
+            folders=[(folder, "original"), (tower, "clip")],
+            processor_folders=[tower, folder],
+        )
+    if config.get("model_type") != "llava" and "vision_config" not in config:
+        raise ConfigError(
+            f"{hf_path} is not a LLaVA checkpoint (model_type '{config.get('model_type')}')"
+        )
+    model_config = ModelConfig.from_dict(config)
+    if conv_mode:
+        model_config.conv_mode = conv_mode
+    return Source(model_config, folders=[(folder, "llava_hf")], processor_folders=[folder])
+
+
+def quantized_paths(model: Model, spec: QuantizeSpec) -> dict[str, bool]:
+    """Module paths to quantize, and those that must stay unquantized (width vs group size)."""
+    paths = {}
+    for path, module in model.named_modules():
+        if not hasattr(module, "to_quantized"):
+            continue
+        if not spec.vision and not path.startswith("language_model."):
+            continue
+        if isinstance(module, nn.Conv2d):
+            continue
+        paths[path] = module.weight.shape[-1] % spec.group_size == 0
+    return paths
+
+
+def _quantization_entry(spec: QuantizeSpec, paths: dict[str, bool]) -> dict:
+    """mlx-lm's `quantization` config: global settings, plus `path: false` for skipped layers."""
+    entry: dict = {"group_size": spec.group_size, "bits": spec.bits, "mode": "affine"}
+    entry.update({p: False for p, ok in paths.items() if not ok})
+    return entry
+
+
+def convert(
+    hf_path: Union[str, Path],
+    mlx_path: Union[str, Path],
+    dtype: str = "float16",
+    quantize: Optional[QuantizeSpec] = None,
+    vision_tower: Optional[Union[str, Path]] = None,
+    conv_mode: Optional[str] = None,
+    force: bool = False,
+) -> Path:
+    """Convert a checkpoint into an MLX folder at `mlx_path` and return that path.
+
+    Args:
+        hf_path: a local folder or a hub repo id (llava-hf layouts or an original release).
+        mlx_path: the output folder; it must not exist unless `force`.
+        dtype: "float16", "bfloat16" or "float32" for the floating-point tensors.
+        quantize: quantize the language model (and with `vision`, the rest) as mlx-lm does.
+        vision_tower: the CLIP checkpoint for original releases (else their `mm_vision_tower`).
+        conv_mode: record a conversation template other than the checkpoint's default.
+        force: replace an existing output folder.
+    """
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype '{dtype}' (choose from: {', '.join(DTYPES)})")
+    mlx_path = Path(mlx_path)
+    if mlx_path.exists() and not force:
+        raise FileExistsError(f"{mlx_path} already exists: choose another path or pass --force")
+    source = read_source(hf_path, vision_tower, conv_mode)
+    mlx_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{mlx_path.name}.", dir=mlx_path.parent))
+    try:
+        _write(source, tmp, DTYPES[dtype], quantize)
+        if mlx_path.exists():
+            shutil.rmtree(mlx_path)
+        tmp.rename(mlx_path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return mlx_path
+
+
+def converted_tensors(
+    source: Source, dtype: mx.Dtype, quantize: Optional[QuantizeSpec] = None
+) -> Iterator[tuple[str, mx.array]]:
+    """Yield (our name, tensor) for every weight of `source`, checked against the config.
+
+    Raises:
+        ConfigError: a tensor the config does not expect, a wrong shape, or a missing tensor.
+    """
+    model = Model(source.config)  # lazily initialised: only names and shapes are read
+    expected = {k: v.shape for k, v in tree_flatten(model.parameters())}
+    quantized = quantized_paths(model, quantize) if quantize else {}
+    seen = set()
+    for folder, layout in source.folders:
+        for shard in iter_shards(folder):
+            for key, value in shard.items():
+                name = to_mlx_key(key, layout)
+                if name is None or (name not in expected and name.endswith("lm_head.weight")):
+                    continue
+                if name not in expected:
+                    raise ConfigError(f"unexpected tensor '{key}' in {folder}: not a LLaVA weight")
+                value = to_mlx_tensor(name, value)
+                if tuple(value.shape) != tuple(expected[name]):
+                    raise ConfigError(
+                        f"tensor '{key}' has shape {tuple(value.shape)} but the config expects "
+                        f"{tuple(expected[name])}"
+                    )
+                if mx.issubdtype(value.dtype, mx.floating):
+                    value = value.astype(dtype)
+                seen.add(name)
+                module = name.rsplit(".", 1)[0]
+                if quantized.get(module) and name.endswith(".weight"):
+                    q, scales, biases = mx.quantize(
+                        value, group_size=quantize.group_size, bits=quantize.bits
+                    )
+                    yield name, q
+                    yield f"{module}.scales", scales
+                    yield f"{module}.biases", biases
+                else:
+                    yield name, value
+            del shard
+    missing = sorted(set(expected) - seen)
+    if missing:
+        raise ConfigError(
+            f"the checkpoint lacks {len(missing)} tensor(s) the config needs, e.g. '{missing[0]}'"
+        )
+
+
+def _write(source: Source, out: Path, dtype: mx.Dtype, quantize: Optional[QuantizeSpec]) -> None:
+    writer = ShardWriter(out, MAX_SHARD_BYTES)
+    for name, value in converted_tensors(source, dtype, quantize):
+        writer.add(name, value)
+    writer.close()
+    out_config = source.config.to_dict()
+    if quantize:
+        model = Model(source.config)
+        out_config["quantization"] = _quantization_entry(quantize, quantized_paths(model, quantize))
+    out_config["mlx_llava"] = {"format": 1}
+    for folder in source.processor_folders:
+        for name in PROCESSOR_FILES:
+            if (folder / name).exists() and not (out / name).exists():
+                shutil.copy(folder / name, out / name)
+    with open(out / "config.json", "w") as f:
+        json.dump(out_config, f, indent=2)
+

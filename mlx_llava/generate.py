@@ -1,0 +1,263 @@
+"""Text generation: prompt + pictures -> streamed answer, on mlx-lm's decoding loop.
+
+The prompt's embeddings (image features spliced in) are handed to mlx-lm's `generate_step`,
+which prefills in chunks, keeps the KV cache, samples and pipelines decoding with
+`mx.async_eval`. Our adapter computes the lm_head only at the last position, the one read.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Generator, Optional, Sequence
+
+import mlx.core as mx
+from mlx_lm.generate import generate_step, wired_limit
+from mlx_lm.sample_utils import make_logits_processors, make_sampler
+
+from .model import Model
+from .processor import ImageInput, Processor
+
+
+@dataclass
+class GenerationResponse:
+    """One step of `stream_generate`.
+
+    Attributes:
+        text: the new text segment (may be empty while a multi-byte character is incomplete).
+        token: the token id generated at this step.
+        prompt_tokens: tokens in the prompt, image tokens included.
+        prompt_tps: prompt tokens per second (prefill, image encoding included).
+        time_to_first_token: seconds from the call to the first token.
+        generation_tokens: tokens generated so far.
+        generation_tps: decoding speed, tokens per second.
+        peak_memory: peak memory so far, in GB.
+        finish_reason: None while generating, then "stop" or "length".
+    """
+
+    text: str
+    token: int
+    prompt_tokens: int
+    prompt_tps: float
+    time_to_first_token: float
+    generation_tokens: int
+    generation_tps: float
+    peak_memory: float
+    finish_reason: Optional[str] = None
+
+
+class LastPositionLM:
+    """The language model as mlx-lm's `generate_step` calls it, with logits only at the last
+    position: `generate_step` reads nothing else, and the lm_head is the widest matmul."""
+
+    def __init__(self, model: Model):
+        self.model = model
+
+    @property
+    def layers(self):
+        return self.model.layers
+
+    def __call__(
+        self, inputs: mx.array, cache: Optional[list] = None, input_embeddings=None
+    ) -> mx.array:
+        hidden = self.model.language_model.model(inputs, cache, input_embeddings)
+        return self.model.lm_head(hidden[:, -1:])
+
+
+def make_sampling(
+    temperature: float = 0.0,
+    top_p: float = 0.0,
+    min_p: float = 0.0,
+    top_k: int = 0,
+    repetition_penalty: Optional[float] = None,
+    repetition_context_size: int = 20,
+) -> tuple[Any, list]:
+    """mlx-lm's sampler and logits processors for these settings (temperature 0 = greedy)."""
+    sampler = make_sampler(temp=temperature, top_p=top_p, min_p=min_p, top_k=top_k)
+    processors = make_logits_processors(
+        repetition_penalty=repetition_penalty, repetition_context_size=repetition_context_size
+    )
+    return sampler, processors
+
+
+def _image_list(image, images) -> list:
+    if image is not None and images is not None:
+        raise ValueError("pass either image or images, not both")
+    if images is not None:
+        return list(images)
+    return [] if image is None else [image]
+
+
+def prompt_embeddings(
+    model: Model, processor: Processor, prompt: str, images: Sequence[ImageInput]
+) -> tuple[mx.array, mx.array]:
+    """Token ids [L] (image positions zeroed, for logits processors) and embeddings [L, D]."""
+    inputs = processor(prompt, list(images) or None)
+    input_ids = inputs["input_ids"]
+    limit = model.config.text_config.max_position_embeddings
+    if input_ids.shape[1] > limit:
+        raise ValueError(
+            f"the prompt is {input_ids.shape[1]} tokens (image tokens included) but the model's "
+            f"context is {limit}"
+        )
+    embeddings = model.get_input_embeddings(input_ids, inputs["pixel_values"])
+    history = mx.where(input_ids == model.config.image_token_index, 0, input_ids)
+    return history[0], embeddings[0]
+
+
+def stream_generate(
+    model: Model,
+    processor: Processor,
+    prompt: str,
+    image: Optional[ImageInput] = None,
+    images: Optional[Sequence[ImageInput]] = None,
+    max_tokens: int = 256,
+    temperature: float = 0.0,
+    top_p: float = 0.0,
+    min_p: float = 0.0,
+    top_k: int = 0,
+    repetition_penalty: Optional[float] = None,
+    repetition_context_size: int = 20,
+    seed: Optional[int] = None,
+    stop: Optional[Sequence[str]] = None,
+    prompt_cache: Optional[list] = None,
+    prefill_step_size: int = 2048,
+    kv_bits: Optional[int] = None,
+    kv_group_size: int = 64,
+    quantized_kv_start: int = 0,
+) -> Generator[GenerationResponse, None, None]:
+    """Generate an answer for a prompt taken verbatim (see `Processor.format_prompt`).
+
+    Args:
+        prompt: the full prompt, one `<image>` placeholder per picture.
+        image / images: one picture, or several in placeholder order (PIL image, path or URL).
+        max_tokens: the most tokens to generate (> 0).
+        temperature, top_p, min_p, top_k: sampling (temperature 0 is greedy).
+        repetition_penalty, repetition_context_size: mlx-lm's repetition penalty.
+        seed: seed MLX's random generator first, for reproducible sampling.
+        stop: strings that end the answer (not included in it).
+        prompt_cache: a KV cache (mlx-lm's) extended in place; it may already hold a prefix.
+        prefill_step_size: prompt tokens per prefill chunk.
+        kv_bits, kv_group_size, quantized_kv_start: quantize the KV cache as mlx-lm does.
+
+    Yields:
+        GenerationResponse for each new token; the last one has `finish_reason` set.
+    """
+    if max_tokens <= 0:
+        raise ValueError(f"max_tokens must be positive, got {max_tokens}")
+    if seed is not None:
+        mx.random.seed(seed)
+    tic = time.perf_counter()
+    history, embeddings = prompt_embeddings(
+        model, processor, prompt, _image_list(image, images)
+    )
+    sampler, processors = make_sampling(
+        temperature, top_p, min_p, top_k, repetition_penalty, repetition_context_size
+    )
+    tokenizer = processor.tokenizer
+    detokenizer = tokenizer.detokenizer
+    detokenizer.reset()
+    steps = generate_step(
+        history,
+        LastPositionLM(model),
+        max_tokens=max_tokens,
+        sampler=sampler,
+        logits_processors=processors,
+        prompt_cache=prompt_cache,
+        prefill_step_size=prefill_step_size,
+        kv_bits=kv_bits,
+        kv_group_size=kv_group_size,
+        quantized_kv_start=quantized_kv_start,
+        input_embeddings=embeddings,
+    )
+    stops = StopMatcher(stop or [])
+    known_tokens = len(tokenizer)
+    prompt_tokens = history.size
+    with wired_limit(model):
+        n, finish, hit, ttft, decode_tic = 0, "length", False, 0.0, tic
+        for n, (token, _) in enumerate(steps, start=1):
+            if n == 1:
+                ttft = time.perf_counter() - tic
+                decode_tic = time.perf_counter()
+            if token in tokenizer.eos_token_ids:
+                finish = "stop"
+                break
+            if token < known_tokens:  # ids of the padded vocabulary have no text
+                detokenizer.add_token(token)
+            if n == max_tokens:
+                break
+            text, hit = stops.feed(detokenizer.last_segment)
+            if hit:
+                finish = "stop"
+                break
+            yield _response(text, token, n, prompt_tokens, ttft, decode_tic)
+        text = ""
+        if not hit:
+            detokenizer.finalize()
+            text, hit = stops.feed(detokenizer.last_segment, final=True)
+            finish = "stop" if hit else finish
+        yield _response(text, token, n, prompt_tokens, ttft, decode_tic, finish)
+
+
+def _response(text, token, n, prompt_tokens, ttft, decode_tic, finish=None) -> GenerationResponse:
+    elapsed = max(time.perf_counter() - decode_tic, 1e-9)
+    return GenerationResponse(
+        text=text,
+        token=int(token),
+        prompt_tokens=prompt_tokens,
+        prompt_tps=prompt_tokens / max(ttft, 1e-9),
+        time_to_first_token=ttft,
+        generation_tokens=n,
+        generation_tps=max(n - 1, 0) / elapsed,
+        peak_memory=mx.get_peak_memory() / 1e9,
+        finish_reason=finish,
+    )
+
+
+class StopMatcher:
+    """Holds back text that could be the start of a stop string; cuts at the first match."""
+
+    def __init__(self, stops: Sequence[str]):
+        self.stops = [s for s in stops if s]
+        self.pending = ""
+
+    def feed(self, segment: str, final: bool = False) -> tuple[str, bool]:
+        """Text safe to emit now, and whether a stop string was found."""
+        self.pending += segment
+        if not self.stops:
+            out, self.pending = self.pending, ""
+            return out, False
+        cut = min((i for i in (self.pending.find(s) for s in self.stops) if i >= 0), default=-1)
+        if cut >= 0:
+            out, self.pending = self.pending[:cut], ""
+            return out, True
+        if final:
+            out, self.pending = self.pending, ""
+            return out, False
+        keep = max(
+            (k for s in self.stops for k in range(1, len(s)) if self.pending.endswith(s[:k])),
+            default=0,
+        )
+        out = self.pending[: len(self.pending) - keep]
+        self.pending = self.pending[len(out) :]
+        return out, False
+
+
+def generate(
+    model: Model,
+    processor: Processor,
+    prompt: str,
+    image: Optional[ImageInput] = None,
+    images: Optional[Sequence[ImageInput]] = None,
+    verbose: bool = False,
+    **kwargs,
+) -> str:
+    """The whole answer as a string; keyword arguments as for `stream_generate`."""
+    text = ""
+    for response in stream_generate(model, processor, prompt, image, images, **kwargs):
+        text += response.text
+        if verbose:
+            print(response.text, end="", flush=True)
+    if verbose:
+        print()
+    return text

@@ -1,0 +1,129 @@
+"""`load`: a model name -> (Model, Processor), as mlx-lm loads its models."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional, Union
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .config import ModelConfig
+from .convert import DTYPES, convert, converted_tensors, read_source
+from .hub import cache_dir, is_repo_id, resolve_folder
+from .model import Model
+from .processor import Processor
+from .weights import load_weights
+
+DEMO_PATH = Path(__file__).parent / "demo"
+DEFAULT_MODEL = "llava-hf/llava-1.5-7b-hf"
+
+
+def is_mlx_folder(folder: Path) -> bool:
+    """Folders written by our converter say so in their config.json."""
+    try:
+        with open(folder / "config.json") as f:
+            return "mlx_llava" in json.load(f)
+    except (OSError, json.JSONDecodeError):
+        return False
+
+
+def resolve_model(name: Union[str, Path], dtype: str = "float16") -> Path:
+    """The folder for `name`: "demo", a local folder, or a hub id converted once into the cache."""
+    if str(name) == "demo":
+        if not (DEMO_PATH / "config.json").exists():
+            raise FileNotFoundError("the bundled demo model is missing from this installation")
+        return DEMO_PATH
+    if is_repo_id(str(name)):
+        cached = cache_dir() / f"{str(name).replace('/', '--')}-{dtype}"
+        if not is_mlx_folder(cached):
+            convert(name, cached, dtype=dtype, force=cached.exists())
+        return cached
+    return resolve_folder(name)
+
+
+def _apply_quantization(model: Model, config: ModelConfig, weights: dict) -> None:
+    """Swap in quantized layers where the weights hold `scales` (mlx-lm's convention)."""
+    quant = config.quantization
+    if not quant:
+        return
+
+    def predicate(path: str, module: nn.Module):
+        if path in quant:
+            return quant[path]
+        return hasattr(module, "to_quantized") and f"{path}.scales" in weights
+
+    nn.quantize(
+        model,
+        group_size=quant["group_size"],
+        bits=quant["bits"],
+        mode=quant.get("mode", "affine"),
+        class_predicate=predicate,
+    )
+
+
+def _read_model(folder: Path, dtype: Optional[str]) -> tuple[ModelConfig, dict, list[Path]]:
+    """Config, weights in our layout, and the folders holding the processor files."""
+    if is_mlx_folder(folder):
+        with open(folder / "config.json") as f:
+            config = ModelConfig.from_dict(json.load(f))
+        weights = load_weights(folder)
+        if dtype is not None:
+            weights = {
+                k: v.astype(DTYPES[dtype]) if mx.issubdtype(v.dtype, mx.floating) else v
+                for k, v in weights.items()
+            }
+        return config, weights, [folder]
+    source = read_source(folder)
+    weights = dict(converted_tensors(source, DTYPES[dtype or "float16"]))
+    return source.config, weights, source.processor_folders
+
+
+def build_model(config: ModelConfig, weights: dict, lazy: bool = False) -> Model:
+    """A Model holding `weights` (our names), quantized where they say so; loading is strict."""
+    model = Model(config)
+    weights = model.sanitize(weights)
+    _apply_quantization(model, config, weights)
+    model.load_weights(list(weights.items()), strict=True)
+    if not lazy:
+        mx.eval(model.parameters())
+    model.eval()
+    return model
+
+
+def load_model(folder: Union[str, Path], dtype: Optional[str] = None, lazy: bool = False) -> Model:
+    """The model of a folder: MLX folders load as stored (cast to `dtype` if given); llava-hf
+    and original checkpoints are converted in memory (to `dtype`, float16 by default)."""
+    config, weights, _ = _read_model(Path(folder), dtype)
+    return build_model(config, weights, lazy)
+
+
+def load(
+    path_or_repo: Union[str, Path] = DEFAULT_MODEL,
+    dtype: Optional[str] = None,
+    pad_to_square: Optional[bool] = None,
+    conv_mode: Optional[str] = None,
+    lazy: bool = False,
+) -> tuple[Model, Processor]:
+    """Load a LLaVA model and its processor.
+
+    Args:
+        path_or_repo: an MLX folder, a llava-hf or original LLaVA folder (converted in memory),
+            a hub repo id (downloaded and converted once, then cached), or "demo".
+        dtype: cast the floating-point weights ("float16", "bfloat16", "float32").
+        pad_to_square: pad pictures to a square with the mean colour before preprocessing, as
+            the original LLaVA-1.5 did; the default follows the checkpoint.
+        conv_mode: the conversation template `Processor.format_prompt` uses.
+        lazy: leave the weights unevaluated until first use.
+
+    Returns:
+        (model, processor)
+    """
+    folder = resolve_model(path_or_repo, dtype or "float16")
+    config, weights, processor_folders = _read_model(folder, dtype)
+    if conv_mode:
+        config.conv_mode = conv_mode
+    model = build_model(config, weights, lazy)
+    processor = Processor.from_pretrained(processor_folders, config, pad_to_square=pad_to_square)
+    return model, processor

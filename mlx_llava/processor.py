@@ -1,0 +1,192 @@
+"""Prompt + pictures -> model inputs: token ids with each `<image>` expanded, and pixels."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Optional, Sequence, Union
+
+import mlx.core as mx
+import numpy as np
+from mlx_lm.tokenizer_utils import TokenizerWrapper
+from mlx_lm.tokenizer_utils import load as load_tokenizer
+
+from .config import ModelConfig
+from .conversation import format_prompt, get_template
+from .image_processor import CLIPImageProcessor
+
+IMAGE_PLACEHOLDER = "<image>"
+
+ImageInput = Any  # a PIL image, a file path or an http(s) URL
+
+
+class Processor:
+    """LlavaProcessor's job, owned here: tokenization, `<image>` expansion and preprocessing.
+
+    Each `<image>` becomes `config.num_image_tokens` copies of `config.image_token_index`.
+    Tokenizers that know `<image>` (llava-hf) tokenize the whole prompt, as transformers does;
+    the others (original releases) follow the original `tokenizer_image_token`: the prompt is
+    split at `<image>`, each chunk tokenized, BOS kept on the first chunk only.
+    """
+
+    def __init__(
+        self,
+        tokenizer: TokenizerWrapper,
+        image_processor: CLIPImageProcessor,
+        config: ModelConfig,
+        chat_template: Optional[str] = None,
+    ):
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+        self.config = config
+        self.chat_template = chat_template
+        vocab = tokenizer.get_vocab()
+        self.image_token_in_vocab = vocab.get(IMAGE_PLACEHOLDER) == config.image_token_index
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        folders: Union[str, Path, Sequence[Union[str, Path]]],
+        config: ModelConfig,
+        pad_to_square: Optional[bool] = None,
+    ) -> "Processor":
+        """Read the tokenizer, `preprocessor_config.json` and chat template, each from the
+        first of `folders` that has it (original releases keep the image processor's settings
+        beside their CLIP tower)."""
+        if isinstance(folders, (str, Path)):
+            folders = [folders]
+        folders = [Path(f) for f in folders]
+
+        def find(*names: str) -> Optional[Path]:
+            return next((f / n for f in folders for n in names if (f / n).exists()), None)
+
+        tokenizer_file = find("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
+        if tokenizer_file is None:
+            raise FileNotFoundError(f"no tokenizer files in {folders[0]}")
+        tokenizer = load_tokenizer(tokenizer_file.parent)
+        preprocessor = find("preprocessor_config.json")
+        if preprocessor:
+            image_processor = CLIPImageProcessor.from_pretrained(preprocessor.parent)
+        else:
+            side = config.vision_config.image_size
+            image_processor = CLIPImageProcessor(
+                size={"shortest_edge": side}, crop_size={"height": side, "width": side}
+            )
+        if pad_to_square is None:
+            pad_to_square = config.image_aspect_ratio == "pad"
+        image_processor.pad_to_square = pad_to_square
+        template_file = find("chat_template.json", "chat_template.jinja")
+        chat_template = None
+        if template_file is not None and template_file.suffix == ".json":
+            with open(template_file) as f:
+                chat_template = json.load(f).get("chat_template")
+        elif template_file is not None:
+            chat_template = template_file.read_text()
+        return cls(tokenizer, image_processor, config, chat_template)
+
+    # Prompts -----------------------------------------------------------------------------
+
+    def format_prompt(
+        self, question: str, num_images: int = 1, conv_mode: Optional[str] = None
+    ) -> str:
+        """Wrap a user's question in the checkpoint's conversation template.
+
+        `<image>` placeholders are put in front of the question unless the user wrote them.
+        An explicit `conv_mode`, else the converter's recorded one, else the checkpoint's chat
+        template, else llava-hf's `USER: <image>\\n{question} ASSISTANT:`.
+        """
+        mode = conv_mode or self.config.conv_mode
+        if mode or not self.chat_template:
+            return format_prompt(question, get_template(mode or "llava_hf"), num_images)
+        if IMAGE_PLACEHOLDER in question:
+            num_images = 0
+        content = [{"type": "image"}] * num_images + [{"type": "text", "text": question}]
+        return self.tokenizer.apply_chat_template(
+            [{"role": "user", "content": content}],
+            chat_template=self.chat_template,
+            add_generation_prompt=True,
+            tokenize=False,
+        )
+
+    # Tokens -------------------------------------------------------------------------------
+
+    def tokenize(self, text: str) -> list[int]:
+        """Token ids of one prompt, each `<image>` expanded to the image's token count."""
+        n = self.config.num_image_tokens
+        image_id = self.config.image_token_index
+        if self.image_token_in_vocab:
+            ids = self.tokenizer.encode(text)
+            out: list[int] = []
+            for t in ids:
+                out.extend([image_id] * n if t == image_id else [t])
+            return out
+        out = []
+        for i, chunk in enumerate(text.split(IMAGE_PLACEHOLDER)):
+            if i > 0:
+                out.extend([image_id] * n)
+            ids = self.tokenizer.encode(chunk)
+            bos = self.tokenizer.bos_token_id
+            if i > 0 and ids and ids[0] == bos:
+                ids = ids[1:]
+            out.extend(ids)
+        return out
+
+    def __call__(
+        self,
+        text: Union[str, Sequence[str]],
+        images: Optional[Union[ImageInput, Sequence[ImageInput]]] = None,
+    ) -> dict[str, Optional[mx.array]]:
+        """Model inputs for one prompt or a batch.
+
+        Args:
+            text: a prompt, or a list of prompts (left-padded to one length).
+            images: the pictures for the `<image>` placeholders, in order across the batch.
+
+        Returns:
+            `input_ids` [B, L] int32, `attention_mask` [B, L] int32 (0 on padding),
+            `pixel_values` [n_images, H, W, 3] float32, or None without images.
+
+        Raises:
+            ValueError: the number of `<image>` placeholders differs from the number of images.
+        """
+        prompts = [text] if isinstance(text, str) else list(text)
+        if images is None:
+            images = []
+        elif not isinstance(images, (list, tuple)):
+            images = [images]
+        placeholders = sum(p.count(IMAGE_PLACEHOLDER) for p in prompts)
+        if placeholders != len(images):
+            raise ValueError(
+                f"the prompt has {placeholders} <image> placeholder(s) but {len(images)} "
+                "image(s) were given"
+            )
+        ids = [self.tokenize(p) for p in prompts]
+        input_ids, attention_mask = left_pad(ids, self.pad_token_id)
+        pixel_values = mx.array(self.image_processor(list(images))) if images else None
+        return {
+            "input_ids": mx.array(input_ids),
+            "attention_mask": mx.array(attention_mask),
+            "pixel_values": pixel_values,
+        }
+
+    @property
+    def pad_token_id(self) -> int:
+        for candidate in (self.config.pad_token_id, self.tokenizer.pad_token_id):
+            if candidate is not None and candidate >= 0:
+                return candidate
+        return 0
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+
+def left_pad(sequences: Sequence[Sequence[int]], pad: int) -> tuple[np.ndarray, np.ndarray]:
+    """Left-pad sequences to one length: ids [B, L] int32 and attention mask [B, L] int32."""
+    length = max(len(s) for s in sequences)
+    ids = np.full((len(sequences), length), pad, dtype=np.int32)
+    mask = np.zeros((len(sequences), length), dtype=np.int32)
+    for row, seq in enumerate(sequences):
+        if seq:
+            ids[row, length - len(seq) :] = seq
+            mask[row, length - len(seq) :] = 1
+    return ids, mask

@@ -1,0 +1,173 @@
+"""Checkpoint tensors: reading shards, and the one place that maps key layouts to ours.
+
+Our parameter names are the llava-hf hub names with `vision_model.` dropped:
+`vision_tower.*`, `multi_modal_projector.linear_{1,2}.*`, `language_model.model.*`,
+`language_model.lm_head.weight`. Every other layout is renamed here, prefix by prefix.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterator, Optional
+
+import mlx.core as mx
+
+# (checkpoint prefix, our prefix); the first match wins, so longer prefixes come first.
+LLAVA_HF_PREFIXES = [
+    # transformers >= 4.52 (`_checkpoint_conversion_mapping`) and transformers 5 save_pretrained
+    ("model.language_model.", "language_model.model."),
+    ("model.vision_tower.vision_model.", "vision_tower."),
+    ("model.vision_tower.", "vision_tower."),
+    ("model.multi_modal_projector.", "multi_modal_projector."),
+    ("lm_head.", "language_model.lm_head."),
+    # the llava-hf hub layout (transformers < 4.52)
+    ("language_model.", "language_model."),
+    ("vision_tower.vision_model.", "vision_tower."),
+    ("vision_tower.", "vision_tower."),
+    ("multi_modal_projector.", "multi_modal_projector."),
+]
+
+# haotian-liu/LLaVA: LlavaLlamaForCausalLM with the projector inside `model.`.
+ORIGINAL_PREFIXES = [
+    ("model.mm_projector.0.", "multi_modal_projector.linear_1."),
+    ("model.mm_projector.2.", "multi_modal_projector.linear_2."),
+    ("model.mm_projector.", "multi_modal_projector.linear_1."),  # v1: one linear layer W
+    ("model.vision_tower.vision_tower.vision_model.", "vision_tower."),  # a tower saved inside
+    ("model.", "language_model.model."),
+    ("lm_head.", "language_model.lm_head."),
+]
+
+# A CLIPModel or CLIPVisionModel checkpoint holding the original models' vision tower.
+CLIP_PREFIXES = [
+    ("vision_model.", "vision_tower."),
+]
+
+LAYOUTS = {"llava_hf": LLAVA_HF_PREFIXES, "original": ORIGINAL_PREFIXES, "clip": CLIP_PREFIXES}
+
+# Buffers, the unused CLIP text tower and heads: nothing of LLaVA's.
+_DROPPED_SUFFIXES = ("rotary_emb.inv_freq", "position_ids")
+
+PATCH_EMBEDDING = "vision_tower.embeddings.patch_embedding.weight"
+
+
+def to_mlx_key(key: str, layout: str) -> Optional[str]:
+    """Our name for a checkpoint key, or None for a tensor LLaVA does not use."""
+    if key.endswith(_DROPPED_SUFFIXES):
+        return None
+    for old, new in LAYOUTS[layout]:
+        if key.startswith(old):
+            return new + key[len(old) :]
+    return None
+
+
+def to_mlx_tensor(name: str, value: mx.array) -> mx.array:
+    """Move a PyTorch-layout tensor to MLX's layout."""
+    if name == PATCH_EMBEDDING and value.ndim == 4:
+        # Conv2d weight: PyTorch (out, in, kh, kw) -> MLX (out, kh, kw, in).
+        return value.transpose(0, 2, 3, 1)
+    return value
+
+
+def weight_files(folder: Path) -> list[Path]:
+    """The weight shards of a checkpoint folder: safetensors first, else PyTorch .bin."""
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        files = sorted(folder.glob("pytorch_model*.bin"))
+    return files
+
+
+def _load_torch_file(path: Path) -> dict[str, mx.array]:
+    try:
+        import torch
+    except ImportError:
+        raise RuntimeError(
+            f"{path.name} is a PyTorch checkpoint: reading it needs torch "
+            "(pip install 'mlx-llava[torch]'), or convert it to safetensors first"
+        ) from None
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    out = {}
+    for k, v in state.items():
+        if v.dtype == torch.bfloat16:
+            out[k] = mx.array(v.float().numpy()).astype(mx.bfloat16)
+        else:
+            out[k] = mx.array(v.numpy())
+    return out
+
+
+def load_file(path: Path) -> dict[str, mx.array]:
+    """All tensors of one shard (safetensors through mx.load, .bin through torch weights-only)."""
+    if path.suffix == ".bin":
+        return _load_torch_file(path)
+    return mx.load(str(path))
+
+
+def iter_shards(folder: Path) -> Iterator[dict[str, mx.array]]:
+    """Yield each shard's tensors in turn, so that a 7B model is never held twice."""
+    files = weight_files(folder)
+    if not files:
+        raise FileNotFoundError(f"no weights (*.safetensors or pytorch_model*.bin) in {folder}")
+    for path in files:
+        yield load_file(path)
+
+
+def load_weights(folder: Path) -> dict[str, mx.array]:
+    """Every tensor of a folder's shards, as stored."""
+    weights = {}
+    for shard in iter_shards(folder):
+        weights.update(shard)
+    return weights
+
+
+def save_shards(folder: Path, weights: dict[str, mx.array], max_shard_bytes: int) -> None:
+    """Write `weights` as safetensors shards of at most `max_shard_bytes`, with an index."""
+    writer = ShardWriter(folder, max_shard_bytes)
+    for k, v in weights.items():
+        writer.add(k, v)
+    writer.close()
+
+
+class ShardWriter:
+    """Accumulates tensors and writes `model-0000k.safetensors` shards plus the index."""
+
+    def __init__(self, folder: Path, max_shard_bytes: int):
+        self.folder = folder
+        self.max_shard_bytes = max_shard_bytes
+        self.pending: dict[str, mx.array] = {}
+        self.pending_bytes = 0
+        self.written: list[list[str]] = []
+        self.total_bytes = 0
+
+    def add(self, name: str, value: mx.array) -> None:
+        if self.pending and self.pending_bytes + value.nbytes > self.max_shard_bytes:
+            self.flush()
+        self.pending[name] = value
+        self.pending_bytes += value.nbytes
+        self.total_bytes += value.nbytes
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        index = len(self.written)
+        mx.save_safetensors(
+            str(self.folder / f"_shard_{index}.safetensors"),
+            self.pending,
+            metadata={"format": "mlx"},
+        )
+        self.written.append(list(self.pending))
+        self.pending, self.pending_bytes = {}, 0
+
+    def close(self) -> None:
+        self.flush()
+        n = len(self.written)
+        weight_map = {}
+        for i, names in enumerate(self.written):
+            name = "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+            (self.folder / f"_shard_{i}.safetensors").rename(self.folder / name)
+            weight_map.update({k: name for k in names})
+        index = {
+            "metadata": {"total_size": self.total_bytes},
+            "weight_map": dict(sorted(weight_map.items())),
+        }
+        with open(self.folder / "model.safetensors.index.json", "w") as f:
+            json.dump(index, f, indent=2)
