@@ -108,9 +108,7 @@ def get_template(name: str) -> Template:
     """Look up a template by name (or alias)."""
     if name not in TEMPLATES:
         choices = ", ".join(sorted(TEMPLATES))
-        raise ValueError(
-            f"unknown conversation template '{name}' (choose from: {choices})"
-        )
+        raise ValueError(f"unknown conversation template '{name}' (choose from: {choices})")
     return TEMPLATES[name]
 
 
@@ -126,9 +124,7 @@ def _turns(messages: Sequence[Message]) -> list[tuple[int, str | None]]:
         if who is None:
             raise ValueError(f"unknown role {role!r} (use 'user' or 'assistant')")
         if who != i % 2:
-            raise ValueError(
-                "messages must alternate user/assistant, starting with user"
-            )
+            raise ValueError("messages must alternate user/assistant, starting with user")
         turns.append((who, text))
     if not turns:
         raise ValueError("a conversation needs at least one user message")
@@ -174,9 +170,7 @@ def _plain_segments(t: Template, turns: list) -> list[tuple[str, bool]]:
     if not caption:
         return [(t.system + question + t.sep if question else t.system, False)]
     if IMAGE_TOKEN not in question:
-        raise ValueError(
-            "plain (stage-1) training pairs need an <image> in the user turn"
-        )
+        raise ValueError("plain (stage-1) training pairs need an <image> in the user turn")
     return [(t.system + IMAGE_TOKEN, False), (caption + t.sep, True)]
 
 
@@ -244,9 +238,7 @@ def format_prompt(question: str, template: Template | str, n_images: int = 1) ->
     return render(template, [("user", question)])
 
 
-def template_for_config(
-    config: Mapping, tokenizer_chat_template: str | None = None
-) -> str:
+def template_for_config(config: Mapping, tokenizer_chat_template: str | None = None) -> str:
     """Pick a template name for a checkpoint.
 
     In order: an explicit ``conv_mode`` in the config; ``llava_llama_2`` /

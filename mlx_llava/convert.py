@@ -84,7 +84,9 @@ def _clip_vision_config(folder: Path) -> dict:
         return config.get("vision_config", {})
     if config.get("model_type") == "clip_vision_model":
         return config
-    raise ConfigError(f"{folder} is not a CLIP checkpoint (model_type '{config.get('model_type')}')")
+    raise ConfigError(
+        f"{folder} is not a CLIP checkpoint (model_type '{config.get('model_type')}')"
+    )
 
 
 def original_model_config(
@@ -103,7 +105,9 @@ def original_model_config(
         raise ConfigError(f"unknown projector type '{projector}' (linear, mlp2x_gelu)")
     select = config.get("mm_vision_select_feature", "patch")
     if select not in ("patch", "cls_patch"):
-        raise ConfigError(f"mm_vision_select_feature '{select}' is not supported (patch, cls_patch)")
+        raise ConfigError(
+            f"mm_vision_select_feature '{select}' is not supported (patch, cls_patch)"
+        )
     aspect = config.get("image_aspect_ratio") or "square"
     if aspect not in ("pad", "square"):
         raise ConfigError(f"image_aspect_ratio '{aspect}' is not supported (pad, square)")
@@ -282,4 +286,3 @@ def _write(source: Source, out: Path, dtype: mx.Dtype, quantize: Optional[Quanti
                 shutil.copy(folder / name, out / name)
     with open(out / "config.json", "w") as f:
         json.dump(out_config, f, indent=2)
-

@@ -7,12 +7,15 @@ which prefills in chunks, keeps the KV cache, samples and pipelines decoding wit
 
 from __future__ import annotations
 
+import hashlib
 import time
 from dataclasses import dataclass
 from typing import Any, Generator, Optional, Sequence
 
 import mlx.core as mx
+import numpy as np
 from mlx_lm.generate import generate_step, wired_limit
+from mlx_lm.models.cache import trim_prompt_cache
 from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
 from .model import Model
@@ -48,7 +51,8 @@ class GenerationResponse:
 
 class LastPositionLM:
     """The language model as mlx-lm's `generate_step` calls it, with logits only at the last
-    position: `generate_step` reads nothing else, and the lm_head is the widest matmul."""
+    position: `generate_step` reads nothing else, and the lm_head is the widest matmul.
+    """
 
     def __init__(self, model: Model):
         self.model = model
@@ -75,7 +79,8 @@ def make_sampling(
     """mlx-lm's sampler and logits processors for these settings (temperature 0 = greedy)."""
     sampler = make_sampler(temp=temperature, top_p=top_p, min_p=min_p, top_k=top_k)
     processors = make_logits_processors(
-        repetition_penalty=repetition_penalty, repetition_context_size=repetition_context_size
+        repetition_penalty=repetition_penalty,
+        repetition_context_size=repetition_context_size,
     )
     return sampler, processors
 
@@ -88,21 +93,100 @@ def _image_list(image, images) -> list:
     return [] if image is None else [image]
 
 
-def prompt_embeddings(
-    model: Model, processor: Processor, prompt: str, images: Sequence[ImageInput]
-) -> tuple[mx.array, mx.array]:
-    """Token ids [L] (image positions zeroed, for logits processors) and embeddings [L, D]."""
+class PromptCache:
+    """A KV cache that remembers what it holds, so a prompt that begins the same way computes
+    only the rest: the picture and system prompt are encoded once for many questions, and a
+    chat turn costs only its new tokens.
+
+    Positions are compared by token id, and image tokens by a digest of their picture's
+    pixels; the cache is rewound (mlx-lm's `trim`) to the longest common prefix.
+    """
+
+    def __init__(self, model: Model):
+        self.cache = model.make_cache()
+        self.keys: list = []
+
+    @property
+    def length(self) -> int:
+        return self.cache[0].offset
+
+    def reusable(self, keys: list) -> int:
+        """How many leading positions of `keys` the cache already holds."""
+        n = 0
+        for a, b in zip(self.keys, keys):
+            if a != b:
+                break
+            n += 1
+        return n
+
+    def rewind(self, length: int) -> None:
+        trim_prompt_cache(self.cache, self.length - length)
+        self.keys = self.keys[:length]
+
+
+def position_keys(
+    input_ids: np.ndarray,
+    pixel_values: Optional[mx.array],
+    image_token: int,
+    tokens_per_image: int,
+) -> list:
+    """One hashable key per position of a single prompt: the token id, or (picture digest, k)."""
+    ids = input_ids.tolist()
+    if pixel_values is None:
+        return ids
+    pixels = np.asarray(pixel_values)
+    digests = [hashlib.sha1(p.tobytes()).hexdigest() for p in pixels]
+    keys, seen = [], 0
+    for t in ids:
+        if t == image_token:
+            keys.append((digests[seen // tokens_per_image], seen % tokens_per_image))
+            seen += 1
+        else:
+            keys.append(t)
+    return keys
+
+
+def prepare_prompt(
+    model: Model,
+    processor: Processor,
+    prompt: str,
+    images: Sequence[ImageInput],
+    prompt_cache: Optional[PromptCache] = None,
+) -> tuple[mx.array, mx.array, list]:
+    """What generation feeds the model after the cached prefix.
+
+    Returns:
+        token ids [L'] of the uncached positions (image ids zeroed, for logits processors),
+        their embeddings [L', D], and the keys of the whole prompt.
+    """
     inputs = processor(prompt, list(images) or None)
-    input_ids = inputs["input_ids"]
+    input_ids, pixel_values = inputs["input_ids"], inputs["pixel_values"]
+    length = input_ids.shape[1]
     limit = model.config.text_config.max_position_embeddings
-    if input_ids.shape[1] > limit:
+    if length > limit:
         raise ValueError(
-            f"the prompt is {input_ids.shape[1]} tokens (image tokens included) but the model's "
+            f"the prompt is {length} tokens (image tokens included) but the model's "
             f"context is {limit}"
         )
-    embeddings = model.get_input_embeddings(input_ids, inputs["pixel_values"])
-    history = mx.where(input_ids == model.config.image_token_index, 0, input_ids)
-    return history[0], embeddings[0]
+    config = model.config
+    keys = position_keys(
+        np.asarray(input_ids[0]),
+        pixel_values,
+        config.image_token_index,
+        config.num_image_tokens,
+    )
+    start = 0
+    if prompt_cache is not None:
+        start = min(prompt_cache.reusable(keys), length - 1)  # logits need one new position
+        prompt_cache.rewind(start)
+    new_ids = input_ids[:, start:]
+    is_image = new_ids == config.image_token_index
+    if pixel_values is not None and start < length and bool(is_image.any()):
+        embeddings = model.get_input_embeddings(input_ids, pixel_values)[:, start:]
+    else:
+        embeddings = model.get_input_embeddings(new_ids)
+    history = mx.where(is_image, 0, new_ids)
+    return history[0], embeddings[0], keys
 
 
 def stream_generate(
@@ -120,7 +204,7 @@ def stream_generate(
     repetition_context_size: int = 20,
     seed: Optional[int] = None,
     stop: Optional[Sequence[str]] = None,
-    prompt_cache: Optional[list] = None,
+    prompt_cache: Optional[PromptCache] = None,
     prefill_step_size: int = 2048,
     kv_bits: Optional[int] = None,
     kv_group_size: int = 64,
@@ -136,7 +220,8 @@ def stream_generate(
         repetition_penalty, repetition_context_size: mlx-lm's repetition penalty.
         seed: seed MLX's random generator first, for reproducible sampling.
         stop: strings that end the answer (not included in it).
-        prompt_cache: a KV cache (mlx-lm's) extended in place; it may already hold a prefix.
+        prompt_cache: a `PromptCache` kept across calls: the part of the prompt it already holds
+            is not computed again.
         prefill_step_size: prompt tokens per prefill chunk.
         kv_bits, kv_group_size, quantized_kv_start: quantize the KV cache as mlx-lm does.
 
@@ -148,8 +233,8 @@ def stream_generate(
     if seed is not None:
         mx.random.seed(seed)
     tic = time.perf_counter()
-    history, embeddings = prompt_embeddings(
-        model, processor, prompt, _image_list(image, images)
+    history, embeddings, keys = prepare_prompt(
+        model, processor, prompt, _image_list(image, images), prompt_cache
     )
     sampler, processors = make_sampling(
         temperature, top_p, min_p, top_k, repetition_penalty, repetition_context_size
@@ -163,7 +248,7 @@ def stream_generate(
         max_tokens=max_tokens,
         sampler=sampler,
         logits_processors=processors,
-        prompt_cache=prompt_cache,
+        prompt_cache=None if prompt_cache is None else prompt_cache.cache,
         prefill_step_size=prefill_step_size,
         kv_bits=kv_bits,
         kv_group_size=kv_group_size,
@@ -172,31 +257,40 @@ def stream_generate(
     )
     stops = StopMatcher(stop or [])
     known_tokens = len(tokenizer)
-    prompt_tokens = history.size
-    with wired_limit(model):
-        n, finish, hit, ttft, decode_tic = 0, "length", False, 0.0, tic
-        for n, (token, _) in enumerate(steps, start=1):
-            if n == 1:
-                ttft = time.perf_counter() - tic
-                decode_tic = time.perf_counter()
-            if token in tokenizer.eos_token_ids:
-                finish = "stop"
-                break
-            if token < known_tokens:  # ids of the padded vocabulary have no text
-                detokenizer.add_token(token)
-            if n == max_tokens:
-                break
-            text, hit = stops.feed(detokenizer.last_segment)
-            if hit:
-                finish = "stop"
-                break
-            yield _response(text, token, n, prompt_tokens, ttft, decode_tic)
-        text = ""
-        if not hit:
-            detokenizer.finalize()
-            text, hit = stops.feed(detokenizer.last_segment, final=True)
-            finish = "stop" if hit else finish
-        yield _response(text, token, n, prompt_tokens, ttft, decode_tic, finish)
+    prompt_tokens = len(keys)
+    generated: list[int] = []
+    try:
+        with wired_limit(model):
+            n, finish, hit, ttft, decode_tic = 0, "length", False, 0.0, tic
+            for n, (token, _) in enumerate(steps, start=1):
+                generated.append(token)
+                if n == 1:
+                    ttft = time.perf_counter() - tic
+                    decode_tic = time.perf_counter()
+                if token in tokenizer.eos_token_ids:
+                    finish = "stop"
+                    break
+                if token < known_tokens:  # ids of the padded vocabulary have no text
+                    detokenizer.add_token(token)
+                if n == max_tokens:
+                    break
+                text, hit = stops.feed(detokenizer.last_segment)
+                if hit:
+                    finish = "stop"
+                    break
+                yield _response(text, token, n, prompt_tokens, ttft, decode_tic)
+            text = ""
+            if not hit:
+                detokenizer.finalize()
+                text, hit = stops.feed(detokenizer.last_segment, final=True)
+                finish = "stop" if hit else finish
+            yield _response(text, token, n, prompt_tokens, ttft, decode_tic, finish)
+    finally:
+        if prompt_cache is not None:
+            steps.close()  # let mlx-lm's loop finish what it queued before reading the cache
+            mx.eval([c.state for c in prompt_cache.cache])
+            fed = prompt_cache.length - len(keys)  # generated tokens fed back into the cache
+            prompt_cache.keys = keys + generated[: max(fed, 0)]
 
 
 def _response(text, token, n, prompt_tokens, ttft, decode_tic, finish=None) -> GenerationResponse:
@@ -227,7 +321,10 @@ class StopMatcher:
         if not self.stops:
             out, self.pending = self.pending, ""
             return out, False
-        cut = min((i for i in (self.pending.find(s) for s in self.stops) if i >= 0), default=-1)
+        cut = min(
+            (i for i in (self.pending.find(s) for s in self.stops) if i >= 0),
+            default=-1,
+        )
         if cut >= 0:
             out, self.pending = self.pending[:cut], ""
             return out, True

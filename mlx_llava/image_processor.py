@@ -87,9 +87,7 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def expand2square(
-    img: Image.Image, background_color: tuple[int, int, int]
-) -> Image.Image:
+def expand2square(img: Image.Image, background_color: tuple[int, int, int]) -> Image.Image:
     """Pad to a square of side max(w, h), centring the image, as original LLaVA does."""
     width, height = img.size
     if width == height:
@@ -106,9 +104,7 @@ def _size_dict(size: int | dict[str, int], square: bool) -> dict[str, int]:
         return {"height": size, "width": size} if square else {"shortest_edge": size}
     if set(size) in ({"shortest_edge"}, {"height", "width"}):
         return dict(size)
-    raise ValueError(
-        f"unsupported size {size}: use an int, shortest_edge or height/width"
-    )
+    raise ValueError(f"unsupported size {size}: use an int, shortest_edge or height/width")
 
 
 @dataclass
@@ -124,9 +120,7 @@ class CLIPImageProcessor:
     size: dict[str, int] = field(default_factory=lambda: {"shortest_edge": 336})
     resample: int = 3  # PIL bicubic
     do_center_crop: bool = True
-    crop_size: dict[str, int] = field(
-        default_factory=lambda: {"height": 336, "width": 336}
-    )
+    crop_size: dict[str, int] = field(default_factory=lambda: {"height": 336, "width": 336})
     do_rescale: bool = True
     rescale_factor: float = 1 / 255
     do_normalize: bool = True

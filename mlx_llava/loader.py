@@ -94,7 +94,8 @@ def build_model(config: ModelConfig, weights: dict, lazy: bool = False) -> Model
 
 def load_model(folder: Union[str, Path], dtype: Optional[str] = None, lazy: bool = False) -> Model:
     """The model of a folder: MLX folders load as stored (cast to `dtype` if given); llava-hf
-    and original checkpoints are converted in memory (to `dtype`, float16 by default)."""
+    and original checkpoints are converted in memory (to `dtype`, float16 by default).
+    """
     config, weights, _ = _read_model(Path(folder), dtype)
     return build_model(config, weights, lazy)
 

@@ -110,12 +110,15 @@ class Processor:
 
     # Tokens -------------------------------------------------------------------------------
 
-    def tokenize(self, text: str) -> list[int]:
-        """Token ids of one prompt, each `<image>` expanded to the image's token count."""
+    def tokenize(self, text: str, add_bos: bool = True) -> list[int]:
+        """Token ids of one prompt, each `<image>` expanded to the image's token count.
+
+        `add_bos=False` for text that continues a prompt already in a KV cache.
+        """
         n = self.config.num_image_tokens
         image_id = self.config.image_token_index
         if self.image_token_in_vocab:
-            ids = self.tokenizer.encode(text)
+            ids = self.tokenizer.encode(text, add_special_tokens=add_bos)
             out: list[int] = []
             for t in ids:
                 out.extend([image_id] * n if t == image_id else [t])
@@ -124,23 +127,21 @@ class Processor:
         for i, chunk in enumerate(text.split(IMAGE_PLACEHOLDER)):
             if i > 0:
                 out.extend([image_id] * n)
-            ids = self.tokenizer.encode(chunk)
-            bos = self.tokenizer.bos_token_id
-            if i > 0 and ids and ids[0] == bos:
-                ids = ids[1:]
-            out.extend(ids)
+            out.extend(self.tokenizer.encode(chunk, add_special_tokens=add_bos and i == 0))
         return out
 
     def __call__(
         self,
         text: Union[str, Sequence[str]],
         images: Optional[Union[ImageInput, Sequence[ImageInput]]] = None,
+        add_bos: bool = True,
     ) -> dict[str, Optional[mx.array]]:
         """Model inputs for one prompt or a batch.
 
         Args:
             text: a prompt, or a list of prompts (left-padded to one length).
             images: the pictures for the `<image>` placeholders, in order across the batch.
+            add_bos: False for text that continues a prompt already in a KV cache.
 
         Returns:
             `input_ids` [B, L] int32, `attention_mask` [B, L] int32 (0 on padding),
@@ -160,7 +161,7 @@ class Processor:
                 f"the prompt has {placeholders} <image> placeholder(s) but {len(images)} "
                 "image(s) were given"
             )
-        ids = [self.tokenize(p) for p in prompts]
+        ids = [self.tokenize(p, add_bos) for p in prompts]
         input_ids, attention_mask = left_pad(ids, self.pad_token_id)
         pixel_values = mx.array(self.image_processor(list(images))) if images else None
         return {

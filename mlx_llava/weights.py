@@ -32,8 +32,14 @@ LLAVA_HF_PREFIXES = [
 ORIGINAL_PREFIXES = [
     ("model.mm_projector.0.", "multi_modal_projector.linear_1."),
     ("model.mm_projector.2.", "multi_modal_projector.linear_2."),
-    ("model.mm_projector.", "multi_modal_projector.linear_1."),  # v1: one linear layer W
-    ("model.vision_tower.vision_tower.vision_model.", "vision_tower."),  # a tower saved inside
+    (
+        "model.mm_projector.",
+        "multi_modal_projector.linear_1.",
+    ),  # v1: one linear layer W
+    (
+        "model.vision_tower.vision_tower.vision_model.",
+        "vision_tower.",
+    ),  # a tower saved inside
     ("model.", "language_model.model."),
     ("lm_head.", "language_model.lm_head."),
 ]
@@ -43,7 +49,11 @@ CLIP_PREFIXES = [
     ("vision_model.", "vision_tower."),
 ]
 
-LAYOUTS = {"llava_hf": LLAVA_HF_PREFIXES, "original": ORIGINAL_PREFIXES, "clip": CLIP_PREFIXES}
+LAYOUTS = {
+    "llava_hf": LLAVA_HF_PREFIXES,
+    "original": ORIGINAL_PREFIXES,
+    "clip": CLIP_PREFIXES,
+}
 
 # Buffers, the unused CLIP text tower and heads: nothing of LLaVA's.
 _DROPPED_SUFFIXES = ("rotary_emb.inv_freq", "position_ids")

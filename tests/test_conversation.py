@@ -97,9 +97,7 @@ def test_aliases():
 
 
 def test_format_prompt_adds_image():
-    assert format_prompt("What is this?", "llava_hf") == (
-        "USER: <image>\nWhat is this? ASSISTANT:"
-    )
+    assert format_prompt("What is this?", "llava_hf") == ("USER: <image>\nWhat is this? ASSISTANT:")
     assert format_prompt("Compare.", "llava_hf", n_images=2) == (
         "USER: <image>\n<image>\nCompare. ASSISTANT:"
     )
@@ -225,6 +223,4 @@ def test_answer_spans_ignore_generation_prompt_flag():
     msgs = CONVERSATIONS["3_turn"][:-1]
     spans = answer_mask_spans("vicuna_v1", msgs)
     assert len(spans) == 2
-    assert render("vicuna_v1", msgs, add_generation_prompt=False).endswith(
-        "Is it daytime? "
-    )
+    assert render("vicuna_v1", msgs, add_generation_prompt=False).endswith("Is it daytime? ")

@@ -162,17 +162,13 @@ def _original_expand2square(pil_img, background_color):
         return result
 
 
-@pytest.mark.parametrize(
-    "size", [(640, 480), (480, 640), (1000, 50), (17, 23), (64, 64)]
-)
+@pytest.mark.parametrize("size", [(640, 480), (480, 640), (1000, 50), (17, 23), (64, 64)])
 def test_pad_to_square_matches_original(size):
     img = _image("RGB", *size, seed=6)
     background = tuple(int(x * 255) for x in CLIPImageProcessor().image_mean)
     assert background == (122, 116, 104)
     square = _original_expand2square(img, background)
-    assert np.array_equal(
-        np.asarray(expand2square(img, background)), np.asarray(square)
-    )
+    assert np.array_equal(np.asarray(expand2square(img, background)), np.asarray(square))
     ours = CLIPImageProcessor.from_dict({**LLAVA_336, "pad_to_square": True})(img)
     _assert_close(ours, _hf(square, LLAVA_336))
     # transformers' LlavaImageProcessor with do_pad=True implements the same padding.

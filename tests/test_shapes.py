@@ -194,9 +194,7 @@ def test_files_and_counts(dataset):
     assert counts["count"] == N
     # Position is asked exactly for single-shape pictures: about half of them.
     assert 0.3 * N <= counts["position"] <= 0.7 * N
-    assert (
-        counts["color"] >= counts["position"] and counts["shape"] >= counts["position"]
-    )
+    assert counts["color"] >= counts["position"] and counts["shape"] >= counts["position"]
 
 
 def test_no_val_files_without_val_fraction(tmp_path):
@@ -211,9 +209,7 @@ def test_same_seed_same_bytes_other_seed_other_pictures(dataset, tmp_path):
     generate_dataset(tmp_path / "same", N, seed=0, val_fraction=VAL_FRACTION)
     files = sorted(p.relative_to(root) for p in root.rglob("*") if p.is_file())
     again = sorted(
-        p.relative_to(tmp_path / "same")
-        for p in (tmp_path / "same").rglob("*")
-        if p.is_file()
+        p.relative_to(tmp_path / "same") for p in (tmp_path / "same").rglob("*") if p.is_file()
     )
     assert files == again
     for name in files:
@@ -224,8 +220,7 @@ def test_same_seed_same_bytes_other_seed_other_pictures(dataset, tmp_path):
         assert (root / name).read_bytes() != (tmp_path / "other" / name).read_bytes()
     pictures = sorted((root / "images").iterdir())
     differ = sum(
-        p.read_bytes() != (tmp_path / "other" / "images" / p.name).read_bytes()
-        for p in pictures
+        p.read_bytes() != (tmp_path / "other" / "images" / p.name).read_bytes() for p in pictures
     )
     assert differ == len(pictures)
 
@@ -240,9 +235,7 @@ def test_annotations_match_pixels(dataset):
         assert record["conversations"][1]["value"] == caption(shapes)
         expected = {(c, q, a) for c, q, a in questions(shapes, picture.width)}
         entries = {
-            (e["category"], e["text"], e["answer"])
-            for e in qa
-            if e["image"] == record["image"]
+            (e["category"], e["text"], e["answer"]) for e in qa if e["image"] == record["image"]
         }
         assert entries == expected
 
@@ -283,9 +276,7 @@ def test_finetune_schema_and_answers(dataset):
         check_conversation(conversations)
         turns = len(conversations) // 2
         assert min(2, available[record["image"]]) <= turns <= 4
-        asked = [
-            m["value"].removeprefix(f"{IMAGE_TOKEN}\n") for m in conversations[::2]
-        ]
+        asked = [m["value"].removeprefix(f"{IMAGE_TOKEN}\n") for m in conversations[::2]]
         assert len(set(asked)) == turns
         for question, answer in zip(asked, conversations[1::2]):
             assert answer["value"] == truth[(record["image"], question)]

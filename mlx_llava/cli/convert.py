@@ -19,10 +19,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--q-bits", type=int, choices=[2, 3, 4, 6, 8], default=4)
     p.add_argument("--q-group-size", type=int, choices=[32, 64, 128], default=64)
     p.add_argument(
-        "--quantize-vision", action="store_true", help="quantize the vision tower and projector too"
+        "--quantize-vision",
+        action="store_true",
+        help="quantize the vision tower and projector too",
     )
     p.add_argument(
-        "--vision-tower", help="CLIP checkpoint for original releases (default: mm_vision_tower)"
+        "--vision-tower",
+        help="CLIP checkpoint for original releases (default: mm_vision_tower)",
     )
     p.add_argument("--conv-mode", help="record this conversation template in the output")
     p.add_argument("--force", action="store_true", help="replace an existing output folder")

@@ -81,7 +81,10 @@ def run(args: argparse.Namespace) -> None:
     sampling = sampling_kwargs(args)
     images = [load_image(i) for i in args.image]
     model, processor = load(
-        args.model, dtype=args.dtype, pad_to_square=args.pad_to_square, conv_mode=args.conv_mode
+        args.model,
+        dtype=args.dtype,
+        pad_to_square=args.pad_to_square,
+        conv_mode=args.conv_mode,
     )
     prompt = processor.format_prompt(args.prompt or DEFAULT_PROMPT, num_images=len(images))
     response = None

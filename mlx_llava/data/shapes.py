@@ -54,9 +54,7 @@ MAX_ASPECT = 1.5
 BACKGROUND_RANGE = (215, 250)  # each channel of the background
 SHAPE_SIZE_RANGE = (0.15, 0.30)  # fraction of the shorter picture side
 SHAPE_COUNT_WEIGHTS = (2, 1, 1)  # for 1, 2, 3 shapes: half the pictures single-shape
-CENTER_MARGIN = (
-    0.1  # a lone shape's centre stays this fraction of the width off the middle
-)
+CENTER_MARGIN = 0.1  # a lone shape's centre stays this fraction of the width off the middle
 GAP = 2  # free pixels between shapes and along the border
 ORDER_GAP = 4  # pixels between shape centres along x, so left-to-right order is clear
 PLACEMENT_TRIES = 100  # candidate shapes per layout before starting it again
@@ -89,9 +87,7 @@ def picture_size(rng: random.Random, min_size: int, max_size: int) -> tuple[int,
     return width, rng.randint(low, high)
 
 
-def draw_scene(
-    rng: random.Random, width: int, height: int
-) -> tuple[Image.Image, list[Shape]]:
+def draw_scene(rng: random.Random, width: int, height: int) -> tuple[Image.Image, list[Shape]]:
     """Draw 1-3 random non-overlapping shapes on a light grey or cream background.
 
     Args:
@@ -113,9 +109,7 @@ def draw_scene(
     return image, shapes
 
 
-def _place_shapes(
-    rng: random.Random, count: int, width: int, height: int
-) -> list[Shape]:
+def _place_shapes(rng: random.Random, count: int, width: int, height: int) -> list[Shape]:
     """Rejection-sample ``count`` shapes inside the picture and apart from each other."""
     short = min(width, height)
     while True:
@@ -191,9 +185,7 @@ def questions(shapes: list[Shape], width: int) -> list[tuple[str, str, str]]:
     answers["count"] = NUMBER_WORDS[len(shapes) - 1]
     if len(shapes) == 1:
         answers["position"] = "left" if shapes[0].cx < width / 2 else "right"
-    return [
-        (category, QUESTION_TEXT[category], answers[category]) for category in answers
-    ]
+    return [(category, QUESTION_TEXT[category], answers[category]) for category in answers]
 
 
 def pretrain_record(image_id: str, image: str, shapes: list[Shape]) -> dict:
@@ -299,9 +291,7 @@ def generate_dataset(
     for suffix, part in splits:
         _write_json(out / f"pretrain{suffix}.json", pretrain[part])
         _write_json(out / f"finetune{suffix}.json", finetune[part])
-        _write_json(
-            out / f"qa{suffix}.json", [e for entries in qa[part] for e in entries]
-        )
+        _write_json(out / f"qa{suffix}.json", [e for entries in qa[part] for e in entries])
     return {"images": n, "train": n_train, "val": n - n_train, **counts}
 
 
@@ -326,12 +316,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", required=True, help="Output folder.")
     parser.add_argument("--n", type=int, required=True, help="Number of pictures.")
     parser.add_argument("--seed", type=int, default=DEFAULT_SEED, help="Random seed.")
-    parser.add_argument(
-        "--min-size", type=int, default=DEFAULT_MIN_SIZE, help="Smallest side."
-    )
-    parser.add_argument(
-        "--max-size", type=int, default=DEFAULT_MAX_SIZE, help="Largest side."
-    )
+    parser.add_argument("--min-size", type=int, default=DEFAULT_MIN_SIZE, help="Smallest side.")
+    parser.add_argument("--max-size", type=int, default=DEFAULT_MAX_SIZE, help="Largest side.")
     parser.add_argument(
         "--val-fraction",
         type=float,
