@@ -1,0 +1,199 @@
+"""Number-for-number parity with transformers, stage by stage, on the recorded oracle outputs.
+
+The fixtures under tests/fixtures/data were written by tests/fixtures/make_fixtures.py with
+transformers' LlavaForConditionalGeneration (float32); tests/test_oracle_live.py repeats the
+comparison against a live transformers model when torch is installed.
+"""
+
+import json
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from mlx_llava import PromptCache, convert, load, stream_generate
+from mlx_llava.generate import prepare_prompt
+
+DATA = Path(__file__).parent / "fixtures" / "data"
+IMAGES = {name: DATA / "images" / f"{name}.png" for name in ("a", "b")}
+HF_CHECKPOINTS = ["hf-hub", "hf-v452", "hf-v5", "hf-gqa"]
+
+PIXEL_ATOL = 1e-5  # preprocessing is bit-exact in practice
+FEATURE_ATOL = 1e-4  # vision hidden states and projected features, float32
+LOGIT_RTOL = 1e-4  # max |ours - theirs| <= LOGIT_RTOL * max |theirs|
+
+
+def oracle(name: str) -> tuple[dict, dict]:
+    folder = DATA / name
+    arrays = dict(np.load(folder / "oracle.npz"))
+    meta = json.loads((folder / "oracle.json").read_text())
+    if meta.get("same_weights_as"):  # the oracle of the twin with the same weights applies
+        arrays = {**dict(np.load(DATA / meta["same_weights_as"] / "oracle.npz")), **arrays}
+        meta = {**json.loads((DATA / meta["same_weights_as"] / "oracle.json").read_text()), **meta}
+    return arrays, meta
+
+
+def assert_logits_close(ours, theirs):
+    ours, theirs = np.asarray(ours), np.asarray(theirs)
+    assert ours.shape == theirs.shape
+    scale = np.abs(theirs).max()
+    diff = np.abs(ours - theirs).max()
+    assert diff <= LOGIT_RTOL * scale, f"max diff {diff:.3g} > {LOGIT_RTOL} x {scale:.3g}"
+
+
+def nhwc(pixels: np.ndarray) -> mx.array:
+    return mx.array(pixels.transpose(0, 2, 3, 1))
+
+
+def greedy_tokens(model, processor, prompt, images, n, **kwargs) -> list[int]:
+    out = [
+        r.token
+        for r in stream_generate(
+            model, processor, prompt, images=images, max_tokens=n, temperature=0.0, **kwargs
+        )
+    ]
+    return out
+
+
+@pytest.fixture(scope="module", params=HF_CHECKPOINTS)
+def hf(request, tmp_path_factory):
+    """(name, model, processor) loaded from the llava-hf folder after conversion to MLX."""
+    name = request.param
+    out = convert(DATA / name, tmp_path_factory.mktemp(name) / "mlx", dtype="float32")
+    model, processor = load(out)
+    return name, model, processor
+
+
+def test_in_memory_load_equals_converted_folder(hf):
+    name, model, _ = hf
+    direct, _ = load(DATA / name, dtype="float32")
+    from mlx.utils import tree_flatten
+
+    ours = dict(tree_flatten(model.parameters()))
+    for key, value in tree_flatten(direct.parameters()):
+        np.testing.assert_array_equal(np.array(value), np.array(ours[key]), err_msg=key)
+
+
+def test_preprocessing_and_token_expansion(hf):
+    name, _, processor = hf
+    arrays, meta = oracle(name)
+    inputs = processor(meta["prompt"], [IMAGES["a"]])
+    np.testing.assert_array_equal(np.array(inputs["input_ids"]), arrays["input_ids"])
+    expected = arrays["pixel_values"].transpose(0, 2, 3, 1)
+    np.testing.assert_allclose(np.array(inputs["pixel_values"]), expected, atol=PIXEL_ATOL, rtol=0)
+
+
+def test_vision_features_and_projector(hf):
+    name, model, _ = hf
+    arrays, _ = oracle(name)
+    pixels = nhwc(arrays["pixel_values"])
+    n_states = arrays["vision_hidden_states"].shape[0]
+    states = model.vision_tower(pixels, list(range(n_states)))
+    for i, state in enumerate(states):
+        np.testing.assert_allclose(
+            np.array(state), arrays["vision_hidden_states"][i], atol=FEATURE_ATOL, rtol=0
+        )
+    features = model.get_image_features(pixels)
+    np.testing.assert_allclose(
+        np.array(features), arrays["image_features"], atol=FEATURE_ATOL, rtol=0
+    )
+
+
+def test_full_logits(hf):
+    name, model, _ = hf
+    arrays, _ = oracle(name)
+    logits = model(mx.array(arrays["input_ids"]), pixel_values=nhwc(arrays["pixel_values"]))
+    assert_logits_close(logits, arrays["logits"])
+
+
+def test_greedy_generation_is_token_identical(hf):
+    name, model, processor = hf
+    arrays, meta = oracle(name)
+    tokens = greedy_tokens(model, processor, meta["prompt"], [IMAGES["a"]], 24)
+    assert tokens == arrays["greedy_tokens"].tolist()
+
+
+def test_text_only_prompt(hf):
+    name, model, processor = hf
+    arrays, meta = oracle(name)
+    inputs = processor(meta["text_prompt"])
+    assert inputs["pixel_values"] is None
+    np.testing.assert_array_equal(np.array(inputs["input_ids"]), arrays["text_input_ids"])
+    assert_logits_close(model(inputs["input_ids"]), arrays["text_logits"])
+    tokens = greedy_tokens(model, processor, meta["text_prompt"], [], 24)
+    assert tokens == arrays["text_greedy_tokens"].tolist()
+
+
+def test_two_images_in_one_prompt(hf):
+    name, model, processor = hf
+    arrays, meta = oracle(name)
+    images = [IMAGES[k] for k in meta["images"]["two_pixel_values"]]
+    inputs = processor(meta["two_prompt"], images)
+    np.testing.assert_array_equal(np.array(inputs["input_ids"]), arrays["two_input_ids"])
+    logits = model(inputs["input_ids"], pixel_values=inputs["pixel_values"])
+    assert_logits_close(logits, arrays["two_logits"])
+
+
+def test_batch_inputs_are_left_padded_like_transformers(hf):
+    name, model, processor = hf
+    arrays, meta = oracle(name)
+    prompts = meta["batch_prompts"]
+    images = [IMAGES[k] for k in meta["images"]["batch"]]
+    batch = processor(prompts, images)
+    np.testing.assert_array_equal(np.array(batch["input_ids"]), arrays["batch_input_ids"])
+    np.testing.assert_array_equal(np.array(batch["attention_mask"]), arrays["batch_attention_mask"])
+
+
+def test_kv_cached_generation_equals_full_forward(hf):
+    """Greedy tokens from the cached decoding loop equal argmax of full forwards."""
+    name, model, processor = hf
+    _, meta = oracle(name)
+    inputs = processor(meta["prompt"], [IMAGES["a"]])
+    ids = inputs["input_ids"]
+    expected = []
+    for _ in range(8):
+        logits = model(ids, pixel_values=inputs["pixel_values"])
+        expected.append(int(mx.argmax(logits[0, -1]).item()))
+        ids = mx.concatenate([ids, mx.array([[expected[-1]]])], axis=1)
+    assert greedy_tokens(model, processor, meta["prompt"], [IMAGES["a"]], 8) == expected
+
+
+def test_prompt_cache_reuse_gives_the_same_answers(hf):
+    name, model, processor = hf
+    arrays, meta = oracle(name)
+    cache = PromptCache(model)
+    first = greedy_tokens(model, processor, meta["prompt"], [IMAGES["a"]], 24, prompt_cache=cache)
+    prefix = len(processor.tokenize(meta["prompt"])) - 1
+    again = greedy_tokens(model, processor, meta["prompt"], [IMAGES["a"]], 24, prompt_cache=cache)
+    assert first == again == arrays["greedy_tokens"].tolist()
+    # The second call computed only the last prompt position.
+    history, _, _ = prepare_prompt(model, processor, meta["prompt"], [IMAGES["a"]], cache)
+    assert history.size == 1 and cache.length == prefix
+
+
+@pytest.mark.parametrize("name, clip", [("orig-v15", "orig-v15-clip"), ("orig-v1", "orig-v1-clip")])
+def test_original_checkpoints(name, clip, tmp_path):
+    if name == "orig-v15":
+        pytest.importorskip("torch")  # its .bin shards are read with torch's weights-only loader
+    arrays, meta = oracle(name)
+    out = convert(DATA / name, tmp_path / "mlx", dtype="float32", vision_tower=DATA / clip)
+    model, processor = load(out)
+    config = model.config
+    assert config.image_token_index == -200
+    assert config.image_aspect_ratio == meta.get("image_aspect_ratio", "square")
+    assert config.conv_mode == ("vicuna_v1" if name == "orig-v15" else "llava_v1")
+    # The original's tokenizer_image_token ids, with its one -200 expanded to the image's tokens.
+    inputs = processor(meta["prompt"], [IMAGES[meta["image"]]])
+    expected_ids = []
+    for t in arrays["input_ids"][0].tolist():
+        expected_ids.extend([t] * config.num_image_tokens if t == -200 else [t])
+    assert np.array(inputs["input_ids"])[0].tolist() == expected_ids
+    expected_pixels = arrays["pixel_values"].transpose(0, 2, 3, 1)
+    np.testing.assert_allclose(np.array(inputs["pixel_values"]), expected_pixels, atol=PIXEL_ATOL)
+    features = model.get_image_features(inputs["pixel_values"])
+    np.testing.assert_allclose(np.array(features), arrays["image_features"], atol=FEATURE_ATOL)
+    logits = model(inputs["input_ids"], pixel_values=inputs["pixel_values"])
+    assert_logits_close(logits, arrays["logits"])
+    tokens = greedy_tokens(model, processor, meta["prompt"], [IMAGES[meta["image"]]], 24)
+    assert tokens == arrays["greedy_tokens"].tolist()
