@@ -197,3 +197,17 @@ def test_original_checkpoints(name, clip, tmp_path):
     assert_logits_close(logits, arrays["logits"])
     tokens = greedy_tokens(model, processor, meta["prompt"], [IMAGES[meta["image"]]], 24)
     assert tokens == arrays["greedy_tokens"].tolist()
+
+
+def test_pad_to_square_option_for_llava_hf_checkpoints():
+    from PIL import Image
+
+    from mlx_llava.image_processor import expand2square
+
+    _, plain = load(DATA / "hf-hub", dtype="float32")
+    _, padded = load(DATA / "hf-hub", dtype="float32", pad_to_square=True)
+    image = Image.open(IMAGES["a"]).convert("RGB")
+    mean = tuple(int(x * 255) for x in plain.image_processor.image_mean)
+    expected = plain.image_processor([expand2square(image, mean)])
+    np.testing.assert_array_equal(padded.image_processor([image]), expected)
+    assert not np.array_equal(plain.image_processor([image]), expected)
