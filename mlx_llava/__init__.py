@@ -1,39 +1,30 @@
-"""LLaVA on MLX: image -> CLIP ViT -> projector -> image tokens in the prompt -> Llama answers.
+"""LLaVA on MLX: image -> CLIP ViT -> projector -> image tokens in the prompt -> Llama answers."""
 
-The public names are imported on first use, so that light entry points (the shapes-world data
-generator, say) do not pay for importing MLX and mlx-lm.
-"""
-
-from importlib import import_module
+from .batch import batch_generate
+from .chat import ChatSession
+from .config import ModelConfig, TextConfig, VisionConfig
+from .convert import QuantizeSpec, convert
+from .generate import GenerationResponse, PromptCache, generate, stream_generate
+from .loader import load, load_model
+from .model import Model
+from .processor import Processor
 
 __version__ = "0.1.0"
 
-_EXPORTS = {
-    "ModelConfig": "config",
-    "TextConfig": "config",
-    "VisionConfig": "config",
-    "Model": "model",
-    "Processor": "processor",
-    "QuantizeSpec": "convert",
-    "convert": "convert",
-    "load": "loader",
-    "load_model": "loader",
-    "GenerationResponse": "generate",
-    "PromptCache": "generate",
-    "generate": "generate",
-    "stream_generate": "generate",
-}
-
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'mlx_llava' has no attribute '{name}'")
-    value = getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__():
-    return __all__ + ["__version__"]
+__all__ = [
+    "ChatSession",
+    "GenerationResponse",
+    "Model",
+    "ModelConfig",
+    "Processor",
+    "PromptCache",
+    "QuantizeSpec",
+    "TextConfig",
+    "VisionConfig",
+    "batch_generate",
+    "convert",
+    "generate",
+    "load",
+    "load_model",
+    "stream_generate",
+]

@@ -279,7 +279,7 @@ def stream_generate(
                     finish = "stop"
                     break
                 yield _response(text, token, n, prompt_tokens, ttft, decode_tic)
-            text = ""
+            text = text if hit else ""  # with a stop string: the text before it
             if not hit:
                 detokenizer.finalize()
                 text, hit = stops.feed(detokenizer.last_segment, final=True)
@@ -289,8 +289,9 @@ def stream_generate(
         if prompt_cache is not None:
             steps.close()  # let mlx-lm's loop finish what it queued before reading the cache
             mx.eval([c.state for c in prompt_cache.cache])
-            fed = prompt_cache.length - len(keys)  # generated tokens fed back into the cache
-            prompt_cache.keys = keys + generated[: max(fed, 0)]
+            # The cache holds the prompt and the generated tokens fed back, or less if the
+            # prefill was interrupted.
+            prompt_cache.keys = (keys + generated)[: prompt_cache.length]
 
 
 def _response(text, token, n, prompt_tokens, ttft, decode_tic, finish=None) -> GenerationResponse:

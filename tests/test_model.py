@@ -118,7 +118,9 @@ def test_kv_cached_decoding_equals_full_forward():
     split = ids.shape[1] - 4
     steps = [model(ids[:, :split], cache=cache, input_embeddings=embeddings[:, :split])]
     for i in range(split, ids.shape[1]):
-        steps.append(model(ids[:, i : i + 1], cache=cache, input_embeddings=embeddings[:, i : i + 1]))
+        steps.append(
+            model(ids[:, i : i + 1], cache=cache, input_embeddings=embeddings[:, i : i + 1])
+        )
     cached = mx.concatenate(steps, axis=1)
     np.testing.assert_allclose(np.array(cached), np.array(full), atol=1e-4, rtol=1e-4)
 
