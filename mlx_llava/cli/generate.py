@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import Optional
 
 from ..loader import DEFAULT_MODEL, load
 from . import run_cli
@@ -64,6 +65,18 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(p)
     p.add_argument("--image", action="append", default=[], help="path or URL (repeatable)")
     p.add_argument("--prompt", "-p", default=None, help=f"the question ('{DEFAULT_PROMPT}')")
+    p.add_argument(
+        "--chat",
+        action="store_true",
+        help="chat: one question per line from stdin; /image PATH, /clear, /exit",
+    )
+    p.add_argument(
+        "--image-dir", default=None, help="caption every picture of this folder (see caption.py)"
+    )
+    p.add_argument(
+        "--output", "-o", default=None, help="JSONL file for --image-dir (default: stdout)"
+    )
+    p.add_argument("--batch-size", type=int, default=8, help="pictures per batch for --image-dir")
     p.add_argument("--verbose", action="store_true", help="timings and memory on stderr")
     add_sampling_args(p)
     return p
@@ -74,10 +87,23 @@ def main(argv=None) -> None:
     run_cli(lambda: run(args))
 
 
+def print_stats(response) -> None:
+    print(
+        f"prompt: {response.prompt_tokens} tokens, {response.prompt_tps:.1f} tokens/s, "
+        f"time to first token {response.time_to_first_token:.3f} s\n"
+        f"generation: {response.generation_tokens} tokens, "
+        f"{response.generation_tps:.1f} tokens/s\n"
+        f"peak memory: {response.peak_memory:.3f} GB",
+        file=sys.stderr,
+    )
+
+
 def run(args: argparse.Namespace) -> None:
     from ..generate import stream_generate
     from ..image_processor import load_image
 
+    if args.chat and args.image_dir:
+        raise ValueError("--chat and --image-dir do not go together")
     sampling = sampling_kwargs(args)
     images = [load_image(i) for i in args.image]
     model, processor = load(
@@ -86,20 +112,132 @@ def run(args: argparse.Namespace) -> None:
         pad_to_square=args.pad_to_square,
         conv_mode=args.conv_mode,
     )
+    if args.image_dir:
+        from .caption import DEFAULT_CAPTION_PROMPT, caption_folder
+
+        if sampling.pop("kv_bits") is not None:
+            raise ValueError("--kv-bits is not supported when captioning in batches")
+        caption_folder(
+            model,
+            processor,
+            args.image_dir,
+            args.output,
+            prompt=args.prompt or DEFAULT_CAPTION_PROMPT,
+            batch_size=args.batch_size,
+            **sampling,
+        )
+        return
+    if args.chat:
+        from ..chat import ChatSession
+
+        chat(ChatSession(model, processor, images=images), sampling, args.prompt, args.verbose)
+        return
     prompt = processor.format_prompt(args.prompt or DEFAULT_PROMPT, num_images=len(images))
     response = None
     for response in stream_generate(model, processor, prompt, images=images, **sampling):
         print(response.text, end="", flush=True)
     print()
     if args.verbose and response is not None:
-        print(
-            f"prompt: {response.prompt_tokens} tokens, {response.prompt_tps:.1f} tokens/s, "
-            f"time to first token {response.time_to_first_token:.3f} s\n"
-            f"generation: {response.generation_tokens} tokens, "
-            f"{response.generation_tps:.1f} tokens/s\n"
-            f"peak memory: {response.peak_memory:.3f} GB",
-            file=sys.stderr,
-        )
+        print_stats(response)
+
+
+CHAT_PROMPT = ">> "
+CHAT_HELP = (
+    "Type a question and press Enter. /image PATH: talk about another picture (a new "
+    "conversation; /image alone: none); /clear: start over; /exit or Ctrl-D: quit; Ctrl-C stops "
+    "an answer."
+)
+
+
+def _enable_line_editing() -> None:
+    try:
+        import readline  # noqa: F401 - importing it gives input() editing and history
+    except ImportError:
+        pass
+
+
+def chat(session, sampling: dict, first: Optional[str] = None, verbose: bool = False) -> None:
+    """The interactive loop of `--chat`: questions from stdin, answers streamed to stdout.
+
+    On a terminal there is a prompt marker, line editing and history; from a pipe each line is
+    a question. Errors of one turn (a bad picture, a conversation longer than the context) are
+    reported on stderr and the session goes on.
+    """
+    tty = sys.stdin.isatty()
+    if tty:
+        _enable_line_editing()
+        print(CHAT_HELP, file=sys.stderr)
+    pending = [first] if first else []
+    while True:
+        if pending:
+            line = pending.pop()
+        else:
+            try:
+                line = input(CHAT_PROMPT if tty else "")
+            except EOFError:
+                if tty:
+                    print()
+                return
+            except KeyboardInterrupt:
+                print("\n(/exit or Ctrl-D quits)", file=sys.stderr)
+                continue
+        line = line.strip()
+        if not line:
+            continue
+        if line.startswith("/"):
+            if not _command(session, line):
+                return
+            continue
+        try:
+            _answer(session, line, sampling, verbose)
+        except BrokenPipeError:
+            raise
+        except Exception as e:  # noqa: BLE001 - one turn fails, the session goes on
+            print(f"error: {str(e).strip() or type(e).__name__}", file=sys.stderr)
+
+
+def _command(session, line: str) -> bool:
+    """Run a /command; False ends the session."""
+    name, _, rest = line.partition(" ")
+    rest = rest.strip().strip("\"'")
+    if name in ("/exit", "/quit"):
+        return False
+    if name == "/clear":
+        session.clear()
+        print("(new conversation)", file=sys.stderr)
+    elif name == "/image":
+        try:
+            session.set_image(rest or None)
+        except Exception as e:  # noqa: BLE001 - a bad path must not end the session
+            print(f"error: {str(e).strip() or type(e).__name__}", file=sys.stderr)
+            return True
+        about = f"about {rest}" if rest else "without a picture"
+        print(f"(new conversation {about})", file=sys.stderr)
+    elif name == "/help":
+        print(CHAT_HELP, file=sys.stderr)
+    else:
+        print(f"unknown command {name}: {CHAT_HELP}", file=sys.stderr)
+    return True
+
+
+def _answer(session, question: str, sampling: dict, verbose: bool) -> None:
+    """Stream one answer; Ctrl-C stops the answer, not the session."""
+    response = None
+    try:
+        responses = session.stream(question, **sampling)
+    except KeyboardInterrupt:
+        print(" [interrupted]", file=sys.stderr, flush=True)
+        return
+    try:
+        for response in responses:
+            print(response.text, end="", flush=True)
+    except KeyboardInterrupt:
+        print(" [interrupted]", end="", file=sys.stderr, flush=True)
+    finally:
+        responses.close()
+        print(flush=True)
+    if verbose and response is not None:
+        print_stats(response)
 
 
 if __name__ == "__main__":
