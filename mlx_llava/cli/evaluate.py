@@ -1,0 +1,176 @@
+"""evaluate.py: answer a question file greedily and report accuracy (vqa or ScienceQA)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Optional, TextIO
+
+from ..evaluate import DEFAULT_MAX_TOKENS, DEFAULT_SPLIT, FORMATS
+from . import run_cli
+from .generate import add_model_args
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description="Evaluate a LLaVA model on a question file: greedy answers, accuracy per "
+        "category (vqa) or ScienceQA multiple-choice accuracy with the image split."
+    )
+    add_model_args(p)
+    p.add_argument(
+        "--data",
+        required=True,
+        help="questions: a JSON list / JSONL of {question_id, image, text, answer, category}, "
+        "LLaVA's ScienceQA llava_test_CQM-A.json, or ScienceQA's problems.json",
+    )
+    p.add_argument(
+        "--image-folder",
+        default=None,
+        help="folder the image paths are relative to (default: the data file's folder, or "
+        "its images/SPLIT for ScienceQA)",
+    )
+    p.add_argument("--format", choices=FORMATS, default=None, help="default: from the file")
+    p.add_argument(
+        "--split",
+        default=DEFAULT_SPLIT,
+        help="pid_splits.json split, for a raw ScienceQA problems.json",
+    )
+    p.add_argument("--output", "-o", default=None, help="write the answers here as JSONL")
+    p.add_argument(
+        "--single-word-suffix",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="append the answer instruction to each question: 'Answer the question using a "
+        "single word or phrase.' (vqa) or 'Answer with the option's letter from the given "
+        "choices directly.' (scienceqa)",
+    )
+    p.add_argument("--max-tokens", "-m", type=int, default=DEFAULT_MAX_TOKENS)
+    p.add_argument("--limit", type=int, default=None, help="only the first N questions")
+    p.add_argument(
+        "--skip-missing",
+        action="store_true",
+        help="leave questions whose picture cannot be read out of the scores (default: they "
+        "count as wrong)",
+    )
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    return p
+
+
+class Progress:
+    """A one-line progress report on stderr: redrawn in place on a terminal, else a line
+    every tenth of the way."""
+
+    def __init__(self, total: int, stream: Optional[TextIO] = None):
+        self.total = total
+        self.stream = stream = stream or sys.stderr
+        self.tty = stream.isatty()
+        self.every = max(1, total // 10)
+        self.start = time.perf_counter()
+        self.done = 0
+
+    def update(self, done: int) -> None:
+        self.done = done
+        if not self.tty and done % self.every and done != self.total:
+            return
+        elapsed = time.perf_counter() - self.start
+        rate = done / elapsed if elapsed > 0 else 0.0
+        eta = (self.total - done) / rate if rate > 0 else 0.0
+        line = (
+            f"[evaluate] {done}/{self.total} ({100 * done / max(self.total, 1):.0f}%) "
+            f"{rate:.2f} q/s, eta {eta:.0f} s"
+        )
+        self.stream.write(f"\r{line}\033[K" if self.tty else line + "\n")
+        self.stream.flush()
+
+    def message(self, text: str) -> None:
+        """Print a line without mangling the progress line."""
+        if self.tty and self.done:
+            self.stream.write("\r\033[K")
+        self.stream.write(text + "\n")
+        if self.tty and self.done:
+            self.update(self.done)
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self.tty and self.done:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+def main(argv=None) -> None:
+    args = build_parser().parse_args(argv)
+    run_cli(lambda: run(args))
+
+
+def run(args: argparse.Namespace) -> None:
+    from ..evaluate import (
+        answer_questions,
+        default_image_folder,
+        format_summary,
+        read_questions,
+        summarize,
+    )
+    from ..loader import load
+
+    if args.max_tokens <= 0:
+        raise ValueError(f"--max-tokens must be positive, got {args.max_tokens}")
+    if args.limit is not None and args.limit <= 0:
+        raise ValueError(f"--limit must be positive, got {args.limit}")
+    fmt, questions = read_questions(args.data, args.format, args.split)
+    questions = questions[: args.limit]
+    folder = Path(args.image_folder or default_image_folder(args.data, fmt, args.split))
+    if any(q.image for q in questions) and not folder.is_dir():
+        raise FileNotFoundError(f"image folder not found: {folder}")
+    out: Optional[TextIO] = None
+    if args.output:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        out = open(args.output, "w", encoding="utf-8")
+    try:
+        model, processor = load(
+            args.model,
+            dtype=args.dtype,
+            pad_to_square=args.pad_to_square,
+            conv_mode=args.conv_mode,
+        )
+        progress = Progress(len(questions))
+        records = []
+        answers = answer_questions(
+            model,
+            processor,
+            questions,
+            fmt,
+            folder,
+            suffix=args.single_word_suffix,
+            max_tokens=args.max_tokens,
+            skip_missing=args.skip_missing,
+            model_id=str(args.model),
+        )
+        for record in answers:
+            records.append(record)
+            if "error" in record:
+                outcome = "skipped" if record.get("skipped") else "counted as wrong"
+                progress.message(
+                    f"warning: question {record['question_id']}: {record['error']} ({outcome})"
+                )
+            if out is not None:
+                out.write(json.dumps(record, ensure_ascii=False) + "\n")
+                out.flush()
+            progress.update(len(records))
+        progress.close()
+    finally:
+        if out is not None:
+            out.close()
+    summary = summarize(records, fmt)
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        print(format_summary(summary))
+    if args.output:
+        print(f"answers: {args.output}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
