@@ -146,17 +146,10 @@ class ChatSession:
                 answer += response.text
                 yield response
         finally:
-            responses.close()
-            self._sync_cache()
+            responses.close()  # stream_generate then records what the cache holds
             if started:
                 self.messages = messages + [("assistant", answer.strip())]
 
     def send(self, text: str, **sampling) -> str:
         """Ask `text`; return the whole answer. Keyword arguments as for `stream_generate`."""
         return "".join(r.text for r in self.stream(text, **sampling))
-
-    def _sync_cache(self) -> None:
-        """After an interrupted turn the cache and its keys may disagree: keep what both hold."""
-        held = min(len(self.cache.keys), self.cache.length)
-        if held != len(self.cache.keys) or held != self.cache.length:
-            self.cache.rewind(held)
