@@ -1,0 +1,334 @@
+"""Training data: LLaVA JSON records -> token ids with an answer mask -> padded batches.
+
+Records are LLaVA-Instruct-150K / LLaVA-558K entries: `{"id", "image", "conversations": [{"from":
+"human" | "gpt", "value"}, ...]}`; an entry without `image` is a text-only sample. As the original
+`preprocess_multimodal` does, `<image>` is moved to the front of its turn (`"<image>\\n" + text`).
+The conversation is rendered with a template (`plain` for stage 1, `vicuna_v1` for stage 2) and
+only the assistant answers and their end-of-turn text (`answer_mask_spans`) are trained on.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator, Optional, Sequence
+
+import mlx.core as mx
+import numpy as np
+from PIL import Image
+
+from ..conversation import IMAGE_TOKEN, SeparatorStyle, Template, answer_mask_spans, render
+from ..processor import Processor
+
+MAX_WARNINGS = 20  # bad-sample warnings printed before a summary takes over
+PAD_MULTIPLE = 8  # batch lengths are rounded up to this, so that compiled steps are reused
+
+
+class BadSampleError(ValueError):
+    """A training record that cannot be used; the message names the entry."""
+
+
+@dataclass
+class Sample:
+    """One tokenized record.
+
+    Attributes:
+        id: the entry's `id` (or `#index` when it has none).
+        ids: token ids [L], each image expanded to its image tokens.
+        mask: [L] bool, True at the tokens trained on (answers and their end of turn).
+        image: the picture's path, or None for a text-only sample.
+    """
+
+    id: str
+    ids: np.ndarray
+    mask: np.ndarray
+    image: Optional[Path]
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+class BadSamplePolicy:
+    """What to do with a bad record: "skip" warns on stderr and goes on, "stop" raises."""
+
+    def __init__(self, mode: str = "skip", warn: Callable[[str], None] = None):
+        if mode not in ("skip", "stop"):
+            raise ValueError(f"on_bad_sample must be 'skip' or 'stop', got '{mode}'")
+        self.mode = mode
+        self.skipped = 0
+        self._warn = warn or (lambda m: print(m, file=sys.stderr, flush=True))
+
+    def __call__(self, error: BadSampleError) -> None:
+        if self.mode == "stop":
+            raise error
+        self.skipped += 1
+        if self.skipped <= MAX_WARNINGS:
+            self._warn(f"warning: skipping {error}")
+        elif self.skipped == MAX_WARNINGS + 1:
+            self._warn("warning: more bad samples skipped; only the count is reported now")
+
+
+def read_records(path: str | Path) -> list:
+    """The list of records in a LLaVA JSON (or JSON Lines) file."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise FileNotFoundError(f"cannot read the data file {path}: {e.strerror}") from None
+    try:
+        if path.suffix == ".jsonl":
+            records = [json.loads(line) for line in text.splitlines() if line.strip()]
+        else:
+            records = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e})") from None
+    if not isinstance(records, list):
+        raise ValueError(f"{path} must hold a JSON list of records")
+    return records
+
+
+def _entry_name(record, index: int) -> str:
+    if isinstance(record, dict) and record.get("id") is not None:
+        return f"entry '{record['id']}'"
+    return f"entry #{index}"
+
+
+def normalise_messages(record: dict, name: str, plain: bool) -> list[tuple[str, str]]:
+    """The record's turns as ("user" | "assistant", text), `<image>` at the front of its turn.
+
+    Raises:
+        BadSampleError: malformed turns, no answer, or `<image>` placeholders that do not match
+            the record's picture.
+    """
+    turns = record.get("conversations")
+    if not isinstance(turns, list) or not turns:
+        raise BadSampleError(f"{name}: malformed conversation ('conversations' must be a list)")
+    roles = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+    messages = []
+    for turn in turns:
+        if not isinstance(turn, dict) or not isinstance(turn.get("value"), str):
+            raise BadSampleError(f"{name}: malformed conversation (each turn needs a 'value')")
+        role = roles.get(turn.get("from"))
+        if role is None:
+            raise BadSampleError(
+                f"{name}: malformed conversation (unknown role {turn.get('from')!r})"
+            )
+        messages.append([role, turn["value"]])
+    if messages[0][0] == "assistant":  # the original drops a leading answer
+        messages = messages[1:]
+    if not messages:
+        raise BadSampleError(f"{name}: no answer turn")
+    for i, (role, text) in enumerate(messages):
+        if role != ("user", "assistant")[i % 2]:
+            raise BadSampleError(f"{name}: malformed conversation (turns must alternate)")
+        if not text.strip():
+            raise BadSampleError(f"{name}: malformed conversation (empty turn {i})")
+    if not any(role == "assistant" for role, _ in messages):
+        raise BadSampleError(f"{name}: no answer turn")
+
+    has_image = record.get("image") is not None
+    placeholders = sum(text.count(IMAGE_TOKEN) for _, text in messages)
+    if not has_image and placeholders:
+        raise BadSampleError(f"{name}: the conversation has <image> but the entry no image")
+    if has_image and placeholders > 1:
+        raise BadSampleError(f"{name}: {placeholders} <image> placeholders for one image")
+    if any(IMAGE_TOKEN in text for role, text in messages if role == "assistant"):
+        raise BadSampleError(f"{name}: <image> in an answer")
+    if has_image and placeholders == 0:
+        messages[0][1] = IMAGE_TOKEN + messages[0][1]
+    for message in messages:  # as the original preprocess_multimodal
+        if IMAGE_TOKEN in message[1]:
+            text = message[1].replace(IMAGE_TOKEN, "").strip()
+            message[1] = (IMAGE_TOKEN + "\n" + text).strip()
+    if plain:
+        if not has_image:
+            raise BadSampleError(f"{name}: stage-1 (plain) samples need an image")
+        if len(messages) != 2:
+            raise BadSampleError(
+                f"{name}: stage-1 (plain) samples are one (image, caption) pair, "
+                f"got {len(messages)} turns"
+            )
+    return [(role, text) for role, text in messages]
+
+
+def encode_with_offsets(processor: Processor, text: str) -> tuple[list[int], list[tuple]]:
+    """Token ids of a prompt, as `Processor.tokenize` makes them before the image expansion,
+    with each token's character span in `text`.
+    """
+    tokenizer = getattr(processor.tokenizer, "_tokenizer", processor.tokenizer)
+    if not getattr(tokenizer, "is_fast", False):
+        raise ValueError("training needs a fast (tokenizer.json) tokenizer for the answer mask")
+    image_id = processor.config.image_token_index
+    if processor.image_token_in_vocab:
+        enc = tokenizer(text, add_special_tokens=True, return_offsets_mapping=True)
+        return list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
+    ids, offsets, pos = [], [], 0
+    for i, chunk in enumerate(text.split(IMAGE_TOKEN)):
+        if i > 0:
+            ids.append(image_id)
+            offsets.append((pos, pos + len(IMAGE_TOKEN)))
+            pos += len(IMAGE_TOKEN)
+        enc = tokenizer(chunk, add_special_tokens=i == 0, return_offsets_mapping=True)
+        ids += enc["input_ids"]
+        offsets += [(a + pos, b + pos) for a, b in enc["offset_mapping"]]
+        pos += len(chunk)
+    return ids, offsets
+
+
+def tokenize_conversation(
+    processor: Processor, template: Template, messages: Sequence[tuple[str, str]]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Token ids [L] of the rendered conversation and the answer mask [L].
+
+    A token is trained on when it starts inside an `answer_mask_spans` span widened to the
+    spaces before it: generation prompts end at `ASSISTANT:`, so the model has to produce the
+    space too, be it a piece of its own ("▁") or the start of the answer's ("▁red"), as the
+    original's `instruction_len - 2` arithmetic trains it. Image tokens are expanded to
+    `config.num_image_tokens` copies, never trained on.
+    """
+    text = render(template, messages, add_generation_prompt=False)
+    spans = []
+    for a, b in answer_mask_spans(template, messages):
+        while a > 0 and text[a - 1] == " ":
+            a -= 1
+        spans.append((a, b))
+    ids, offsets = encode_with_offsets(processor, text)
+    config = processor.config
+    out_ids, out_mask = [], []
+    for token, (start, end) in zip(ids, offsets):
+        if token == config.image_token_index:
+            out_ids += [token] * config.num_image_tokens
+            out_mask += [False] * config.num_image_tokens
+            continue
+        out_ids.append(token)
+        out_mask.append(end > start and any(a <= start < b for a, b in spans))
+    return np.array(out_ids, dtype=np.int32), np.array(out_mask, dtype=bool)
+
+
+def _check_image(path: Path, name: str) -> None:
+    if not path.is_file():
+        raise BadSampleError(f"{name}: image file not found: {path}")
+    try:
+        with Image.open(path) as img:
+            img.size  # noqa: B018 - reads the header only
+    except Exception as e:  # noqa: BLE001 - PIL raises many types
+        raise BadSampleError(f"{name}: cannot read image {path} ({type(e).__name__})") from None
+
+
+def prepare_samples(
+    records: list,
+    processor: Processor,
+    template: Template,
+    image_folder: Path,
+    max_length: int,
+    policy: BadSamplePolicy,
+) -> list[Sample]:
+    """Tokenize and check every record; bad ones go to `policy` (skip with a warning, or raise).
+
+    Image files are checked to exist and to have a readable header here; they are decoded
+    batch by batch during training.
+    """
+    plain = template.sep_style is SeparatorStyle.PLAIN
+    samples = []
+    for index, record in enumerate(records):
+        name = _entry_name(record, index)
+        try:
+            if not isinstance(record, dict):
+                raise BadSampleError(f"{name}: not a JSON object")
+            image = record.get("image")
+            if isinstance(image, list) and len(image) == 1:
+                image = image[0]
+            if image is not None and not isinstance(image, str):
+                raise BadSampleError(f"{name}: 'image' must be one file name")
+            messages = normalise_messages(record, name, plain)
+            path = None
+            if image is not None:
+                path = image_folder / image
+                _check_image(path, name)
+            ids, mask = tokenize_conversation(processor, template, messages)
+            if len(ids) > max_length:
+                raise BadSampleError(
+                    f"{name}: too long ({len(ids)} tokens, image tokens included; "
+                    f"--max-length is {max_length})"
+                )
+            if not mask[1:].any():
+                raise BadSampleError(f"{name}: no answer tokens to train on")
+            record_id = str(record["id"]) if record.get("id") is not None else f"#{index}"
+            samples.append(Sample(record_id, ids, mask, path))
+        except BadSampleError as e:
+            policy(e)
+    return samples
+
+
+@dataclass
+class Batch:
+    """Model inputs for one step; right-padded, so causal attention never sees the padding.
+
+    Attributes:
+        inputs: token ids [B, L-1].
+        targets: next-token ids [B, L-1] (0 where not trained on).
+        mask: [B, L-1] float32, 1 where the target is an answer token.
+        pixel_values: [n_images, H, W, 3] in sample order, or None.
+        tokens: real (non-padding) input tokens, for the tokens/s figure.
+    """
+
+    inputs: mx.array
+    targets: mx.array
+    mask: mx.array
+    pixel_values: Optional[mx.array]
+    tokens: int
+
+
+def make_batch(
+    samples: Sequence[Sample], processor: Processor, policy: BadSamplePolicy
+) -> Optional[Batch]:
+    """Decode the pictures and pad; a picture that fails to decode is a bad sample."""
+    kept, pixels = [], []
+    for sample in samples:
+        if sample.image is not None:
+            try:
+                pixels.append(processor.image_processor(sample.image)[0])
+            except Exception as e:  # noqa: BLE001 - any decoding failure is the entry's fault
+                policy(BadSampleError(f"entry '{sample.id}': cannot decode image ({e})"))
+                continue
+        kept.append(sample)
+    if not kept:
+        return None
+    # L - 1 inputs (and targets), rounded up to a multiple of PAD_MULTIPLE.
+    length = -(-(max(len(s) for s in kept) - 1) // PAD_MULTIPLE) * PAD_MULTIPLE + 1
+    ids = np.full((len(kept), length), processor.pad_token_id, dtype=np.int32)
+    mask = np.zeros((len(kept), length), dtype=bool)
+    for row, sample in enumerate(kept):
+        ids[row, : len(sample)] = sample.ids
+        mask[row, : len(sample)] = sample.mask
+    targets = np.where(mask[:, 1:], ids[:, 1:], 0)
+    return Batch(
+        inputs=mx.array(ids[:, :-1]),
+        targets=mx.array(targets),
+        mask=mx.array(mask[:, 1:].astype(np.float32)),
+        pixel_values=mx.array(np.stack(pixels)) if pixels else None,
+        tokens=int(sum(len(s) - 1 for s in kept)),
+    )
+
+
+def batches_per_epoch(num_samples: int, batch_size: int) -> int:
+    """Full batches in one epoch (the last partial one is dropped; at least one batch)."""
+    return max(1, num_samples // batch_size)
+
+
+def batch_indices(num_samples: int, batch_size: int, seed: int, k: int) -> np.ndarray:
+    """The sample indices of micro-batch `k` of the run: epoch `e` visits the samples in a
+    permutation seeded by (seed, e), so any point of the run can be recomputed on resume.
+    """
+    per_epoch = batches_per_epoch(num_samples, batch_size)
+    epoch, j = divmod(k, per_epoch)
+    order = np.random.default_rng([seed, epoch]).permutation(num_samples)
+    return order[j * batch_size : (j + 1) * batch_size]
+
+
+def iterate_eval_batches(samples: Sequence[Sample], batch_size: int) -> Iterator[list[Sample]]:
+    """Consecutive batches over all samples, in order (validation)."""
+    for i in range(0, len(samples), batch_size):
+        yield list(samples[i : i + batch_size])

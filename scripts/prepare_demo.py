@@ -1,0 +1,104 @@
+"""Prepare the demo's training: the stage-2 data mix and the untrained model.
+
+    python scripts/prepare_demo.py --data SHAPES_DIR --out FOLDER
+
+- `SHAPES_DIR/mix.json` (and `mix_val.json`): the shapes-world conversations, half of the
+  questions followed by LLaVA-1.5's "Answer the question using a single word or phrase.", plus
+  the captions as "Describe the image." conversations (a richer signal for a vision tower that
+  learns from nothing).
+- `FOLDER`: the untrained model, with a tokenizer learned on the shapes-world text and random
+  weights. The sizes are the demo's (see docs/training.md): a 64 px CLIP-style tower with 8 px
+  patches (64 image tokens), the LLaVA-1.5 two-layer GELU projector, a small Llama decoder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import tempfile
+from pathlib import Path
+
+from mlx_llava.config import ModelConfig, TextConfig, VisionConfig
+from mlx_llava.conversation import render
+from mlx_llava.data.shapes import CAPTION_PROMPT, NUMBER_WORDS, QUESTION_TEXT
+from mlx_llava.tokenizer_builder import build_tokenizer, default_corpus, pad_vocab_size
+from mlx_llava.train import init_model_folder
+
+SINGLE_WORD_SUFFIX = "Answer the question using a single word or phrase."
+VOCAB_SIZE = 512
+VISION = dict(
+    hidden_size=128,
+    intermediate_size=512,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    image_size=64,
+    patch_size=8,
+)
+TEXT = dict(
+    hidden_size=128,
+    intermediate_size=384,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    max_position_embeddings=512,
+)
+
+
+def shapes_corpus(data: Path) -> list[str]:
+    """Captions, rendered conversations and answer words of a shapes-world folder, plus
+    general English from `default_corpus`."""
+    pretrain = json.loads((data / "pretrain.json").read_text())
+    finetune = json.loads((data / "finetune.json").read_text())
+    captions = sorted({r["conversations"][1]["value"] for r in pretrain})
+    chats = [  # without "</s>", which is a special token, not text to learn pieces from
+        render("vicuna_v1", [(t["from"], t["value"]) for t in r["conversations"]], False).replace(
+            "</s>", " "
+        )
+        for r in finetune[:300]
+    ]
+    answers = "red green blue yellow circle square triangle left right " + " ".join(NUMBER_WORDS)
+    prompts = list(QUESTION_TEXT.values()) + [CAPTION_PROMPT]
+    return captions + chats + prompts * 20 + [answers] * 50 + default_corpus(600)
+
+
+def write_mix(data: Path) -> None:
+    """Write mix.json and mix_val.json beside the shapes-world files."""
+    rng = random.Random(0)
+    for suffix in ("", "_val"):
+        records = []
+        for r in json.loads((data / f"finetune{suffix}.json").read_text()):
+            turns = [dict(t) for t in r["conversations"]]
+            for t in turns:
+                if t["from"] == "human" and rng.random() < 0.5:
+                    t["value"] += "\n" + SINGLE_WORD_SUFFIX
+            records.append({**r, "conversations": turns})
+        for r in json.loads((data / f"pretrain{suffix}.json").read_text()):
+            records.append({**r, "id": r["id"] + "-caption"})
+        with open(data / f"mix{suffix}.json", "w") as f:
+            json.dump(records, f, indent=1)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data", required=True, type=Path, help="a shapes-world folder")
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args()
+    write_mix(args.data)
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer = build_tokenizer(tmp, corpus=shapes_corpus(args.data), vocab_size=VOCAB_SIZE)
+        config = ModelConfig(
+            vision_config=VisionConfig(**VISION),
+            text_config=TextConfig(vocab_size=pad_vocab_size(len(tokenizer)), **TEXT),
+            image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+            pad_token_id=tokenizer.pad_token_id,
+            vision_feature_layer=-1,
+            image_aspect_ratio="pad",
+            conv_mode="vicuna_v1",
+        )
+        init_model_folder(args.out, config, tmp, seed=args.seed)
+    print(f"wrote {args.data}/mix.json and the untrained demo model to {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,337 @@
+"""Training: answer masks, what each stage trains, resume, output folders and bad data.
+
+Everything runs on a tiny random LLaVA (written by `init_model_folder`) and eight shapes-world
+pictures; the step is not compiled here (MLX's CPU compiler spends tens of seconds on a cold
+cache), which the trainer does by default.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten
+
+from mlx_llava import generate, load, load_model
+from mlx_llava.config import ModelConfig, TextConfig, VisionConfig
+from mlx_llava.conversation import get_template, render
+from mlx_llava.data.shapes import generate_dataset
+from mlx_llava.tokenizer_builder import build_tokenizer, pad_vocab_size
+from mlx_llava.train import TrainArgs, init_model_folder, tokenize_conversation, train
+from mlx_llava.train import trainer as trainer_module
+
+ITERS = 6
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("tiny")
+    tokenizer = build_tokenizer(root / "tokenizer")
+    config = ModelConfig(
+        vision_config=VisionConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=32,
+            patch_size=8,
+        ),
+        text_config=TextConfig(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            vocab_size=pad_vocab_size(len(tokenizer)),
+            max_position_embeddings=256,
+        ),
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        pad_token_id=tokenizer.pad_token_id,
+        image_aspect_ratio="pad",
+    )
+    return init_model_folder(root / "model", config, root / "tokenizer", seed=0)
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("shapes")
+    generate_dataset(root, 8, seed=0, min_size=32, max_size=48)
+    finetune = json.loads((root / "finetune.json").read_text())
+    finetune.append(  # a text-only sample in the mix
+        {
+            "id": "text-only",
+            "conversations": [
+                {"from": "human", "value": "What colors are there?"},
+                {"from": "gpt", "value": "Red, green, blue and yellow."},
+            ],
+        }
+    )
+    (root / "finetune_mixed.json").write_text(json.dumps(finetune))
+    return root
+
+
+def _args(model, data: Path, out: Path, stage: str, **kw) -> TrainArgs:
+    defaults = dict(
+        iters=ITERS,
+        batch_size=4,
+        learning_rate=1e-3,
+        log_every=1,
+        compile=False,
+    )
+    defaults.update(kw)
+    return TrainArgs(model=str(model), data=str(data), output=str(out), stage=stage, **defaults)
+
+
+def _params(folder: Path) -> dict[str, np.ndarray]:
+    model = load_model(folder)
+    return {k: np.array(v) for k, v in tree_flatten(model.parameters())}
+
+
+def _losses(out: Path) -> list[float]:
+    lines = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    return [e["loss"] for e in lines if "loss" in e]
+
+
+def _changed(before: dict, after: dict) -> set[str]:
+    assert before.keys() == after.keys()
+    return {k for k in before if not np.array_equal(before[k], after[k])}
+
+
+# The answer mask ---------------------------------------------------------------------------
+
+
+def test_answer_mask_matches_generation_prompts(tiny_model):
+    """Token by token: the trained tokens are exactly what generation would have to produce
+    after each `ASSISTANT:` prompt, up to and including `</s>`; nothing else is trained."""
+    _, processor = load(tiny_model)
+    template = get_template("vicuna_v1")
+    messages = [
+        ("user", "<image>\nWhat color is the shape?"),
+        ("assistant", "red"),
+        ("user", "How many shapes are there?"),
+        ("assistant", "two"),
+    ]
+    ids, mask = tokenize_conversation(processor, template, messages)
+    full = processor.tokenize(render(template, messages, add_generation_prompt=False))
+    assert ids.tolist() == full  # the same ids generation's tokenizer makes
+    expected = np.zeros(len(ids), dtype=bool)
+    eos = processor.tokenizer.eos_token_id
+    for turn in (0, 2):
+        prompt = processor.tokenize(render(template, messages[: turn + 1]))
+        assert ids[: len(prompt)].tolist() == prompt
+        end = len(prompt) + ids[len(prompt) :].tolist().index(eos)
+        expected[len(prompt) : end + 1] = True
+        answer = processor.tokenizer.decode(ids[len(prompt) : end].tolist())
+        assert answer.strip() == messages[turn + 1][1]
+    assert mask.tolist() == expected.tolist()
+    image_tokens = ids == processor.config.image_token_index
+    assert image_tokens.sum() == processor.config.num_image_tokens
+    assert not (mask & image_tokens).any()
+
+
+def test_plain_mask_covers_the_caption_and_newline(tiny_model):
+    _, processor = load(tiny_model)
+    messages = [("user", "<image>\nDescribe the image."), ("assistant", "A red circle.")]
+    ids, mask = tokenize_conversation(processor, get_template("plain"), messages)
+    n = processor.config.num_image_tokens
+    assert ids[0] == processor.tokenizer.bos_token_id
+    assert (ids[1 : 1 + n] == processor.config.image_token_index).all()
+    assert not mask[: 1 + n].any() and mask[1 + n :].all()
+    caption = processor.tokenizer.decode(ids[1 + n :].tolist())
+    assert caption.strip() == "A red circle." and caption.endswith("\n")
+
+
+# The stages ---------------------------------------------------------------------------------
+
+
+def test_pretrain_trains_only_the_projector(tiny_model, shapes, tmp_path):
+    out = train(_args(tiny_model, shapes / "pretrain.json", tmp_path / "out", "pretrain"))
+    losses = _losses(out)
+    assert len(losses) == ITERS and losses[-1] < losses[0]
+    changed = _changed(_params(tiny_model), _params(out))
+    projector = {k for k in _params(tiny_model) if k.startswith("multi_modal_projector.")}
+    assert changed == projector
+    assert json.loads((out / "config.json").read_text())["conv_mode"] == "plain"
+
+
+def test_finetune_leaves_the_vision_tower(tiny_model, shapes, tmp_path):
+    out = train(_args(tiny_model, shapes / "finetune_mixed.json", tmp_path / "out", "finetune"))
+    losses = _losses(out)
+    assert losses[-1] < losses[0]
+    before = _params(tiny_model)
+    changed = _changed(before, _params(out))
+    assert not any(k.startswith("vision_tower.") for k in changed)
+    assert any(k.startswith("multi_modal_projector.") for k in changed)
+    assert any(k.startswith("language_model.model.layers.") for k in changed)
+    assert "language_model.lm_head.weight" in changed
+    assert json.loads((out / "config.json").read_text())["conv_mode"] == "vicuna_v1"
+
+    # The output is a model folder that load() and generation take as they are.
+    model, processor = load(out)
+    prompt = processor.format_prompt("What shape is this?")
+    assert prompt.startswith("A chat between") and prompt.endswith("ASSISTANT:")
+    text = generate(model, processor, prompt, image=shapes / "images" / "000000.png", max_tokens=4)
+    assert isinstance(text, str)
+
+
+def test_finetune_lora_fuses_into_plain_weights(tiny_model, shapes, tmp_path):
+    args = _args(
+        tiny_model, shapes / "finetune.json", tmp_path / "out", "finetune", lora=True, iters=3
+    )
+    out = train(args)
+    after = _params(out)  # plain layer names: the adapters are fused
+    changed = _changed(_params(tiny_model), after)
+    assert any(k.startswith("language_model.model.layers.") for k in changed)
+    assert not any(k.startswith("vision_tower.") for k in changed)
+    assert "language_model.model.embed_tokens.weight" not in changed
+
+
+def test_train_vision_and_grad_checkpoint(tiny_model, shapes, tmp_path):
+    plain = train(
+        _args(
+            tiny_model,
+            shapes / "finetune.json",
+            tmp_path / "a",
+            "finetune",
+            iters=2,
+            train_vision=True,
+        )
+    )
+    ckpt = train(
+        _args(
+            tiny_model,
+            shapes / "finetune.json",
+            tmp_path / "b",
+            "finetune",
+            iters=2,
+            train_vision=True,
+            grad_checkpoint=True,
+        )
+    )
+    np.testing.assert_allclose(_losses(plain), _losses(ckpt), rtol=1e-5)
+    changed = _changed(_params(tiny_model), _params(ckpt))
+    assert any(k.startswith("vision_tower.") for k in changed)
+
+
+def test_resume_continues_exactly(tiny_model, shapes, tmp_path, monkeypatch):
+    kw = dict(iters=4, save_every=2, grad_accum=2, batch_size=2)
+    data = shapes / "finetune.json"
+    whole = train(_args(tiny_model, data, tmp_path / "whole", "finetune", **kw))
+
+    save = trainer_module.save_checkpoint
+
+    def crash_after_first_save(folder, model, optimizer, state):
+        save(folder, model, optimizer, state)
+        raise RuntimeError("simulated crash")
+
+    monkeypatch.setattr(trainer_module, "save_checkpoint", crash_after_first_save)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(_args(tiny_model, data, tmp_path / "split", "finetune", **kw))
+    monkeypatch.setattr(trainer_module, "save_checkpoint", save)
+    with pytest.raises(FileExistsError, match="--resume"):
+        train(_args(tiny_model, data, tmp_path / "split", "finetune", **kw))
+    with pytest.raises(ValueError, match="--batch-size"):
+        train(
+            _args(
+                tiny_model,
+                data,
+                tmp_path / "split",
+                "finetune",
+                resume=True,
+                **{**kw, "batch_size": 4},
+            )
+        )
+    split = train(_args(tiny_model, data, tmp_path / "split", "finetune", resume=True, **kw))
+
+    assert _losses(split) == _losses(whole) and len(_losses(whole)) == 4
+    a, b = _params(whole), _params(split)
+    assert not _changed(a, b)
+
+
+# Bad data -------------------------------------------------------------------------------------
+
+
+def _bad_records(shapes: Path) -> list:
+    good = json.loads((shapes / "finetune.json").read_text())
+    return good + [
+        {
+            "id": "missing-image",
+            "image": "images/nope.png",
+            "conversations": good[0]["conversations"],
+        },
+        {"id": "malformed", "image": good[0]["image"], "conversations": [{"from": "human"}]},
+        {
+            "id": "no-answer",
+            "image": good[0]["image"],
+            "conversations": [{"from": "human", "value": "<image>\nHi"}],
+        },
+        {
+            "id": "too-long",
+            "image": good[0]["image"],
+            "conversations": [
+                {"from": "human", "value": "<image>\nWhat?"},
+                {"from": "gpt", "value": "red " * 300},
+            ],
+        },
+    ]
+
+
+def test_bad_samples_are_skipped_with_a_warning(tiny_model, shapes, tmp_path, capsys):
+    data = tmp_path / "bad.json"
+    data.write_text(json.dumps(_bad_records(shapes)))
+    train(_args(tiny_model, data, tmp_path / "out", "finetune", iters=1, image_folder=str(shapes)))
+    err = capsys.readouterr().err
+    for name in ("missing-image", "malformed", "no-answer", "too-long"):
+        line = next(x for x in err.splitlines() if f"'{name}'" in x)
+        assert line.startswith("warning: skipping entry")
+    assert "image file not found" in err and "too long" in err
+    assert "train: 8 samples (4 skipped)" in err
+
+
+def test_bad_sample_stops_the_cli(tiny_model, shapes, tmp_path, capsys):
+    from mlx_llava.cli.train import main
+
+    data = tmp_path / "bad.json"
+    data.write_text(json.dumps(_bad_records(shapes)))
+    argv = [
+        "--model",
+        str(tiny_model),
+        "--data",
+        str(data),
+        "--image-folder",
+        str(shapes),
+        "--stage",
+        "finetune",
+        "--output",
+        str(tmp_path / "out"),
+        "--iters",
+        "1",
+        "--on-bad-sample",
+        "stop",
+        "--no-compile",
+    ]
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        f"error: entry 'missing-image': image file not found: " f"{shapes / 'images' / 'nope.png'}"
+    ]
+
+
+def test_pretrain_rejects_text_only_and_multi_turn(tiny_model, shapes, tmp_path, capsys):
+    records = json.loads((shapes / "finetune_mixed.json").read_text())
+    data = tmp_path / "pre.json"
+    data.write_text(json.dumps(records))
+    train(_args(tiny_model, data, tmp_path / "out", "pretrain", iters=1, image_folder=str(shapes)))
+    err = capsys.readouterr().err
+    assert "entry 'text-only': stage-1 (plain) samples need an image" in err
+
+
+def test_init_model_folder_checks_the_image_token(tiny_model, tmp_path):
+    config = load_model(tiny_model).config
+    config.image_token_index += 1
+    with pytest.raises(ValueError, match="image_token_index"):
+        init_model_folder(tmp_path / "x", config, tiny_model)
+    assert not (tmp_path / "x").exists()
