@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Iterator, Optional, Union
 
 import mlx.core as mx
-import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from .config import ConfigError, ModelConfig, TextConfig
@@ -171,7 +170,8 @@ def quantized_paths(model: Model, spec: QuantizeSpec) -> dict[str, bool]:
             continue
         if not spec.vision and not path.startswith("language_model."):
             continue
-        if isinstance(module, nn.Conv2d):
+        # The patch convolution, and the position table that CLIP slices rather than calls.
+        if path.startswith("vision_tower.embeddings."):
             continue
         paths[path] = module.weight.shape[-1] % spec.group_size == 0
     return paths
@@ -279,6 +279,7 @@ def _write(source: Source, out: Path, dtype: mx.Dtype, quantize: Optional[Quanti
     if quantize:
         model = Model(source.config)
         out_config["quantization"] = _quantization_entry(quantize, quantized_paths(model, quantize))
+        out_config["quantization_config"] = out_config["quantization"]  # as mlx-lm writes it
     out_config["mlx_llava"] = {"format": 1}
     for folder in source.processor_folders:
         for name in PROCESSOR_FILES:

@@ -14,7 +14,7 @@ from typing import Any, Generator, Optional, Sequence
 
 import mlx.core as mx
 import numpy as np
-from mlx_lm.generate import generate_step, wired_limit
+from mlx_lm.generate import generate_step, generation_stream, wired_limit
 from mlx_lm.models.cache import trim_prompt_cache
 from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
@@ -157,7 +157,8 @@ def prepare_prompt(
 
     Returns:
         token ids [L'] of the uncached positions (image ids zeroed, for logits processors),
-        their embeddings [L', D], and the keys of the whole prompt.
+        their embeddings [L', D], and the keys of the whole prompt (see `position_keys`;
+        without a `prompt_cache`, simply the token ids).
     """
     inputs = processor(prompt, list(images) or None)
     input_ids, pixel_values = inputs["input_ids"], inputs["pixel_values"]
@@ -169,12 +170,15 @@ def prepare_prompt(
             f"context is {limit}"
         )
     config = model.config
-    keys = position_keys(
-        np.asarray(input_ids[0]),
-        pixel_values,
-        config.image_token_index,
-        config.num_image_tokens,
-    )
+    if prompt_cache is None:  # the keys only count positions: no need to hash the pixels
+        keys = np.asarray(input_ids[0]).tolist()
+    else:
+        keys = position_keys(
+            np.asarray(input_ids[0]),
+            pixel_values,
+            config.image_token_index,
+            config.num_image_tokens,
+        )
     start = 0
     if prompt_cache is not None:
         start = min(prompt_cache.reusable(keys), length - 1)  # logits need one new position
@@ -260,7 +264,8 @@ def stream_generate(
     prompt_tokens = len(keys)
     generated: list[int] = []
     try:
-        with wired_limit(model):
+        # As mlx-lm: the wired limit is restored only after the generation stream's queued work.
+        with wired_limit(model, [generation_stream]):
             n, finish, hit, ttft, decode_tic = 0, "length", False, 0.0, tic
             for n, (token, _) in enumerate(steps, start=1):
                 generated.append(token)
