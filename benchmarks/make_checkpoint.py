@@ -36,10 +36,13 @@ from pathlib import Path
 import mlx.core as mx
 
 try:
-    from mlx_llava.tokenizer_builder import build_tokenizer
+    import mlx_llava  # noqa: F401
 except ImportError:  # run from a checkout without installing the package
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from mlx_llava.tokenizer_builder import build_tokenizer
+
+from mlx_llava.conversation import LLAVA_HF_CHAT_TEMPLATE  # noqa: E402
+from mlx_llava.image_processor import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD  # noqa: E402
+from mlx_llava.tokenizer_builder import build_tokenizer  # noqa: E402
 
 # CLIP ViT-L/14-336 and Llama-2-7B / Vicuna-7B are the real llava-1.5-7b shapes.
 PRESETS = {
@@ -90,21 +93,6 @@ DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
 MAX_SHARD_BYTES = 2 << 30
 EOS_TOKEN_ID = 2
 
-CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
-CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
-# llava-hf/llava-1.5-7b-hf's chat_template.json, verbatim.
-CHAT_TEMPLATE = (
-    "{% for message in messages %}{% if message['role'] != 'system' %}"
-    "{{ message['role'].upper() + ': '}}{% endif %}{# Render all images first #}"
-    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}"
-    "{{ '<image>\n' }}{% endfor %}{# Render all text next #}"
-    "{% if message['role'] != 'assistant' %}"
-    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
-    "{{ content['text'] + ' '}}{% endfor %}{% else %}"
-    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
-    "{% generation %}{{ content['text'] + ' '}}{% endgeneration %}{% endfor %}{% endif %}"
-    "{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
-)
 
 PATCH_EMBEDDING = "vision_tower.embeddings.patch_embedding.weight"
 
@@ -218,9 +206,9 @@ def write_processor_files(out: Path, vision: dict) -> None:
             "do_normalize": True,
             "do_rescale": True,
             "do_resize": True,
-            "image_mean": CLIP_MEAN,
+            "image_mean": OPENAI_CLIP_MEAN,
             "image_processor_type": "CLIPImageProcessor",
-            "image_std": CLIP_STD,
+            "image_std": OPENAI_CLIP_STD,
             "processor_class": "LlavaProcessor",
             "resample": 3,
             "rescale_factor": 0.00392156862745098,
@@ -233,7 +221,7 @@ def write_processor_files(out: Path, vision: dict) -> None:
             "processor_class": "LlavaProcessor",
             "vision_feature_select_strategy": "default",
         },
-        "chat_template.json": {"chat_template": CHAT_TEMPLATE},
+        "chat_template.json": {"chat_template": LLAVA_HF_CHAT_TEMPLATE},
     }
     for name, obj in files.items():
         (out / name).write_text(json.dumps(obj, indent=2) + "\n")
