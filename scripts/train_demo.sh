@@ -4,9 +4,8 @@
 #   bash scripts/train_demo.sh [WORK_DIR]
 #
 # Shapes-world pictures -> an untrained model (tokenizer learned on the shapes text, random
-# weights) -> stage 1 (projector on captions) -> stage 2 in two runs: first with the vision
-# tower frozen, as LLaVA does, then with it trained too (nothing here is pretrained) ->
-# mlx_llava/demo. Timings are in docs/training.md. On Linux CPUs, preloading OpenBLAS
+# weights) -> stage 1 (projector on captions) -> stage 2 (projector + language model, the
+# random vision tower frozen, as LLaVA does) -> mlx_llava/demo. Timings are in docs/training.md. On Linux CPUs, preloading OpenBLAS
 # (LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libopenblas.so.0) makes MLX's matmuls several times
 # faster.
 set -euo pipefail
@@ -38,15 +37,9 @@ python "$REPO/train.py" --model stage1 --stage finetune \
     --output stage2a --epochs 2 --batch-size 16 --learning-rate 1e-3 \
     --log-every 20 --val-every 250 --save-every 250 --no-compile
 
-# 5. Stage 2b: the same data again, the vision tower trained too.
-python "$REPO/train.py" --model stage2a --stage finetune --train-vision \
-    --data shapes_train/mix.json --val-data shapes_train/mix_val.json \
-    --output stage2b --epochs 2 --batch-size 16 --learning-rate 5e-4 \
-    --log-every 20 --val-every 250 --save-every 250 --no-compile
-
-# 6. The bundled copy: the model files only (no checkpoint, no log).
+# 5. The bundled copy: the model files only (no checkpoint, no log).
 DEMO="$REPO/mlx_llava/demo"
 rm -rf "$DEMO" && mkdir -p "$DEMO"
-cp stage2b/config.json stage2b/model.safetensors stage2b/model.safetensors.index.json \
-    stage2b/tokenizer.json stage2b/tokenizer_config.json stage2b/special_tokens_map.json \
-    stage2b/preprocessor_config.json "$DEMO/"
+cp stage2a/config.json stage2a/model.safetensors stage2a/model.safetensors.index.json \
+    stage2a/tokenizer.json stage2a/tokenizer_config.json stage2a/special_tokens_map.json \
+    stage2a/preprocessor_config.json "$DEMO/"
