@@ -63,7 +63,7 @@ def _apply_quantization(model: Model, config: ModelConfig, weights: dict) -> Non
     )
 
 
-def _read_model(folder: Path, dtype: Optional[str]) -> tuple[ModelConfig, dict, list[Path]]:
+def read_model(folder: Path, dtype: Optional[str]) -> tuple[ModelConfig, dict, list[Path]]:
     """Config, weights in our layout, and the folders holding the processor files."""
     if is_mlx_folder(folder):
         with open(folder / "config.json") as f:
@@ -96,7 +96,7 @@ def load_model(folder: Union[str, Path], dtype: Optional[str] = None, lazy: bool
     """The model of a folder: MLX folders load as stored (cast to `dtype` if given); llava-hf
     and original checkpoints are converted in memory (to `dtype`, float16 by default).
     """
-    config, weights, _ = _read_model(Path(folder), dtype)
+    config, weights, _ = read_model(Path(folder), dtype)
     return build_model(config, weights, lazy)
 
 
@@ -122,7 +122,7 @@ def load(
         (model, processor)
     """
     folder = resolve_model(path_or_repo, dtype or "float16")
-    config, weights, processor_folders = _read_model(folder, dtype)
+    config, weights, processor_folders = read_model(folder, dtype)
     if conv_mode:
         config.conv_mode = conv_mode
     model = build_model(config, weights, lazy)

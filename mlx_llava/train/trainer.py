@@ -27,7 +27,7 @@ from mlx.utils import tree_flatten, tree_map, tree_unflatten
 from ..config import ModelConfig
 from ..conversation import Template, get_template
 from ..convert import DTYPES, MAX_SHARD_BYTES, PROCESSOR_FILES
-from ..loader import _read_model, build_model, resolve_model
+from ..loader import build_model, read_model, resolve_model
 from ..model import Model
 from ..processor import Processor
 from ..weights import save_shards
@@ -401,7 +401,7 @@ class Trainer:
         folder = resolve_model(self.args.model, "float32")
         if folder.resolve() == self.out.resolve():
             raise ValueError("--output must differ from the model folder")
-        config, weights, self.processor_folders = _read_model(folder, None)
+        config, weights, self.processor_folders = read_model(folder, None)
         if config.quantization:
             raise ValueError("training needs an unquantized model (this one is quantized)")
         floating = [v.dtype for v in weights.values() if mx.issubdtype(v.dtype, mx.floating)]
