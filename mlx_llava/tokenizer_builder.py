@@ -150,6 +150,13 @@ def _train_pieces(
     return pieces, merges
 
 
+def _blank_special_tokens(text: str) -> str:
+    """The text with every special token spelled in it replaced by a space."""
+    for token in SPECIAL_TOKENS:
+        text = text.replace(token, " ")
+    return text
+
+
 def build_tokenizer(
     out_dir: str | Path | None,
     corpus: list[str] | None = None,
@@ -178,6 +185,11 @@ def build_tokenizer(
     byte_tokens = [f"<0x{b:02X}>" for b in range(256)]
     num_pieces = vocab_size - len(SPECIAL_TOKENS) - len(byte_tokens)
     pieces, merges = _train_pieces(corpus, num_pieces, limit_alphabet)
+    if set(pieces) & set(SPECIAL_TOKENS):
+        # The corpus spells a special token (e.g. "</s>" in a chat) often enough for BPE to learn
+        # it as a piece; as in SentencePiece, special tokens are never pieces: learn without them.
+        corpus = [_blank_special_tokens(s) for s in corpus]
+        pieces, merges = _train_pieces(corpus, num_pieces, limit_alphabet)
     if len(pieces) != num_pieces:
         raise ValueError(
             f"vocab_size {vocab_size} gives room for {num_pieces} pieces, the corpus gave "
