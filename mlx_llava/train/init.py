@@ -1,7 +1,9 @@
 """A fresh, randomly initialised LLaVA written as an MLX model folder (the start of a demo model).
 
 The weights are initialised as transformers does (`initializer_range` 0.02): matrices and
-embeddings ~ N(0, 0.02), biases 0, norm scales 1.
+embeddings ~ N(0, 0.02), biases 0, norm scales 1. Optionally the vision tower's position table
+starts from 2-D sine-cosine embeddings (MAE's), which a tower trained from nothing needs to learn
+where things are within a few thousand steps; with N(0, 0.02) positions it did not.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from pathlib import Path
 from typing import Optional, Union
 
 import mlx.core as mx
+import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
 from ..config import ModelConfig
@@ -38,6 +41,27 @@ def init_weights(model: Model, std: float = INITIALIZER_RANGE) -> None:
             new.append((name, std * mx.random.normal(p.shape, dtype=p.dtype)))
     model.update(tree_unflatten(new))
     mx.eval(model.parameters())
+
+
+def sincos_position_embedding(num_positions: int, dim: int) -> mx.array:
+    """2-D sine-cosine embeddings [num_positions, dim] for a CLS slot then a square patch grid.
+
+    As MAE's `get_2d_sincos_pos_embed`: the first half of the channels encodes the row, the
+    second the column, each as sin / cos at frequencies 1 / 10000^(k / (dim / 4)); CLS gets 0.
+    """
+    side = round((num_positions - 1) ** 0.5)
+    if side * side != num_positions - 1 or dim % 4:
+        raise ValueError("sine-cosine positions need a square grid and a width divisible by 4")
+    omega = 1.0 / 10000 ** (np.arange(dim // 4) / (dim / 4))
+    rows, cols = np.meshgrid(np.arange(side), np.arange(side), indexing="ij")
+
+    def embed(pos: np.ndarray) -> np.ndarray:
+        angles = np.outer(pos.ravel(), omega)
+        return np.concatenate([np.sin(angles), np.cos(angles)], axis=1)
+
+    table = np.concatenate([embed(rows), embed(cols)], axis=1)
+    table = np.concatenate([np.zeros((1, dim)), table])
+    return mx.array(table.astype(np.float32))
 
 
 def default_image_processor(config: ModelConfig) -> CLIPImageProcessor:
@@ -73,6 +97,7 @@ def init_model_folder(
     image_processor: Optional[CLIPImageProcessor] = None,
     seed: int = 0,
     dtype: str = "float32",
+    sincos_positions: bool = False,
 ) -> Path:
     """Write a randomly initialised model as an MLX folder that `load` and `train` take.
 
@@ -84,6 +109,8 @@ def init_model_folder(
         image_processor: the preprocessing to record (default: CLIP's at the tower's size).
         seed: seed of the initialisation.
         dtype: "float32", "float16" or "bfloat16".
+        sincos_positions: start the vision tower's position table from 2-D sine-cosine
+            embeddings instead of N(0, 0.02).
 
     Returns:
         The folder.
@@ -93,6 +120,9 @@ def init_model_folder(
     mx.random.seed(seed)
     model = Model(config)
     init_weights(model)
+    if sincos_positions:
+        table = model.vision_tower.embeddings.position_embedding
+        table.weight = sincos_position_embedding(*table.weight.shape)
     weights = {k: v.astype(DTYPES[dtype]) for k, v in tree_flatten(model.parameters())}
     out.mkdir(parents=True, exist_ok=True)
     save_shards(out, weights, MAX_SHARD_BYTES)
