@@ -52,14 +52,17 @@ class Model(nn.Module):
         """The decoder layers (mlx-lm's cache helpers size the KV cache from these)."""
         return self.language_model.layers
 
-    def get_image_features(self, pixel_values: mx.array) -> mx.array:
-        """pixel_values [n, H, W, 3] -> projected image features [n, T, D_text]."""
+    def vision_features(self, pixel_values: mx.array) -> mx.array:
+        """pixel_values [n, H, W, 3] -> the selected tower features [n, T, D_vision * layers]."""
         dtype = self.vision_tower.embeddings.patch_embedding.weight.dtype
         states = self.vision_tower(pixel_values.astype(dtype), self.config.feature_layers)
         if self.config.vision_feature_select_strategy == "default":
             states = [s[:, 1:] for s in states]
-        features = states[0] if len(states) == 1 else mx.concatenate(states, axis=-1)
-        return self.multi_modal_projector(features)
+        return states[0] if len(states) == 1 else mx.concatenate(states, axis=-1)
+
+    def get_image_features(self, pixel_values: mx.array) -> mx.array:
+        """pixel_values [n, H, W, 3] -> projected image features [n, T, D_text]."""
+        return self.multi_modal_projector(self.vision_features(pixel_values))
 
     def get_input_embeddings(
         self, input_ids: mx.array, pixel_values: Optional[mx.array] = None

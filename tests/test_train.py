@@ -329,9 +329,102 @@ def test_pretrain_rejects_text_only_and_multi_turn(tiny_model, shapes, tmp_path,
     assert "entry 'text-only': stage-1 (plain) samples need an image" in err
 
 
+def test_init_model_folder_sincos_positions(tiny_model, tmp_path):
+    config = load_model(tiny_model).config
+    out = init_model_folder(tmp_path / "m", config, tiny_model, sincos_positions=True)
+    table = np.array(load_model(out).vision_tower.embeddings.position_embedding.weight)
+    assert table.shape == (17, 32) and not table[0].any()
+    side = 4
+    cols = table[1:, 16:].reshape(side, side, 16)  # the column half repeats down each column
+    assert np.allclose(cols, cols[:1])
+    rows = table[1:, :16].reshape(side, side, 16)
+    assert np.allclose(rows, rows[:, :1])
+
+
 def test_init_model_folder_checks_the_image_token(tiny_model, tmp_path):
     config = load_model(tiny_model).config
     config.image_token_index += 1
     with pytest.raises(ValueError, match="image_token_index"):
         init_model_folder(tmp_path / "x", config, tiny_model)
     assert not (tmp_path / "x").exists()
+
+
+# The demo tower's pre-training on shapes-world labels ----------------------------------------
+
+
+def test_shapes_tower_labels_match_the_preprocessed_picture():
+    # Patch labels are computed on a label picture; check them against the picture itself as
+    # CLIPImageProcessor pads it (64 px pictures: no resampling, so colours are exact).
+    import random
+
+    from mlx_llava.data.shapes import COLORS, KINDS, draw_scene
+    from mlx_llava.image_processor import CLIPImageProcessor
+    from mlx_llava.train.shapes_tower import PATCH_COVERAGE, patch_labels, picture_labels
+
+    processor = CLIPImageProcessor(size=64, crop_size=64, pad_to_square=True, do_normalize=False)
+    rng = random.Random(3)
+    for i in range(20):
+        width, height = (64, rng.randint(43, 64)) if i % 2 else (rng.randint(43, 64), 64)
+        picture, shapes = draw_scene(rng, width, height)
+        pixels = np.rint(processor(picture)[0] * 255).astype(int)
+        labels = patch_labels(shapes, width, height, side=64, patch=8)
+        x0, y0 = (64 - width) // 2, (64 - height) // 2  # where the picture sits in the square
+        ys, xs = np.mgrid[:64, :64]
+        expected = np.zeros(64, dtype=int)
+        for shape in shapes:  # shapes never overlap; same-coloured ones are told apart by box
+            reach = shape.size / 2 + 1
+            mask = (pixels == COLORS[shape.color]).all(-1)
+            mask &= (abs(xs - x0 - shape.cx) <= reach) & (abs(ys - y0 - shape.cy) <= reach)
+            covered = mask.reshape(8, 8, 8, 8).sum((1, 3)).ravel()
+            expected[covered >= PATCH_COVERAGE * 64] = 1 + KINDS.index(shape.kind)
+        assert np.array_equal(labels, expected), (i, labels, expected)
+        assert (labels > 0).any()
+
+        ordered = sorted(shapes, key=lambda s: s.cx)
+        got = picture_labels(shapes, width)
+        assert got[0] == len(shapes) - 1
+        assert [KINDS[k] for k in got[2:7:2][: len(shapes)]] == [s.kind for s in ordered]
+        assert [list(COLORS)[c] for c in got[1:7:2][: len(shapes)]] == [s.color for s in ordered]
+        assert got[1 + 2 * len(shapes) : 7] == [-1] * (6 - 2 * len(shapes))
+        side = got[7]
+        if len(shapes) == 1:
+            assert side == int(shapes[0].cx >= width / 2)
+        else:
+            assert side == -1
+
+
+def test_shapes_tower_trains_only_the_tower(tiny_model, tmp_path):
+    from mlx_llava.train.shapes_tower import TowerArgs, pretrain_tower
+
+    out = tmp_path / "tower"
+    args = TowerArgs(
+        model=str(tiny_model), output=str(out), iters=4, batch_size=4, warmup=2,
+        log_every=2, val_pictures=8, min_size=32, max_size=64,
+    )  # fmt: skip
+    scores = pretrain_tower(args)
+    assert set(scores) >= {"count", "side", "patch"}
+    before = dict(tree_flatten(load_model(tiny_model).parameters()))
+    after = dict(tree_flatten(load_model(out).parameters()))
+    assert before.keys() == after.keys()
+    changed = {k for k in before if not np.array_equal(before[k], after[k])}
+    tower = {k for k in before if k.startswith("vision_tower.")}
+    assert changed and changed <= tower
+    # every layer up to the selected one learns (the last layer is the demo's feature layer)
+    assert any(k.startswith("vision_tower.encoder.layers.1.") for k in changed)
+    assert load(out)[0] is not None
+
+
+def test_shapes_tower_needs_padded_pictures(tiny_model, tmp_path, capsys):
+    from mlx_llava.train.shapes_tower import main
+
+    config = json.loads((tiny_model / "config.json").read_text())
+    folder = tmp_path / "square"
+    folder.mkdir()
+    for f in tiny_model.iterdir():
+        (folder / f.name).write_bytes(f.read_bytes())
+    (folder / "config.json").write_text(json.dumps({**config, "image_aspect_ratio": "square"}))
+    with pytest.raises(SystemExit) as e:
+        main(["--model", str(folder), "--output", str(tmp_path / "out"), "--iters", "1"])
+    assert e.value.code == 1
+    assert capsys.readouterr().err.strip().startswith("error: the shapes tower needs")
+    assert not (tmp_path / "out").exists()

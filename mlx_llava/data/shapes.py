@@ -105,7 +105,7 @@ def draw_scene(rng: random.Random, width: int, height: int) -> tuple[Image.Image
     image = Image.new("RGB", (width, height), background)
     draw = ImageDraw.Draw(image)
     for shape in shapes:
-        _draw_shape(draw, shape)
+        draw_shape(draw, shape)
     return image, shapes
 
 
@@ -132,11 +132,12 @@ def _place_shapes(rng: random.Random, count: int, width: int, height: int) -> li
                 return shapes
 
 
-def _draw_shape(draw: ImageDraw.ImageDraw, shape: Shape) -> None:
-    """Fill one shape; a triangle points up and sits centred in its box."""
+def draw_shape(draw: ImageDraw.ImageDraw, shape: Shape, fill=None) -> None:
+    """Fill one shape (in its colour unless `fill` is given); a triangle points up and sits
+    centred in its box."""
     half = shape.size / 2
     x0, y0, x1, y1 = shape.cx - half, shape.cy - half, shape.cx + half, shape.cy + half
-    fill = COLORS[shape.color]
+    fill = COLORS[shape.color] if fill is None else fill
     if shape.kind == "circle":
         draw.ellipse((x0, y0, x1, y1), fill=fill)
     elif shape.kind == "square":
