@@ -99,12 +99,29 @@ class PromptCache:
     chat turn costs only its new tokens.
 
     Positions are compared by token id, and image tokens by a digest of their picture's
-    pixels; the cache is rewound (mlx-lm's `trim`) to the longest common prefix.
+    pixels; the cache is rewound (mlx-lm's `trim`) to the longest common prefix. The pictures of
+    the last call are remembered too: the same picture objects again (a chat's next turn) are
+    not preprocessed and hashed again, so pass new objects for pictures changed in place.
     """
 
     def __init__(self, model: Model):
         self.cache = model.make_cache()
         self.keys: list = []
+        self._pictures: tuple = ()
+        self._pixel_values: Optional[mx.array] = None
+        self._digests: list[str] = []
+
+    def pictures(
+        self, images: Sequence[ImageInput], processor: Processor
+    ) -> tuple[Optional[mx.array], list[str]]:
+        """Pixel values [n, H, W, 3] (None without pictures) and digests of `images`."""
+        same = len(images) == len(self._pictures)
+        if not (same and all(a is b for a, b in zip(images, self._pictures))):
+            pixels = processor.image_processor(list(images)) if images else []
+            self._digests = [hashlib.sha1(p.tobytes()).hexdigest() for p in pixels]
+            self._pixel_values = mx.array(pixels) if images else None
+            self._pictures = tuple(images)
+        return self._pixel_values, self._digests
 
     @property
     def length(self) -> int:
@@ -125,17 +142,12 @@ class PromptCache:
 
 
 def position_keys(
-    input_ids: np.ndarray,
-    pixel_values: Optional[mx.array],
-    image_token: int,
-    tokens_per_image: int,
+    input_ids: np.ndarray, digests: Sequence[str], image_token: int, tokens_per_image: int
 ) -> list:
     """One hashable key per position of a single prompt: the token id, or (picture digest, k)."""
     ids = input_ids.tolist()
-    if pixel_values is None:
+    if not digests:
         return ids
-    pixels = np.asarray(pixel_values)
-    digests = [hashlib.sha1(p.tobytes()).hexdigest() for p in pixels]
     keys, seen = [], 0
     for t in ids:
         if t == image_token:
@@ -160,7 +172,10 @@ def prepare_prompt(
         their embeddings [L', D], and the keys of the whole prompt (see `position_keys`;
         without a `prompt_cache`, simply the token ids).
     """
-    inputs = processor(prompt, list(images) or None)
+    pixel_values, digests = None, []
+    if prompt_cache is not None:
+        pixel_values, digests = prompt_cache.pictures(images, processor)
+    inputs = processor(prompt, list(images) or None, pixel_values=pixel_values)
     input_ids, pixel_values = inputs["input_ids"], inputs["pixel_values"]
     length = input_ids.shape[1]
     limit = model.config.text_config.max_position_embeddings
@@ -174,10 +189,7 @@ def prepare_prompt(
         keys = np.asarray(input_ids[0]).tolist()
     else:
         keys = position_keys(
-            np.asarray(input_ids[0]),
-            pixel_values,
-            config.image_token_index,
-            config.num_image_tokens,
+            np.asarray(input_ids[0]), digests, config.image_token_index, config.num_image_tokens
         )
     start = 0
     if prompt_cache is not None:

@@ -135,6 +135,7 @@ class Processor:
         text: Union[str, Sequence[str]],
         images: Optional[Union[ImageInput, Sequence[ImageInput]]] = None,
         add_bos: bool = True,
+        pixel_values: Optional[mx.array] = None,
     ) -> dict[str, Optional[mx.array]]:
         """Model inputs for one prompt or a batch.
 
@@ -142,6 +143,7 @@ class Processor:
             text: a prompt, or a list of prompts (left-padded to one length).
             images: the pictures for the `<image>` placeholders, in order across the batch.
             add_bos: False for text that continues a prompt already in a KV cache.
+            pixel_values: `images` already preprocessed (as this processor does), used as given.
 
         Returns:
             `input_ids` [B, L] int32, `attention_mask` [B, L] int32 (0 on padding),
@@ -163,7 +165,8 @@ class Processor:
             )
         ids = [self.tokenize(p, add_bos) for p in prompts]
         input_ids, attention_mask = left_pad(ids, self.pad_token_id)
-        pixel_values = mx.array(self.image_processor(list(images))) if images else None
+        if pixel_values is None and images:
+            pixel_values = mx.array(self.image_processor(list(images)))
         return {
             "input_ids": mx.array(input_ids),
             "attention_mask": mx.array(attention_mask),

@@ -341,6 +341,31 @@ def test_chat_set_image_and_clear(word_model, pictures):
     assert answer == generate(model, processor, text_prompt, max_tokens=6)
 
 
+def test_chat_preprocesses_its_pictures_once(word_model, pictures, monkeypatch):
+    model, processor = word_model
+    calls = []
+    image_processor = processor.image_processor
+    original = type(image_processor).__call__
+
+    def counting(self, images):
+        calls.append(len(images))
+        return original(self, images)
+
+    monkeypatch.setattr(type(image_processor), "__call__", counting)
+    session = ChatSession(model, processor, images=pictures[:2])
+    session.send("What?", max_tokens=4)
+    session.send("And then?", max_tokens=4)
+    session.clear()
+    session.send("What colour is it?", max_tokens=4)
+    assert calls == [2]  # one preprocessing of both pictures for three turns
+    session.set_image(pictures[2])
+    answer = session.send("What?", max_tokens=4)
+    assert calls == [2, 1]
+    monkeypatch.undo()
+    prompt = processor.format_prompt("What?", 1)
+    assert answer == generate(model, processor, prompt, image=pictures[2], max_tokens=4)
+
+
 def test_chat_with_two_pictures_and_a_system_prompt(word_model, pictures):
     model, processor = word_model
     session = ChatSession(model, processor, images=pictures[:2], system="Be brief.")
