@@ -7,8 +7,10 @@
   the captions as "Describe the image." conversations (a richer signal for a vision tower that
   learns from nothing).
 - `FOLDER`: the untrained model, with a tokenizer learned on the shapes-world text and random
-  weights. The sizes are the demo's (see docs/training.md): a 64 px CLIP-style tower with 8 px
-  patches (64 image tokens), the LLaVA-1.5 two-layer GELU projector, a small Llama decoder.
+  weights, the vision tower's positions starting from 2-D sine-cosine embeddings. The sizes are
+  the demo's (see docs/training.md): a 64 px CLIP-style tower with 8 px patches (64 image
+  tokens), the LLaVA-1.5 two-layer GELU projector, a small Llama decoder. Its tower is then
+  pre-trained by `python -m mlx_llava.train.shapes_tower` before the two LLaVA stages.
 """
 
 from __future__ import annotations
@@ -28,8 +30,8 @@ from mlx_llava.train import init_model_folder
 SINGLE_WORD_SUFFIX = "Answer the question using a single word or phrase."
 VOCAB_SIZE = 512
 VISION = dict(
-    hidden_size=128,
-    intermediate_size=512,
+    hidden_size=64,
+    intermediate_size=256,
     num_hidden_layers=3,
     num_attention_heads=4,
     image_size=64,
@@ -96,7 +98,7 @@ def main() -> None:
             image_aspect_ratio="pad",
             conv_mode="vicuna_v1",
         )
-        init_model_folder(args.out, config, tmp, seed=args.seed)
+        init_model_folder(args.out, config, tmp, seed=args.seed, sincos_positions=True)
     print(f"wrote {args.data}/mix.json and the untrained demo model to {args.out}")
 
 
