@@ -13,7 +13,7 @@ The probes are then thrown away and the model folder is written again with the n
 projector and language model are untouched. Pictures are drawn on the fly (`mlx_llava.data.shapes`),
 so the tower never sees the same one twice.
 
-    python -m mlx_llava.train.shapes_tower --model init --output tower --iters 3000
+    python -m mlx_llava.train.shapes_tower --model init --output tower
 """
 
 from __future__ import annotations
@@ -139,15 +139,14 @@ def split_logits(logits: mx.array) -> list[mx.array]:
 def losses(probed: ProbedTower, batch: ShapesBatch) -> tuple[mx.array, list]:
     """Mean cross-entropy of the asked picture labels plus that of the patch kinds."""
     pictures, patches = probed(batch.pixel_values)
-    total, parts = 0.0, []
+    parts = []
     for j, logits in enumerate(split_logits(pictures)):
         target = batch.labels[:, j]
         asked = target >= 0
         ce = nn.losses.cross_entropy(logits, mx.maximum(target, 0))
         parts.append((ce * asked).sum() / mx.maximum(asked.sum(), 1))
-    total = sum(parts) / len(parts)
     patch_loss = nn.losses.cross_entropy(patches, batch.patches, reduction="mean")
-    return total + patch_loss, [*parts, patch_loss]
+    return sum(parts) / len(parts) + patch_loss, [*parts, patch_loss]
 
 
 def accuracies(probed: ProbedTower, batch: ShapesBatch) -> dict[str, float]:
@@ -167,7 +166,7 @@ def accuracies(probed: ProbedTower, batch: ShapesBatch) -> dict[str, float]:
 class TowerArgs:
     model: str
     output: str
-    iters: int = 3000
+    iters: int = 4000
     batch_size: int = 64
     learning_rate: float = 1e-3
     warmup: int = 200
