@@ -40,8 +40,7 @@ try:
 except ImportError:  # run from a checkout without installing the package
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mlx_llava.conversation import LLAVA_HF_CHAT_TEMPLATE  # noqa: E402
-from mlx_llava.image_processor import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD  # noqa: E402
+from mlx_llava.processor import llava_hf_processor_files  # noqa: E402
 from mlx_llava.tokenizer_builder import build_tokenizer  # noqa: E402
 
 # CLIP ViT-L/14-336 and Llama-2-7B / Vicuna-7B are the real llava-1.5-7b shapes.
@@ -197,32 +196,7 @@ def write_weights(
 
 def write_processor_files(out: Path, vision: dict) -> None:
     """preprocessor_config.json, processor_config.json and chat_template.json, as llava-hf's."""
-    size = vision["image_size"]
-    files = {
-        "preprocessor_config.json": {
-            "crop_size": {"height": size, "width": size},
-            "do_center_crop": True,
-            "do_convert_rgb": True,
-            "do_normalize": True,
-            "do_rescale": True,
-            "do_resize": True,
-            "image_mean": OPENAI_CLIP_MEAN,
-            "image_processor_type": "CLIPImageProcessor",
-            "image_std": OPENAI_CLIP_STD,
-            "processor_class": "LlavaProcessor",
-            "resample": 3,
-            "rescale_factor": 0.00392156862745098,
-            "size": {"shortest_edge": size},
-        },
-        "processor_config.json": {
-            "image_token": "<image>",
-            "num_additional_image_tokens": 1,
-            "patch_size": vision["patch_size"],
-            "processor_class": "LlavaProcessor",
-            "vision_feature_select_strategy": "default",
-        },
-        "chat_template.json": {"chat_template": LLAVA_HF_CHAT_TEMPLATE},
-    }
+    files = llava_hf_processor_files(vision["image_size"], vision["patch_size"])
     for name, obj in files.items():
         (out / name).write_text(json.dumps(obj, indent=2) + "\n")
 
