@@ -41,10 +41,8 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_map
 from PIL import Image
 
-try:
-    import mlx_llava  # noqa: F401
-except ImportError:  # run from a checkout without installing the package
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# The checkout's root: `llava_testing` (test and benchmark helpers) is not installed.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mlx_llava.convert import DTYPES, quantized_paths
 from mlx_llava.generate import PromptCache, stream_generate

@@ -6,8 +6,9 @@
 The folder looks like a llava-hf hub repo (llava-hf/llava-1.5-7b-hf): `config.json` from
 transformers' `LlavaConfig`, safetensors shards with the hub's key names
 (`language_model.model.*`, `vision_tower.vision_model.*`, `multi_modal_projector.*`), a small
-Llama-like tokenizer from `mlx_llava.tokenizer_builder` (smaller than the model's vocabulary, which
-is fine for timing), `preprocessor_config.json`, `processor_config.json` and `chat_template.json`.
+Llama-like tokenizer from `llava_testing.tokenizer_builder` (smaller than the model's
+vocabulary, which is fine for timing), `preprocessor_config.json`, `processor_config.json` and
+`chat_template.json`.
 
 The config comes from transformers' `LlavaConfig`; names and shapes from our model built lazily
 (no memory, no torch); the tensors are drawn with MLX and written shard by shard, so a 7B
@@ -35,13 +36,11 @@ from pathlib import Path
 
 import mlx.core as mx
 
-try:
-    import mlx_llava  # noqa: F401
-except ImportError:  # run from a checkout without installing the package
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# The checkout's root: `llava_testing` (test and benchmark helpers) is not installed.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mlx_llava.processor import llava_hf_processor_files  # noqa: E402
-from mlx_llava.tokenizer_builder import build_tokenizer  # noqa: E402
+from llava_testing.checkpoints import llava_hf_processor_files  # noqa: E402
+from llava_testing.tokenizer_builder import build_tokenizer  # noqa: E402
 
 # CLIP ViT-L/14-336 and Llama-2-7B / Vicuna-7B are the real llava-1.5-7b shapes.
 PRESETS = {

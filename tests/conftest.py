@@ -9,9 +9,13 @@ seeded, so the weights and the tokenizer are the same on every run.
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
+
+# The checkout's root: `llava_testing` (test helpers) is not installed with the package.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 TINY_IMAGE_SIZE = 28
 TINY_PATCH_SIZE = 7
@@ -35,7 +39,7 @@ def make_tiny_checkpoint(out: Path, seed: int = 0) -> Path:
         LlavaForConditionalGeneration,
     )
 
-    from mlx_llava.tokenizer_builder import build_tokenizer, pad_vocab_size
+    from llava_testing.tokenizer_builder import build_tokenizer, pad_vocab_size
 
     out = Path(out)
     tokenizer = build_tokenizer(out)

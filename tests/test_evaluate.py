@@ -11,6 +11,7 @@ from mlx.utils import tree_flatten
 from PIL import Image
 
 import mlx_llava.evaluate as evaluation
+from llava_testing.tokenizer_builder import build_tokenizer, pad_vocab_size
 from mlx_llava.cli.evaluate import main as evaluate_main
 from mlx_llava.config import ModelConfig
 from mlx_llava.data.shapes import CATEGORIES, QUESTION_TEXT, generate_dataset
@@ -33,7 +34,6 @@ from mlx_llava.evaluate import (
 )
 from mlx_llava.loader import load
 from mlx_llava.model import Model
-from mlx_llava.tokenizer_builder import build_tokenizer, pad_vocab_size
 from mlx_llava.weights import save_shards
 
 ROOT = Path(__file__).resolve().parents[1]

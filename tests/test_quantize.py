@@ -46,7 +46,7 @@ def _build_checkpoint(out: Path, text: dict = TEXT, vision: dict = VISION) -> Pa
     import torch
     from transformers import LlavaConfig, LlavaForConditionalGeneration
 
-    from mlx_llava.tokenizer_builder import build_tokenizer
+    from llava_testing.tokenizer_builder import build_tokenizer
 
     tokenizer = build_tokenizer(out)
     image_id = tokenizer.convert_tokens_to_ids("<image>")

@@ -2,7 +2,7 @@
 
 import pytest
 
-from mlx_llava.tokenizer_builder import build_tokenizer
+from llava_testing.tokenizer_builder import build_tokenizer
 
 
 @pytest.mark.parametrize("vocab_size", [384, 800])

@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
+from llava_testing.tokenizer_builder import build_tokenizer, pad_vocab_size
 from mlx_llava import generate, load, load_model
 from mlx_llava.config import ModelConfig, TextConfig, VisionConfig
 from mlx_llava.conversation import get_template, render
 from mlx_llava.data.shapes import generate_dataset
-from mlx_llava.tokenizer_builder import build_tokenizer, pad_vocab_size
 from mlx_llava.train import TrainArgs, init_model_folder, tokenize_conversation, train
 from mlx_llava.train import trainer as trainer_module
 
