@@ -159,7 +159,7 @@ def test_two_picture_prompt(tiny_model, pictures):
 
 def test_cli_two_pictures(tiny_model, pictures, tmp_path, monkeypatch, capsys):
     model, processor = tiny_model
-    monkeypatch.setattr(generate_cli, "load", lambda *a, **k: tiny_model)
+    monkeypatch.setattr("mlx_llava.loader.load", lambda *a, **k: tiny_model)
     a, b, _ = save_pictures(tmp_path, pictures)
     argv = ["--image", str(a), "--image", str(b), "-p", "Compare them.", "-m", "8"]
     generate_cli.main(argv)
@@ -429,7 +429,7 @@ def run_chat_cli(monkeypatch, capsys, argv, lines):
 
 def test_cli_chat_from_a_pipe(word_model, pictures, tmp_path, monkeypatch, capsys):
     model, processor = word_model
-    monkeypatch.setattr(generate_cli, "load", lambda *a, **k: word_model)
+    monkeypatch.setattr("mlx_llava.loader.load", lambda *a, **k: word_model)
     a, b, _ = save_pictures(tmp_path, pictures)
     lines = [
         "What is in the picture?",
@@ -566,7 +566,7 @@ def read_jsonl_lenient(path):
 def test_generate_image_dir_delegates_and_keeps_non_ascii(
     tiny_model, pictures, tmp_path, monkeypatch, capsys
 ):
-    monkeypatch.setattr(generate_cli, "load", lambda *a, **k: tiny_model)
+    monkeypatch.setattr("mlx_llava.loader.load", lambda *a, **k: tiny_model)
     monkeypatch.setattr(
         "mlx_llava.batch.batch_generate",
         lambda model, processor, prompts, **kwargs: [

@@ -3,184 +3,22 @@
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
-import time
-from pathlib import Path
-from typing import IO, Iterable, Optional, Union
 
+from ..caption import DEFAULT_BATCH_SIZE, DEFAULT_CAPTION_PROMPT
 from . import run_cli
-
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
-DEFAULT_CAPTION_PROMPT = "Describe this image."
-DEFAULT_BATCH_SIZE = 8
-
-
-def list_images(image_dir: Union[str, Path]) -> list[str]:
-    """Picture files under `image_dir` (recursively), as sorted relative POSIX paths."""
-    root = Path(image_dir)
-    if not root.is_dir():
-        raise FileNotFoundError(f"no such folder: {image_dir}")
-    found = []
-    for folder, dirs, files in os.walk(root):
-        dirs.sort()
-        for name in files:
-            if name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith("."):
-                found.append((Path(folder) / name).relative_to(root).as_posix())
-    return sorted(found)
-
-
-def done_files(output: Path) -> set[str]:
-    """The `file` of each record already in a JSONL output (unparsable lines are ignored)."""
-    if not output.exists():
-        return set()
-    done = set()
-    with open(output, encoding="utf-8") as f:
-        for line in f:
-            try:
-                done.add(json.loads(line)["file"])
-            except (ValueError, KeyError, TypeError):
-                continue
-    return done
-
-
-class Progress:
-    """A one-line progress report on stderr: rewritten in place on a terminal, else a line per
-    update."""
-
-    def __init__(self, total: int, stream: Optional[IO] = None, enabled: bool = True):
-        self.total, self.enabled = total, enabled
-        self.stream = sys.stderr if stream is None else stream
-        self.tty = enabled and self.stream.isatty()
-        self.tic = time.perf_counter()
-
-    def update(self, done: int, skipped: int) -> None:
-        if not self.enabled:
-            return
-        rate = done / max(time.perf_counter() - self.tic, 1e-9)
-        left = (self.total - done - skipped) / rate if rate > 0 else 0.0
-        line = (
-            f"captioned {done}/{self.total}"
-            + (f", {skipped} skipped" if skipped else "")
-            + f" ({rate:.2f} images/s, {left:.0f} s left)"
-        )
-        self.stream.write(f"\r{line}\033[K" if self.tty else line + "\n")
-        self.stream.flush()
-
-    def close(self) -> None:
-        if self.tty:
-            self.stream.write("\n")
-            self.stream.flush()
-
-
-def _batches(items: list, size: int) -> Iterable[list]:
-    for i in range(0, len(items), size):
-        yield items[i : i + size]
-
-
-def caption_folder(
-    model,
-    processor,
-    image_dir: Union[str, Path],
-    output: Optional[Union[str, Path]] = None,
-    prompt: str = DEFAULT_CAPTION_PROMPT,
-    batch_size: int = DEFAULT_BATCH_SIZE,
-    progress: bool = True,
-    seed: Optional[int] = None,
-    **sampling,
-) -> int:
-    """Caption the pictures of a folder with `batch_generate`, one JSONL record per picture.
-
-    Each record is `{"file", "prompt", "answer"}` (`file` relative to `image_dir`), written and
-    flushed batch by batch. Files already in `output` are skipped, so an interrupted run
-    resumes where it stopped; unreadable files are skipped with a warning on stderr (and tried
-    again on the next run).
-
-    Args:
-        image_dir: the folder, walked recursively for jpg/jpeg/png/webp/bmp/gif files, sorted.
-        output: the JSONL file (appended to), or None / "-" for stdout (no resuming).
-        prompt: the question asked about each picture (wrapped in the model's template).
-        batch_size: pictures per `batch_generate` call.
-        progress: report progress on stderr.
-        seed: seed MLX's random generator once, before the first batch.
-        **sampling: as for `batch_generate` (max_tokens, temperature, top_p, stop, ...).
-
-    Returns:
-        The number of records written.
-    """
-    from ..batch import batch_generate
-    from ..image_processor import ImageLoadError, load_image
-
-    if batch_size <= 0:
-        raise ValueError(f"batch size must be positive, got {batch_size}")
-    root = Path(image_dir)
-    files = list_images(root)
-    to_stdout = output is None or str(output) == "-"
-    done = set() if to_stdout else done_files(Path(output))
-    todo = [f for f in files if f not in done]
-    if seed is not None:
-        import mlx.core as mx
-
-        mx.random.seed(seed)
-    template_prompt = processor.format_prompt(prompt, num_images=1)
-    if to_stdout:
-        out = sys.stdout
-    else:
-        out = open(output, "a+", encoding="utf-8")
-        out.seek(0, os.SEEK_END)
-        if out.tell() > 0:  # a record cut short by a crash must not swallow the next one
-            out.seek(out.tell() - 1)
-            if out.read(1) != "\n":
-                out.write("\n")
-    meter = Progress(len(todo), enabled=progress)
-    written = skipped = 0
-    try:
-        for batch in _batches(todo, batch_size):
-            names, pictures = [], []
-            for name in batch:
-                try:
-                    pictures.append(load_image(root / name))
-                    names.append(name)
-                except ImageLoadError as e:
-                    skipped += 1
-                    if meter.tty:
-                        sys.stderr.write("\n")
-                    print(f"warning: skipping {name}: {e}", file=sys.stderr)
-            if names:
-                answers = batch_generate(
-                    model,
-                    processor,
-                    [template_prompt] * len(names),
-                    images=pictures,
-                    **sampling,
-                )
-                for name, answer in zip(names, answers):
-                    record = {"file": name, "prompt": prompt, "answer": answer.strip()}
-                    out.write(json.dumps(record, ensure_ascii=False) + "\n")
-                out.flush()
-                written += len(names)
-            meter.update(written, skipped)
-    finally:
-        meter.close()
-        if not to_stdout:
-            out.close()
-    return written
+from .args import add_model_args, add_sampling_args, load_from_args, make_parser, sampling_kwargs
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .generate import add_model_args, add_sampling_args
-
-    p = argparse.ArgumentParser(
-        description="Caption every picture of a folder into a JSONL file (resumable)."
-    )
+    p = make_parser("Caption every picture of a folder into a JSONL file (resumable).")
     add_model_args(p)
     p.add_argument("--image-dir", required=True, help="folder of pictures (walked recursively)")
     p.add_argument("--output", "-o", required=True, help="JSONL file to append to ('-': stdout)")
     p.add_argument("--prompt", "-p", default=DEFAULT_CAPTION_PROMPT, help="the question asked")
     p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE)
     p.add_argument("--quiet", action="store_true", help="no progress line")
-    add_sampling_args(p)
+    add_sampling_args(p, kv_bits=False)
     return p
 
 
@@ -189,27 +27,33 @@ def main(argv=None) -> None:
     run_cli(lambda: run(args))
 
 
-def run(args: argparse.Namespace) -> None:
-    from ..loader import load
-    from .generate import sampling_kwargs
+def caption_with_args(args: argparse.Namespace, model, processor) -> int:
+    """Caption `args.image_dir` into `args.output` (`--image-dir` of caption.py and
+    generate.py); the number of captions written."""
+    from ..caption import caption_folder
 
     sampling = sampling_kwargs(args)
-    if sampling.pop("kv_bits") is not None:
+    if sampling.pop("kv_bits", None) is not None:
         raise ValueError("--kv-bits is not supported when captioning in batches")
-    model, processor = load(
-        args.model, dtype=args.dtype, pad_to_square=args.pad_to_square, conv_mode=args.conv_mode
-    )
     n = caption_folder(
         model,
         processor,
         args.image_dir,
         args.output,
-        prompt=args.prompt,
+        prompt=args.prompt or DEFAULT_CAPTION_PROMPT,
         batch_size=args.batch_size,
-        progress=not args.quiet,
+        progress=not getattr(args, "quiet", False),
         **sampling,
     )
-    print(f"wrote {n} caption(s) to {args.output}", file=sys.stderr)
+    if args.output not in (None, "-"):
+        print(f"wrote {n} caption(s) to {args.output}", file=sys.stderr)
+    return n
+
+
+def run(args: argparse.Namespace) -> None:
+    sampling_kwargs(args)  # bad flags fail before the model loads
+    model, processor = load_from_args(args)
+    caption_with_args(args, model, processor)
 
 
 if __name__ == "__main__":

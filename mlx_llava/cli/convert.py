@@ -6,12 +6,13 @@ import argparse
 
 from ..convert import DTYPES, QuantizeSpec, convert
 from . import run_cli
+from .args import make_parser
 
 DEFAULT_DTYPE = "float16"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Convert a LLaVA checkpoint to MLX.")
+    p = make_parser("Convert a LLaVA checkpoint to MLX.")
     p.add_argument("--hf-path", required=True, help="local folder or hub repo id")
     p.add_argument("--mlx-path", required=True, help="output folder")
     p.add_argument("--dtype", choices=list(DTYPES), default=DEFAULT_DTYPE)

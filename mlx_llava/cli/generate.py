@@ -6,65 +6,19 @@ import argparse
 import sys
 from typing import Optional
 
-from ..loader import DEFAULT_MODEL, load
 from . import run_cli
+from .args import add_model_args, add_sampling_args, load_from_args, make_parser, sampling_kwargs
 
 DEFAULT_PROMPT = "Describe this image."
-DEFAULT_MAX_TOKENS = 256
-
-
-def add_sampling_args(p: argparse.ArgumentParser) -> None:
-    """The sampling flags shared by generate.py, its chat mode and captioning."""
-    p.add_argument("--max-tokens", "-m", type=int, default=DEFAULT_MAX_TOKENS)
-    p.add_argument("--temp", type=float, default=0.0, help="sampling temperature (0: greedy)")
-    p.add_argument("--top-p", type=float, default=0.0)
-    p.add_argument("--min-p", type=float, default=0.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--repetition-penalty", type=float, default=None)
-    p.add_argument("--repetition-context-size", type=int, default=20)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
-    p.add_argument("--kv-bits", type=int, default=None, help="quantize the KV cache (e.g. 8)")
-
-
-def sampling_kwargs(args: argparse.Namespace) -> dict:
-    if args.max_tokens <= 0:
-        raise ValueError(f"--max-tokens must be positive, got {args.max_tokens}")
-    return dict(
-        max_tokens=args.max_tokens,
-        temperature=args.temp,
-        top_p=args.top_p,
-        min_p=args.min_p,
-        top_k=args.top_k,
-        repetition_penalty=args.repetition_penalty,
-        repetition_context_size=args.repetition_context_size,
-        seed=args.seed,
-        stop=args.stop,
-        kv_bits=args.kv_bits,
-    )
-
-
-def add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--model",
-        default=DEFAULT_MODEL,
-        help="MLX folder, llava-hf or original LLaVA folder, hub repo id, or 'demo'",
-    )
-    p.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default=None)
-    p.add_argument(
-        "--pad-to-square",
-        action="store_true",
-        default=None,
-        help="pad pictures to a square with the mean colour first (as the original LLaVA-1.5)",
-    )
-    p.add_argument("--conv-mode", default=None, help="conversation template (default: model's)")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Ask a LLaVA model about pictures.")
+    p = make_parser("Ask a LLaVA model about pictures.")
     add_model_args(p)
     p.add_argument("--image", action="append", default=[], help="path or URL (repeatable)")
-    p.add_argument("--prompt", "-p", default=None, help=f"the question ('{DEFAULT_PROMPT}')")
+    p.add_argument(
+        "--prompt", "-p", default=None, help=f"the question (default: '{DEFAULT_PROMPT}')"
+    )
     p.add_argument(
         "--chat",
         action="store_true",
@@ -106,26 +60,11 @@ def run(args: argparse.Namespace) -> None:
         raise ValueError("--chat and --image-dir do not go together")
     sampling = sampling_kwargs(args)
     images = [load_image(i) for i in args.image]
-    model, processor = load(
-        args.model,
-        dtype=args.dtype,
-        pad_to_square=args.pad_to_square,
-        conv_mode=args.conv_mode,
-    )
+    model, processor = load_from_args(args)
     if args.image_dir:
-        from .caption import DEFAULT_CAPTION_PROMPT, caption_folder
+        from .caption import caption_with_args
 
-        if sampling.pop("kv_bits") is not None:
-            raise ValueError("--kv-bits is not supported when captioning in batches")
-        caption_folder(
-            model,
-            processor,
-            args.image_dir,
-            args.output,
-            prompt=args.prompt or DEFAULT_CAPTION_PROMPT,
-            batch_size=args.batch_size,
-            **sampling,
-        )
+        caption_with_args(args, model, processor)
         return
     if args.chat:
         from ..chat import ChatSession

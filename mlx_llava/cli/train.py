@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from . import run_cli
+from .args import DTYPE_CHOICES, make_parser
 
 DEFAULT_BATCH_SIZE = 8
 DEFAULT_LORA_RANK = 8
@@ -15,8 +16,8 @@ DEFAULT_VAL_EVERY = 200
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        description="Train LLaVA on MLX: stage 1 (--stage pretrain) aligns the projector on "
+    p = make_parser(
+        "Train LLaVA on MLX: stage 1 (--stage pretrain) aligns the projector on "
         "image-caption pairs; stage 2 (--stage finetune) tunes the projector and the language "
         "model on conversations. The output folder is a model that load() and generate.py take."
     )
@@ -62,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--dtype",
-        choices=["float16", "bfloat16", "float32"],
+        choices=DTYPE_CHOICES,
         default=None,
         help="saved weights (default: the input model's)",
     )
