@@ -10,12 +10,12 @@ import pytest
 from mlx.utils import tree_flatten
 from PIL import Image
 
-import mlx_llava.evaluate as evaluation
+import mlx_llava.evaluation as evaluation
 from llava_testing.tokenizer_builder import build_tokenizer, pad_vocab_size
 from mlx_llava.cli.evaluate import main as evaluate_main
 from mlx_llava.config import ModelConfig
 from mlx_llava.data.shapes import CATEGORIES, QUESTION_TEXT, generate_dataset
-from mlx_llava.evaluate import (
+from mlx_llava.evaluation import (
     OPTION_LETTER_SUFFIX,
     SINGLE_WORD_SUFFIX,
     EvaluationError,
@@ -330,7 +330,7 @@ def test_scoring_end_to_end(tiny, tmp_path, monkeypatch):
         seen.append((prompt, image is not None, kwargs["temperature"], kwargs["max_tokens"]))
         return {0: " Red. ", 1: "a red one", 2: "B", 3: "The answer is C."}[len(seen) - 1]
 
-    monkeypatch.setattr(evaluation, "generate", fake_generate)
+    monkeypatch.setattr("mlx_llava.evaluation.runner.generate", fake_generate)
     vqa = [Question("0", "Color?", "a.png", ["red"]), Question("1", "Color?", "a.png", ["red"])]
     records, summary = evaluation.evaluate(model, processor, vqa, "vqa", tmp_path, max_tokens=5)
     assert [r["text"] for r in records] == ["Red.", "a red one"]

@@ -5,18 +5,18 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 from typing import Optional, TextIO
 
-from ..evaluate import DEFAULT_MAX_TOKENS, DEFAULT_SPLIT, FORMATS
+from ..evaluation import DEFAULT_MAX_TOKENS, DEFAULT_SPLIT, FORMATS
+from ..progress import Progress
 from . import run_cli
-from .generate import add_model_args
+from .args import add_model_args, load_from_args, make_parser
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        description="Evaluate a LLaVA model on a question file: greedy answers, accuracy per "
+    p = make_parser(
+        "Evaluate a LLaVA model on a question file: greedy answers, accuracy per "
         "category (vqa) or ScienceQA multiple-choice accuracy with the image split."
     )
     add_model_args(p)
@@ -59,61 +59,19 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-class Progress:
-    """A one-line progress report on stderr: redrawn in place on a terminal, else a line
-    every tenth of the way."""
-
-    def __init__(self, total: int, stream: Optional[TextIO] = None):
-        self.total = total
-        self.stream = stream = stream or sys.stderr
-        self.tty = stream.isatty()
-        self.every = max(1, total // 10)
-        self.start = time.perf_counter()
-        self.done = 0
-
-    def update(self, done: int) -> None:
-        self.done = done
-        if not self.tty and done % self.every and done != self.total:
-            return
-        elapsed = time.perf_counter() - self.start
-        rate = done / elapsed if elapsed > 0 else 0.0
-        eta = (self.total - done) / rate if rate > 0 else 0.0
-        line = (
-            f"[evaluate] {done}/{self.total} ({100 * done / max(self.total, 1):.0f}%) "
-            f"{rate:.2f} q/s, eta {eta:.0f} s"
-        )
-        self.stream.write(f"\r{line}\033[K" if self.tty else line + "\n")
-        self.stream.flush()
-
-    def message(self, text: str) -> None:
-        """Print a line without mangling the progress line."""
-        if self.tty and self.done:
-            self.stream.write("\r\033[K")
-        self.stream.write(text + "\n")
-        if self.tty and self.done:
-            self.update(self.done)
-        self.stream.flush()
-
-    def close(self) -> None:
-        if self.tty and self.done:
-            self.stream.write("\n")
-            self.stream.flush()
-
-
 def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
     run_cli(lambda: run(args))
 
 
 def run(args: argparse.Namespace) -> None:
-    from ..evaluate import (
+    from ..evaluation import (
         answer_questions,
         default_image_folder,
         format_summary,
         read_questions,
         summarize,
     )
-    from ..loader import load
 
     if args.max_tokens <= 0:
         raise ValueError(f"--max-tokens must be positive, got {args.max_tokens}")
@@ -129,13 +87,8 @@ def run(args: argparse.Namespace) -> None:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
         out = open(args.output, "w", encoding="utf-8")
     try:
-        model, processor = load(
-            args.model,
-            dtype=args.dtype,
-            pad_to_square=args.pad_to_square,
-            conv_mode=args.conv_mode,
-        )
-        progress = Progress(len(questions))
+        model, processor = load_from_args(args)
+        progress = Progress(len(questions), "[evaluate]", "q")
         records = []
         answers = answer_questions(
             model,

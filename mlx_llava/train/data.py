@@ -9,7 +9,6 @@ only the assistant answers and their end-of-turn text (`answer_mask_spans`) are 
 
 from __future__ import annotations
 
-import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +18,9 @@ import mlx.core as mx
 import numpy as np
 from PIL import Image
 
+from .. import datafiles
 from ..conversation import IMAGE_TOKEN, SeparatorStyle, Template, answer_mask_spans, render
+from ..datafiles import DataFileError, relative_picture
 from ..processor import Processor
 
 MAX_WARNINGS = 20  # bad-sample warnings printed before a summary takes over
@@ -72,20 +73,9 @@ class BadSamplePolicy:
 
 def read_records(path: str | Path) -> list:
     """The list of records in a LLaVA JSON (or JSON Lines) file."""
-    path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as e:
-        raise FileNotFoundError(f"cannot read the data file {path}: {e.strerror}") from None
-    try:
-        if path.suffix == ".jsonl":
-            records = [json.loads(line) for line in text.splitlines() if line.strip()]
-        else:
-            records = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON ({e})") from None
+    records = datafiles.read_records(path)
     if not isinstance(records, list):
-        raise ValueError(f"{path} must hold a JSON list of records")
+        raise DataFileError(f"{path} must hold a JSON list of records")
     return records
 
 
@@ -245,7 +235,10 @@ def prepare_samples(
             messages = normalise_messages(record, name, plain)
             path = None
             if image is not None:
-                path = image_folder / image
+                try:
+                    path = image_folder / relative_picture(image, name)
+                except DataFileError as e:
+                    raise BadSampleError(str(e)) from None
                 _check_image(path, name)
             ids, mask = tokenize_conversation(processor, template, messages)
             if len(ids) > max_length:
