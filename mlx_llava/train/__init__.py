@@ -1,8 +1,9 @@
 """Training: the two LLaVA stages (projector alignment, visual instruction tuning) on MLX."""
 
+from .args import TrainArgs
 from .data import BadSampleError, Sample, prepare_samples, tokenize_conversation
 from .init import init_model_folder
-from .trainer import TrainArgs, train
+from .trainer import train
 
 __all__ = [
     "BadSampleError",

@@ -1,4 +1,5 @@
-"""The two LLaVA training stages on MLX: what is trained, the step, the loop, checkpoints.
+"""The training loop: the model set up for its stage, the data, the optimizer, the steps,
+validation, logging and checkpoints.
 
 Stage 1 ("pretrain", feature alignment): the vision tower and the language model are frozen, the
 projector learns from image-caption pairs in the `plain` template. Stage 2 ("finetune", visual
@@ -11,26 +12,25 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
-import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from functools import partial
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable
 
 import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
-from mlx.utils import tree_flatten, tree_map, tree_unflatten
+from mlx.utils import tree_flatten, tree_map
 
-from ..config import ModelConfig
-from ..conversation import Template, get_template
-from ..convert import DTYPES, MAX_SHARD_BYTES, PROCESSOR_FILES
+from ..atomic import recover_dir
+from ..convert import DTYPES
 from ..loader import build_model, read_model, resolve_model
 from ..model import Model
 from ..processor import Processor
-from ..weights import save_shards
+from ..progress import format_duration
+from .args import TrainArgs
+from .checkpoints import load_checkpoint, save_checkpoint, save_model
 from .data import (
     BadSamplePolicy,
     Sample,
@@ -41,271 +41,18 @@ from .data import (
     prepare_samples,
     read_records,
 )
-
-STAGES = ("pretrain", "finetune")
-DEFAULT_LEARNING_RATE = {"pretrain": 1e-3, "finetune": 2e-5, "lora": 2e-4}
-DEFAULT_CONV_MODE = "vicuna_v1"
-CHECKPOINT_DIR = "checkpoint"
-LOG_FILE = "train_log.jsonl"
-# Settings a resumed run must share with the checkpoint, or it would not continue the same run.
-RESUME_KEYS = (
-    "stage",
-    "batch_size",
-    "grad_accum",
-    "learning_rate",
-    "warmup_ratio",
-    "weight_decay",
-    "max_grad_norm",
-    "seed",
-    "lora",
-    "lora_rank",
-    "lora_scale",
-    "train_vision",
-    "conv_mode",
+from .stages import (
+    checkpoint_layers,
+    conversation_template,
+    fuse_lora,
+    log,
+    loss_fn,
+    make_schedule,
+    set_trainable,
 )
 
-
-@dataclass
-class TrainArgs:
-    """Everything `train` needs; the CLI flags of train.py map onto these fields."""
-
-    model: str
-    data: str
-    output: str
-    stage: str = "finetune"
-    image_folder: Optional[str] = None
-    iters: Optional[int] = None
-    epochs: Optional[float] = None
-    batch_size: int = 8
-    learning_rate: Optional[float] = None
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    warmup_ratio: float = 0.03
-    lora: bool = False
-    lora_rank: int = 8
-    lora_scale: float = 2.0
-    train_vision: bool = False
-    grad_accum: int = 1
-    grad_checkpoint: bool = False
-    save_every: int = 0
-    resume: bool = False
-    val_data: Optional[str] = None
-    val_every: int = 200
-    val_batches: int = 0
-    log_every: int = 10
-    seed: int = 0
-    max_length: Optional[int] = None
-    on_bad_sample: str = "skip"
-    conv_mode: Optional[str] = None
-    dtype: Optional[str] = None
-    compile: bool = True
-
-    def __post_init__(self):
-        if self.stage not in STAGES:
-            raise ValueError(f"--stage must be one of {', '.join(STAGES)}, got '{self.stage}'")
-        if self.iters is not None and self.epochs is not None:
-            raise ValueError("give --iters or --epochs, not both")
-        for name in ("batch_size", "grad_accum", "log_every", "val_every", "lora_rank"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
-        if self.save_every < 0 or self.val_batches < 0:
-            raise ValueError("--save-every and --val-batches must not be negative")
-        if self.iters is not None and self.iters < 1:
-            raise ValueError("--iters must be at least 1")
-        if self.epochs is not None and self.epochs <= 0:
-            raise ValueError("--epochs must be positive")
-        if not 0 <= self.warmup_ratio < 1:
-            raise ValueError("--warmup-ratio must be in [0, 1)")
-        if self.stage == "pretrain" and self.lora:
-            raise ValueError("--lora is for the finetune stage (pretraining trains the projector)")
-        if self.learning_rate is None:
-            key = "lora" if self.lora else self.stage
-            self.learning_rate = DEFAULT_LEARNING_RATE[key]
-        if self.dtype is not None and self.dtype not in DTYPES:
-            raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}")
-
-
-def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
-# What is trained ---------------------------------------------------------------------------
-
-
-def conversation_template(args: TrainArgs, config: ModelConfig) -> Template:
-    """`plain` for stage 1; for stage 2 `--conv-mode`, else the model's own template unless it
-    cannot teach `</s>` (`plain`; llava-hf's Jinja, which ends answers with a space), else
-    `vicuna_v1`.
-    """
-    if args.stage == "pretrain":
-        if args.conv_mode not in (None, "plain"):
-            raise ValueError("stage 1 (pretrain) trains with the plain template")
-        return get_template("plain")
-    if args.conv_mode:
-        if get_template(args.conv_mode).sep2 == " ":
-            log(
-                f"warning: {args.conv_mode} ends answers with a space, not </s>: the model will "
-                "not learn to stop"
-            )
-        return get_template(args.conv_mode)
-    mode = config.conv_mode
-    if mode in (None, "plain", "llava_hf"):
-        mode = DEFAULT_CONV_MODE
-    return get_template(mode)
-
-
-def set_trainable(model: Model, args: TrainArgs) -> None:
-    """Freeze all, then unfreeze what the stage trains (adding LoRA layers for `--lora`)."""
-    model.freeze()
-    if args.stage == "finetune":
-        if args.lora:
-            from mlx_lm.tuner.utils import linear_to_lora_layers
-
-            lm = model.language_model
-            config = {"rank": args.lora_rank, "scale": args.lora_scale, "dropout": 0.0}
-            linear_to_lora_layers(lm, len(lm.layers), config)
-        else:
-            model.language_model.unfreeze()
-        if args.train_vision:
-            model.vision_tower.unfreeze()
-    model.multi_modal_projector.unfreeze()
-
-
-def fuse_lora(model: Model) -> None:
-    """Replace LoRA layers by plain linear layers holding W + scale * B A."""
-    fused = [(n, m.fuse()) for n, m in model.named_modules() if hasattr(m, "fuse")]
-    if fused:
-        model.update_modules(tree_unflatten(fused))
-
-
-_CHECKPOINTED: dict[type, type] = {}
-
-
-def checkpoint_layers(layers: list) -> None:
-    """Recompute these layers' activations in the backward pass (`mx.checkpoint`).
-
-    Only these instances change: each gets a subclass whose `__call__` is checkpointed, so other
-    models of the same class in the process are untouched (unlike mlx-lm's `grad_checkpoint`).
-    """
-    for layer in layers:
-        cls = type(layer)
-        if cls in _CHECKPOINTED.values():
-            continue
-        if cls not in _CHECKPOINTED:
-            call = cls.__call__
-
-            def checkpointed(self, *args, _call=call, **kwargs):
-                def inner(params, *args, **kwargs):
-                    self.update(params)
-                    return _call(self, *args, **kwargs)
-
-                return mx.checkpoint(inner)(self.trainable_parameters(), *args, **kwargs)
-
-            _CHECKPOINTED[cls] = type(
-                f"Checkpointed{cls.__name__}", (cls,), {"__call__": checkpointed}
-            )
-        layer.__class__ = _CHECKPOINTED[cls]
-
-
-def make_schedule(learning_rate: float, total: int, warmup_ratio: float) -> Callable:
-    """Linear warmup over ceil(ratio * total) steps, then cosine decay to 0 at `total`
-    (transformers' `get_cosine_schedule_with_warmup`, as LLaVA trains)."""
-    warmup = math.ceil(total * warmup_ratio)
-    cosine = optim.cosine_decay(learning_rate, max(total - warmup, 1), 0.0)
-    if warmup == 0:
-        return cosine
-    return optim.join_schedules(
-        [optim.linear_schedule(0.0, learning_rate, warmup), cosine], [warmup]
-    )
-
-
-def loss_fn(
-    model: Model,
-    inputs: mx.array,
-    targets: mx.array,
-    mask: mx.array,
-    pixel_values: Optional[mx.array],
-) -> tuple[mx.array, mx.array]:
-    """Mean cross-entropy over the answer tokens of a batch, and their count."""
-    embeddings = model.get_input_embeddings(inputs, pixel_values)
-    logits = model(inputs, input_embeddings=embeddings).astype(mx.float32)
-    losses = nn.losses.cross_entropy(logits, targets) * mask
-    ntoks = mask.sum()
-    return losses.sum() / mx.maximum(ntoks, 1), ntoks
-
-
-# Checkpoints ---------------------------------------------------------------------------------
-
-
-def save_checkpoint(folder: Path, model: Model, optimizer, state: dict) -> None:
-    """Trainable weights, optimizer state and the loop's state, replaced atomically."""
-    tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    mx.save_safetensors(
-        str(tmp / "trainable.safetensors"), dict(tree_flatten(model.trainable_parameters()))
-    )
-    mx.save_safetensors(str(tmp / "optimizer.safetensors"), dict(tree_flatten(optimizer.state)))
-    with open(tmp / "state.json", "w") as f:
-        json.dump(state, f, indent=2)
-    shutil.rmtree(folder, ignore_errors=True)
-    tmp.rename(folder)
-
-
-def load_checkpoint(folder: Path, model: Model, optimizer, args: TrainArgs) -> dict:
-    """Restore what `save_checkpoint` wrote into a model set up the same way; the loop's state."""
-    try:
-        with open(folder / "state.json") as f:
-            state = json.load(f)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"nothing to resume: {folder} has no checkpoint") from None
-    for key in RESUME_KEYS:
-        saved, now = state["args"].get(key), asdict(args).get(key)
-        if saved != now:
-            flag = "--" + key.replace("_", "-")
-            raise ValueError(
-                f"cannot resume: the checkpoint was made with {flag} {saved}, not {now}"
-            )
-    weights = mx.load(str(folder / "trainable.safetensors"))
-    expected = {k for k, _ in tree_flatten(model.trainable_parameters())}
-    if set(weights) != expected:
-        raise ValueError(
-            "cannot resume: the checkpoint's trainable weights do not match the model's"
-        )
-    model.load_weights(list(weights.items()), strict=False)
-    optimizer.state = tree_unflatten(list(mx.load(str(folder / "optimizer.safetensors")).items()))
-    return state
-
-
-# The finished model ----------------------------------------------------------------------------
-
-
-def save_model(
-    out: Path,
-    model: Model,
-    config: ModelConfig,
-    processor_folders: list[Path],
-    dtype: mx.Dtype,
-) -> None:
-    """Write an MLX model folder (weights, config.json, tokenizer and processor files)."""
-    out.mkdir(parents=True, exist_ok=True)
-    for old in list(out.glob("model*.safetensors")) + [out / "model.safetensors.index.json"]:
-        old.unlink(missing_ok=True)
-    (out / "config.json").unlink(missing_ok=True)
-    weights = {
-        k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v
-        for k, v in tree_flatten(model.parameters())
-    }
-    save_shards(out, weights, MAX_SHARD_BYTES)
-    for name in PROCESSOR_FILES:
-        source = next((f / name for f in processor_folders if (f / name).exists()), None)
-        if source is not None:
-            shutil.copy(source, out / name)
-    with open(out / "config.json", "w") as f:
-        json.dump({**config.to_dict(), "mlx_llava": {"format": 1}}, f, indent=2)
-
-
-# The loop ------------------------------------------------------------------------------------
+CHECKPOINT_DIR = "checkpoint"
+LOG_FILE = "train_log.jsonl"
 
 
 class TrainLog:
@@ -322,13 +69,6 @@ class TrainLog:
     def write(self, entry: dict) -> None:
         with open(self.path, "a") as f:
             f.write(json.dumps(entry) + "\n")
-
-
-def _format_time(seconds: float) -> str:
-    seconds = int(seconds)
-    h, rem = divmod(seconds, 3600)
-    m, s = divmod(rem, 60)
-    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
 
 
 def evaluate(model: Model, samples: list[Sample], processor: Processor, args: TrainArgs, policy):
@@ -364,6 +104,7 @@ class Trainer:
         self.args = args
         self.out = Path(args.output)
         self.checkpoint_dir = self.out / CHECKPOINT_DIR
+        recover_dir(self.checkpoint_dir)  # a run killed while saving its checkpoint
         if args.resume and not (self.checkpoint_dir / "state.json").exists():
             raise FileNotFoundError(f"nothing to resume: {self.checkpoint_dir} has no checkpoint")
         if not args.resume and self.checkpoint_dir.exists():
@@ -522,7 +263,7 @@ class Trainer:
                 eta = (time.perf_counter() - run_start) / (it - self.start) * (total - it)
                 log(
                     f"iter {it}/{total} | loss {loss:.4f} | lr {lr:.2e} | "
-                    f"{tps:.0f} tok/s | ETA {_format_time(eta)}"
+                    f"{tps:.0f} tok/s | ETA {format_duration(eta)}"
                 )
                 self.pending = {"loss": 0.0, "tokens": 0, "trained": 0.0}
                 tic, val_time = time.perf_counter(), 0.0
@@ -542,7 +283,7 @@ class Trainer:
         save_model(self.out, self.model, self.config, self.processor_folders, self.save_dtype)
         if self.policy.skipped:
             log(f"{self.policy.skipped} bad samples were skipped")
-        log(f"saved the model to {self.out} ({_format_time(time.perf_counter() - run_start)})")
+        log(f"saved the model to {self.out} ({format_duration(time.perf_counter() - run_start)})")
         return self.out
 
 
