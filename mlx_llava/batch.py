@@ -14,7 +14,7 @@ import mlx.core as mx
 from mlx_lm.generate import wired_limit
 from mlx_lm.models.cache import BatchKVCache
 
-from .generate import LastPositionLM, StopMatcher, make_sampling
+from .generate import LastPositionLM, StopMatcher, context_room, make_sampling
 from .model import Model
 from .processor import IMAGE_PLACEHOLDER, ImageInput, Processor
 
@@ -133,13 +133,8 @@ def batch_generate(
     inputs = processor(prompts, flat_images or None)
     input_ids, pixel_values = inputs["input_ids"], inputs["pixel_values"]
     lengths = inputs["attention_mask"].sum(axis=1).tolist()
-    limit = model.config.text_config.max_position_embeddings
     for i, n in enumerate(lengths):
-        if n > limit:
-            raise ValueError(
-                f"prompt {i} is {n} tokens (image tokens included) but the model's context "
-                f"is {limit}"
-            )
+        context_room(model, n, f"prompt {i}")
     width = input_ids.shape[1]
     left_padding = [width - n for n in lengths]
     embeddings = model.get_input_embeddings(input_ids, pixel_values)

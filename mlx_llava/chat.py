@@ -11,8 +11,14 @@ from __future__ import annotations
 import dataclasses
 from typing import Iterator, Optional, Sequence, Union
 
-from .conversation import IMAGE_TOKEN, Template, get_template, render
-from .generate import GenerationResponse, PromptCache, stream_generate
+from .conversation import IMAGE_TOKEN, Template, get_template, render, template_for_jinja
+from .generate import (
+    GenerationResponse,
+    PromptCache,
+    context_room,
+    image_list,
+    stream_generate,
+)
 from .image_processor import load_image
 from .model import Model
 from .processor import ImageInput, Processor
@@ -32,23 +38,15 @@ def session_template(
     """
     if isinstance(conv_mode, Template):
         return conv_mode
-    mode = conv_mode or processor.config.conv_mode
-    if not mode:
-        jinja = processor.chat_template or ""
-        mode = "chatml" if "<|im_start|>" in jinja else "llava_hf"
+    mode = conv_mode or processor.config.conv_mode or template_for_jinja(processor.chat_template)
     template = get_template(mode)
     if template.name == "llava_hf":
         template = dataclasses.replace(template, sep2="</s>")
     return template
 
 
-def _image_list(image, images) -> list:
-    if image is not None and images is not None:
-        raise ValueError("pass either image or images, not both")
-    found = [] if image is None else [image]
-    if images is not None:
-        found = list(images)
-    return [load_image(i) for i in found]
+def _load_images(image, images) -> list:
+    return [load_image(i) for i in image_list(image, images)]
 
 
 class ChatSession:
@@ -87,7 +85,7 @@ class ChatSession:
         if system is not None:
             template = dataclasses.replace(template, system=system)
         self.template = template
-        self.images = _image_list(image, images)
+        self.images = _load_images(image, images)
         self.cache = PromptCache(model)
         self.messages: list[tuple[str, str]] = []
 
@@ -95,7 +93,7 @@ class ChatSession:
         self, image: Optional[ImageInput] = None, images: Optional[Sequence[ImageInput]] = None
     ) -> None:
         """Talk about other pictures (None: none): starts a new conversation."""
-        self.images = _image_list(image, images)
+        self.images = _load_images(image, images)
         self.clear()
 
     def clear(self) -> None:
@@ -121,13 +119,11 @@ class ChatSession:
         """
         messages, prompt = self.prompt(text)
         length = len(self.processor.tokenize(prompt))
-        limit = self.model.config.text_config.max_position_embeddings
-        if length >= limit:
-            raise ValueError(
-                f"the conversation is {length} tokens, more than the model's context of "
-                f"{limit} leaves room for: /clear to start over"
-            )
-        sampling["max_tokens"] = min(sampling.get("max_tokens", 256), limit - length)
+        try:
+            room = context_room(self.model, length, "the conversation")
+        except ValueError as e:
+            raise ValueError(f"{e}: /clear to start over") from None
+        sampling["max_tokens"] = min(sampling.get("max_tokens", 256), room)
         responses = stream_generate(
             self.model,
             self.processor,

@@ -16,6 +16,12 @@ class ConfigError(ValueError):
     """A config that does not describe a model we can build."""
 
 
+def is_original_config(config: dict) -> bool:
+    """Original haotian-liu/LLaVA configs carry `mm_*` keys (`mm_vision_tower`,
+    `mm_hidden_size`, ...); their `model_type` says "llava" as llava-hf's does."""
+    return any(k.startswith("mm_") for k in config)
+
+
 def _known_fields(cls, params: dict) -> dict:
     names = inspect.signature(cls).parameters
     return {k: v for k, v in params.items() if k in names}
@@ -165,7 +171,7 @@ class ModelConfig:
     def from_dict(cls, params: dict) -> "ModelConfig":
         """Build from a llava-hf (or our converted) config.json; unknown keys are ignored."""
         params = dict(params)
-        if "mm_vision_tower" in params or "mm_hidden_size" in params:
+        if is_original_config(params):
             raise ConfigError(
                 "this is an original haotian-liu LLaVA checkpoint: convert it first with "
                 "convert.py --hf-path ... --mlx-path ..."

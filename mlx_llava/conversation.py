@@ -12,6 +12,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum, auto
 
+from .config import is_original_config
+
 IMAGE_TOKEN = "<image>"
 
 # llava-hf/llava-1.5-7b-hf's chat_template.json, verbatim.
@@ -258,9 +260,9 @@ def template_for_config(config: Mapping, tokenizer_chat_template: str | None = N
 
     In order: an explicit ``conv_mode`` in the config; ``llava_llama_2`` /
     ``mpt`` when ``_name_or_path`` (or ``model_type``) says llama-2 / mpt, as
-    the original CLI guesses; for original-format configs (``mm_vision_tower``
-    or ``mm_hidden_size``), ``vicuna_v1`` for v1.5 (``mlp2x_gelu`` projector,
-    the eval scripts' choice) else ``llava_v1``; ``chatml`` when the tokenizer's
+    the original CLI guesses; for original-format configs (``mm_*`` keys),
+    ``vicuna_v1`` for v1.5 (``mlp2x_gelu`` projector, the eval scripts' choice) else
+    ``llava_v1``; ``chatml`` when the tokenizer's
     chat template uses ``<|im_start|>``; otherwise ``llava_hf``.
     """
     if config.get("conv_mode"):
@@ -271,12 +273,16 @@ def template_for_config(config: Mapping, tokenizer_chat_template: str | None = N
         return "llava_llama_2"
     if "mpt" in name:
         return "mpt"
-    if "mm_vision_tower" in config or "mm_hidden_size" in config:
+    if is_original_config(config):
         is_v15 = config.get("mm_projector_type") == "mlp2x_gelu"
         return "vicuna_v1" if is_v15 else "llava_v1"
-    if tokenizer_chat_template and "<|im_start|>" in tokenizer_chat_template:
-        return "chatml"
-    return "llava_hf"
+    return template_for_jinja(tokenizer_chat_template)
+
+
+def template_for_jinja(chat_template: str | None) -> str:
+    """The template that renders like a checkpoint's Jinja chat template: ``chatml`` when it
+    speaks ``<|im_start|>``, else ``llava_hf``."""
+    return "chatml" if chat_template and "<|im_start|>" in chat_template else "llava_hf"
 
 
 def answer_mask_spans(

@@ -17,7 +17,7 @@ from typing import Iterator, Optional, Union
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from .config import ConfigError, ModelConfig, TextConfig
+from .config import ConfigError, ModelConfig, TextConfig, is_original_config
 from .hub import resolve_folder
 from .model import Model
 from .weights import ShardWriter, iter_shards, to_mlx_key, to_mlx_tensor
@@ -59,11 +59,6 @@ class Source:
     config: ModelConfig
     folders: list[tuple[Path, str]]
     processor_folders: list[Path] = field(default_factory=list)
-
-
-def is_original_config(config: dict) -> bool:
-    """Original haotian-liu configs carry `mm_*` keys (`model_type` says "llava" in both worlds)."""
-    return any(k.startswith("mm_") for k in config)
 
 
 def read_json(path: Path) -> dict:

@@ -85,12 +85,28 @@ def make_sampling(
     return sampler, processors
 
 
-def _image_list(image, images) -> list:
+def image_list(image, images) -> list:
+    """The pictures of a call that takes `image=` or `images=`, as a list."""
     if image is not None and images is not None:
         raise ValueError("pass either image or images, not both")
     if images is not None:
         return list(images)
     return [] if image is None else [image]
+
+
+def context_room(model: Model, length: int, what: str = "the prompt") -> int:
+    """Positions the model's context (`max_position_embeddings`) leaves after `length` tokens.
+
+    Raises:
+        ValueError: none are left, so not even one token could be answered.
+    """
+    limit = model.config.text_config.max_position_embeddings
+    if length >= limit:
+        raise ValueError(
+            f"{what} is {length} tokens (image tokens included) but the model's context is "
+            f"{limit}: no room for an answer"
+        )
+    return limit - length
 
 
 class PromptCache:
@@ -178,12 +194,7 @@ def prepare_prompt(
     inputs = processor(prompt, list(images) or None, pixel_values=pixel_values)
     input_ids, pixel_values = inputs["input_ids"], inputs["pixel_values"]
     length = input_ids.shape[1]
-    limit = model.config.text_config.max_position_embeddings
-    if length > limit:
-        raise ValueError(
-            f"the prompt is {length} tokens (image tokens included) but the model's "
-            f"context is {limit}"
-        )
+    context_room(model, length)
     config = model.config
     if prompt_cache is None:  # the keys only count positions: no need to hash the pixels
         keys = np.asarray(input_ids[0]).tolist()
@@ -250,7 +261,7 @@ def stream_generate(
         mx.random.seed(seed)
     tic = time.perf_counter()
     history, embeddings, keys = prepare_prompt(
-        model, processor, prompt, _image_list(image, images), prompt_cache
+        model, processor, prompt, image_list(image, images), prompt_cache
     )
     sampler, processors = make_sampling(
         temperature, top_p, min_p, top_k, repetition_penalty, repetition_context_size

@@ -133,6 +133,11 @@ class CLIPImageProcessor:
         self.size = _size_dict(self.size, square=False)
         self.crop_size = _size_dict(self.crop_size, square=True)
 
+    @property
+    def pad_color(self) -> tuple[int, ...]:
+        """The mean colour as 0-255 integers, as the original LLaVA pads: (122, 116, 104)."""
+        return tuple(int(x * 255) for x in self.image_mean)
+
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "CLIPImageProcessor":
         names = {f.name for f in fields(cls)}
@@ -165,7 +170,7 @@ class CLIPImageProcessor:
         elif img.mode != "RGB":
             raise ValueError(f"image mode is {img.mode}, not RGB: set do_convert_rgb")
         if self.pad_to_square:
-            img = expand2square(img, tuple(int(x * 255) for x in self.image_mean))
+            img = expand2square(img, self.pad_color)
         if self.do_resize:
             img = img.resize(self._resized_size(*img.size), resample=self.resample)
         if self.do_center_crop:

@@ -389,7 +389,7 @@ def test_chat_context_overflow_is_a_clear_error(word_model, pictures):
     session.send("Hi", max_tokens=4)
     before = list(session.messages)
     long_question = " ".join(["describe the colours and the shapes"] * 40)
-    with pytest.raises(ValueError, match=r"conversation is \d+ tokens.*context of 256.*/clear"):
+    with pytest.raises(ValueError, match=r"conversation is \d+ tokens.*context is 256.*/clear"):
         session.send(long_question)
     assert session.messages == before
     # An answer stops where the context ends.

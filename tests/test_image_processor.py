@@ -165,7 +165,7 @@ def _original_expand2square(pil_img, background_color):
 @pytest.mark.parametrize("size", [(640, 480), (480, 640), (1000, 50), (17, 23), (64, 64)])
 def test_pad_to_square_matches_original(size):
     img = _image("RGB", *size, seed=6)
-    background = tuple(int(x * 255) for x in CLIPImageProcessor().image_mean)
+    background = CLIPImageProcessor().pad_color
     assert background == (122, 116, 104)
     square = _original_expand2square(img, background)
     assert np.array_equal(np.asarray(expand2square(img, background)), np.asarray(square))

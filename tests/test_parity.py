@@ -207,8 +207,7 @@ def test_pad_to_square_option_for_llava_hf_checkpoints():
     _, plain = load(DATA / "hf-hub", dtype="float32")
     _, padded = load(DATA / "hf-hub", dtype="float32", pad_to_square=True)
     image = Image.open(IMAGES["a"]).convert("RGB")
-    mean = tuple(int(x * 255) for x in plain.image_processor.image_mean)
-    expected = plain.image_processor([expand2square(image, mean)])
+    expected = plain.image_processor([expand2square(image, plain.image_processor.pad_color)])
     np.testing.assert_array_equal(padded.image_processor([image]), expected)
     assert not np.array_equal(plain.image_processor([image]), expected)
 
