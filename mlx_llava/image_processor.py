@@ -1,10 +1,13 @@
 """Image loading and CLIP preprocessing, bit-exact with transformers' PIL backend."""
 
 import json
+import os
+import socket
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from io import BytesIO
 from pathlib import Path
 from typing import Any
@@ -16,20 +19,112 @@ ImageSource = Image.Image | str | Path
 
 OPENAI_CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 OPENAI_CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
+DEFAULT_FETCH_TIMEOUT = 60.0  # seconds for a whole download
+DEFAULT_MAX_IMAGE_BYTES = 50_000_000
+DEFAULT_MAX_IMAGE_PIXELS = 89_478_485  # Pillow's Image.MAX_IMAGE_PIXELS
+READ_CHUNK = 1 << 16
 
 
 class ImageLoadError(ValueError):
     """An image that cannot be fetched, read or decoded."""
 
 
-def _fetch(url: str) -> bytes:
+def _env_number(name: str, default: float) -> float:
+    value = os.environ.get(name)
+    if not value:
+        return default
+    try:
+        number = float(value)
+    except ValueError:
+        raise ImageLoadError(f"{name} must be a number, got '{value}'") from None
+    if number <= 0:
+        raise ImageLoadError(f"{name} must be positive, got '{value}'")
+    return number
+
+
+@dataclass(frozen=True)
+class FetchLimits:
+    """Bounds on reading one picture.
+
+    Attributes:
+        timeout: seconds for a whole http(s) download, connection included
+            (MLX_LLAVA_FETCH_TIMEOUT, default 60).
+        max_bytes: the largest download (MLX_LLAVA_MAX_IMAGE_MB, default 50 MB).
+        max_pixels: the largest picture, width x height, checked before decoding so that a
+            small file cannot unpack into gigabytes (MLX_LLAVA_MAX_IMAGE_PIXELS, default
+            Pillow's decompression-bomb limit of 89,478,485).
+    """
+
+    timeout: float = DEFAULT_FETCH_TIMEOUT
+    max_bytes: int = DEFAULT_MAX_IMAGE_BYTES
+    max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+
+    @classmethod
+    def from_env(cls, **overrides) -> "FetchLimits":
+        """The limits the environment sets, then `overrides` that are not None."""
+        limits = cls(
+            timeout=_env_number("MLX_LLAVA_FETCH_TIMEOUT", DEFAULT_FETCH_TIMEOUT),
+            max_bytes=int(
+                _env_number("MLX_LLAVA_MAX_IMAGE_MB", DEFAULT_MAX_IMAGE_BYTES / 1e6) * 1e6
+            ),
+            max_pixels=int(_env_number("MLX_LLAVA_MAX_IMAGE_PIXELS", DEFAULT_MAX_IMAGE_PIXELS)),
+        )
+        return replace(limits, **{k: v for k, v in overrides.items() if v is not None})
+
+
+def _size(n: int) -> str:
+    return f"{n / 1e6:g} MB" if n >= 1e6 else f"{n} bytes"
+
+
+def _fetch(url: str, limits: FetchLimits) -> bytes:
+    """Download `url` within `limits.timeout` seconds in all and `limits.max_bytes` bytes."""
+    deadline = time.monotonic() + limits.timeout
+
+    def fail(reason: str) -> ImageLoadError:
+        return ImageLoadError(f"cannot fetch image URL '{url}': {reason}")
+
+    def remaining() -> float:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise fail(f"took longer than {limits.timeout:g} s")
+        return left
+
     request = urllib.request.Request(url, headers={"User-Agent": "mlx-llava"})
     try:
-        with urllib.request.urlopen(request, timeout=30) as response:
-            return response.read()
-    except Exception as e:
+        with urllib.request.urlopen(request, timeout=remaining()) as response:
+            declared = response.headers.get("Content-Length")
+            if declared and declared.isdigit() and int(declared) > limits.max_bytes:
+                raise fail(
+                    f"{_size(int(declared))}, more than the limit of {_size(limits.max_bytes)}"
+                )
+            # Each read waits at most until the deadline (the socket's timeout is per call).
+            sock = getattr(getattr(response.fp, "raw", None), "_sock", None)
+            chunks, total = [], 0
+            while True:
+                left = remaining()
+                if sock is not None:
+                    sock.settimeout(left)
+                chunk = (
+                    response.read1(READ_CHUNK)
+                    if hasattr(response, "read1")
+                    else response.read(READ_CHUNK)
+                )
+                if not chunk:
+                    break
+                total += len(chunk)
+                if total > limits.max_bytes:
+                    raise fail(f"more than the limit of {_size(limits.max_bytes)}")
+                chunks.append(chunk)
+            return b"".join(chunks)
+    except ImageLoadError:
+        raise
+    except (TimeoutError, socket.timeout):
+        raise fail(f"took longer than {limits.timeout:g} s") from None
+    except Exception as e:  # noqa: BLE001 - DNS, refused connections, HTTP errors: one message
         reason = e if isinstance(e, urllib.error.HTTPError) else getattr(e, "reason", e)
-        raise ImageLoadError(f"cannot fetch image URL '{url}': {reason}") from e
+        if isinstance(reason, (TimeoutError, socket.timeout)):
+            raise fail(f"took longer than {limits.timeout:g} s") from None
+        raise fail(str(reason)) from None
 
 
 def _read_error(name: str, e: Exception) -> ImageLoadError:
@@ -46,32 +141,67 @@ def _read_error(name: str, e: Exception) -> ImageLoadError:
     return ImageLoadError(f"cannot read image '{name}': {reason}")
 
 
-def load_image(source: ImageSource) -> Image.Image:
+def load_image(
+    source: ImageSource,
+    timeout: float | None = None,
+    max_bytes: int | None = None,
+    max_pixels: int | None = None,
+) -> Image.Image:
     """Load an image from a PIL image, a file path or an http(s) URL.
 
     Files and URLs are fully decoded and turned upright by their EXIF orientation; a PIL
     image is returned as is. The mode is kept: convert with `to_rgb`.
 
+    Args:
+        source: a PIL image, a path, or an http(s) URL.
+        timeout, max_bytes, max_pixels: the bounds of `FetchLimits` (None: the environment's,
+            else the defaults: 60 s and 50 MB for a download, Pillow's pixel limit).
+
     Raises:
-        ImageLoadError: the source cannot be fetched, read or decoded.
+        ImageLoadError: the source cannot be fetched, read or decoded, or is over a bound.
     """
     if isinstance(source, Image.Image):
         return source
+    limits = FetchLimits.from_env(timeout=timeout, max_bytes=max_bytes, max_pixels=max_pixels)
     name = str(source)
     if name.startswith(("http://", "https://")):
-        data = _fetch(name)
+        data = _fetch(name, limits)
     else:
         try:
             data = Path(name).read_bytes()
         except OSError as e:
             raise _read_error(name, e) from e
+    return decode_image(data, name, limits.max_pixels)
+
+
+def decode_image(data: bytes, name: str, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
+    """Decode an encoded picture (PNG, JPEG, ...) whose size is at most `max_pixels`.
+
+    Raises:
+        ImageLoadError: not a picture, damaged, or larger than `max_pixels` (`name` says which).
+    """
     try:
         img = Image.open(BytesIO(data))
+    except Image.DecompressionBombError as e:
+        raise _bomb_error(name, str(e), max_pixels) from None
+    except Exception as e:  # PIL raises many types: OSError, SyntaxError, ...
+        raise _read_error(name, e) from e
+    width, height = img.size
+    if width * height > max_pixels:
+        raise _bomb_error(name, f"{width} x {height} pixels", max_pixels)
+    try:
         img.load()
         return ImageOps.exif_transpose(img)
     # PIL raises many types here: OSError, SyntaxError, zlib.error, struct.error...
     except Exception as e:
         raise _read_error(name, e) from e
+
+
+def _bomb_error(name: str, size: str, max_pixels: int) -> ImageLoadError:
+    return ImageLoadError(
+        f"cannot read image '{name}': {size} is more than the limit of {max_pixels:,} pixels "
+        "(a decompression bomb?)"
+    )
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
