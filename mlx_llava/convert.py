@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Optional, Union
@@ -17,10 +16,19 @@ from typing import Iterator, Optional, Union
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
+from .atomic import recover_dir, replace_dir, staging_dir
 from .config import ConfigError, ModelConfig, TextConfig, is_original_config
 from .hub import resolve_folder
 from .model import Model
-from .weights import ShardWriter, iter_shards, to_mlx_key, to_mlx_tensor
+from .progress import Progress
+from .weights import (
+    ShardWriter,
+    dequantized_shards,
+    iter_shards,
+    to_mlx_key,
+    to_mlx_tensor,
+    weight_files,
+)
 
 MAX_SHARD_BYTES = 5 << 30
 DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
@@ -54,11 +62,36 @@ class QuantizeSpec:
 
 @dataclass
 class Source:
-    """Where a checkpoint's tensors come from: folders, each with its key layout."""
+    """Where a checkpoint's tensors come from: folders, each with its key layout.
+
+    `quantization` is the config entry of a quantized MLX folder, whose layers are dequantized
+    as they are read.
+    """
 
     config: ModelConfig
     folders: list[tuple[Path, str]]
     processor_folders: list[Path] = field(default_factory=list)
+    quantization: Optional[dict] = None
+
+    def iter_shards(self, folder: Path, layout: str) -> Iterator[dict[str, mx.array]]:
+        shards = iter_shards(folder)
+        if layout == "mlx" and self.quantization:
+            shards = dequantized_shards(shards, self.quantization)
+        return shards
+
+    @property
+    def total_bytes(self) -> int:
+        """The size of the weight files, for progress reports."""
+        return sum(f.stat().st_size for folder, _ in self.folders for f in weight_files(folder))
+
+
+def is_mlx_folder(folder: Path) -> bool:
+    """Folders written by this project (convert, train) say so in their config.json."""
+    try:
+        with open(folder / "config.json") as f:
+            return "mlx_llava" in json.load(f)
+    except (OSError, json.JSONDecodeError):
+        return False
 
 
 def read_json(path: Path) -> dict:
@@ -133,9 +166,16 @@ def read_source(
     vision_tower: Optional[Union[str, Path]] = None,
     conv_mode: Optional[str] = None,
 ) -> Source:
-    """Find the config, the weight folders and the processor files of a checkpoint."""
+    """Find the config, the weight folders and the processor files of a checkpoint: a llava-hf
+    or original checkpoint, or an MLX folder (to convert again: re-quantize, change dtype)."""
     folder = resolve_folder(hf_path)
     config = read_json(folder / "config.json")
+    if is_mlx_folder(folder):
+        model_config = ModelConfig.from_dict(config)
+        quantization, model_config.quantization = model_config.quantization, None
+        if conv_mode:
+            model_config.conv_mode = conv_mode
+        return Source(model_config, [(folder, "mlx")], [folder], quantization)
     if is_original_config(config):
         tower_name = vision_tower or config.get("mm_vision_tower")
         if not tower_name:
@@ -187,39 +227,43 @@ def convert(
     vision_tower: Optional[Union[str, Path]] = None,
     conv_mode: Optional[str] = None,
     force: bool = False,
+    progress: bool = True,
 ) -> Path:
     """Convert a checkpoint into an MLX folder at `mlx_path` and return that path.
 
     Args:
-        hf_path: a local folder or a hub repo id (llava-hf layouts or an original release).
+        hf_path: a local folder, a hub repo id (llava-hf layouts or an original release),
+            "demo", or an MLX folder (converted again: another dtype, quantized or not).
         mlx_path: the output folder; it must not exist unless `force`.
         dtype: "float16", "bfloat16" or "float32" for the floating-point tensors.
         quantize: quantize the language model (and with `vision`, the rest) as mlx-lm does.
         vision_tower: the CLIP checkpoint for original releases (else their `mm_vision_tower`).
         conv_mode: record a conversation template other than the checkpoint's default.
-        force: replace an existing output folder.
+        force: replace an existing output folder (by renames, once the new one is complete).
+        progress: show the bytes converted on a terminal's stderr.
     """
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype '{dtype}' (choose from: {', '.join(DTYPES)})")
     mlx_path = Path(mlx_path)
+    recover_dir(mlx_path)  # a conversion killed while it swapped folders
     if mlx_path.exists() and not force:
         raise FileExistsError(f"{mlx_path} already exists: choose another path or pass --force")
     source = read_source(hf_path, vision_tower, conv_mode)
-    mlx_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{mlx_path.name}.", dir=mlx_path.parent))
+    staged = staging_dir(mlx_path)
     try:
-        _write(source, tmp, DTYPES[dtype], quantize)
-        if mlx_path.exists():
-            shutil.rmtree(mlx_path)
-        tmp.rename(mlx_path)
+        _write(source, staged, DTYPES[dtype], quantize, progress)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(staged, ignore_errors=True)
         raise
-    return mlx_path
+    # The old folder (with --force) is replaced by renames: a crash leaves the old or the new.
+    return replace_dir(staged, mlx_path)
 
 
 def converted_tensors(
-    source: Source, dtype: mx.Dtype, quantize: Optional[QuantizeSpec] = None
+    source: Source,
+    dtype: mx.Dtype,
+    quantize: Optional[QuantizeSpec] = None,
+    progress: Optional[Progress] = None,
 ) -> Iterator[tuple[str, mx.array]]:
     """Yield (our name, tensor) for every weight of `source`, checked against the config.
 
@@ -230,15 +274,19 @@ def converted_tensors(
     expected = {k: v.shape for k, v in tree_flatten(model.parameters())}
     quantized = quantized_paths(model, quantize) if quantize else {}
     seen = set()
+    done = 0
     for folder, layout in source.folders:
-        for shard in iter_shards(folder):
+        for shard in source.iter_shards(folder, layout):
             for key, value in shard.items():
+                done += value.nbytes
+                if progress is not None:
+                    progress.update(min(done, progress.total))
                 name = to_mlx_key(key, layout)
                 if name is None or (name not in expected and name.endswith("lm_head.weight")):
                     continue
                 if name not in expected:
                     raise ConfigError(f"unexpected tensor '{key}' in {folder}: not a LLaVA weight")
-                value = to_mlx_tensor(name, value)
+                value = to_mlx_tensor(name, value, layout)
                 if tuple(value.shape) != tuple(expected[name]):
                     raise ConfigError(
                         f"tensor '{key}' has shape {tuple(value.shape)} but the config expects "
@@ -265,11 +313,16 @@ def converted_tensors(
         )
 
 
-def _write(source: Source, out: Path, dtype: mx.Dtype, quantize: Optional[QuantizeSpec]) -> None:
+def _write(
+    source: Source, out: Path, dtype: mx.Dtype, quantize: Optional[QuantizeSpec], progress: bool
+) -> None:
+    meter = Progress(source.total_bytes, "converted", "bytes", terminal_only=True, enabled=progress)
     writer = ShardWriter(out, MAX_SHARD_BYTES)
-    for name, value in converted_tensors(source, dtype, quantize):
+    for name, value in converted_tensors(source, dtype, quantize, meter):
         writer.add(name, value)
     writer.close()
+    meter.update(meter.total)
+    meter.close()
     out_config = source.config.to_dict()
     if quantize:
         model = Model(source.config)

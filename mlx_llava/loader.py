@@ -9,37 +9,27 @@ from typing import Optional, Union
 import mlx.core as mx
 import mlx.nn as nn
 
+from .atomic import recover_dir
 from .config import ModelConfig
-from .convert import DTYPES, convert, converted_tensors, read_source
+from .convert import DTYPES, convert, converted_tensors, is_mlx_folder, read_source
 from .hub import cache_dir, is_repo_id, resolve_folder
 from .model import Model
 from .processor import Processor
 from .weights import load_weights
 
-DEMO_PATH = Path(__file__).parent / "demo"
 DEFAULT_MODEL = "llava-hf/llava-1.5-7b-hf"
-
-
-def is_mlx_folder(folder: Path) -> bool:
-    """Folders written by our converter say so in their config.json."""
-    try:
-        with open(folder / "config.json") as f:
-            return "mlx_llava" in json.load(f)
-    except (OSError, json.JSONDecodeError):
-        return False
 
 
 def resolve_model(name: Union[str, Path], dtype: str = "float16") -> Path:
     """The folder for `name`: "demo", a local folder, or a hub id converted once into the cache."""
-    if str(name) == "demo":
-        if not (DEMO_PATH / "config.json").exists():
-            raise FileNotFoundError("the bundled demo model is missing from this installation")
-        return DEMO_PATH
     if is_repo_id(str(name)):
         cached = cache_dir() / f"{str(name).replace('/', '--')}-{dtype}"
+        recover_dir(cached)
         if not is_mlx_folder(cached):
             convert(name, cached, dtype=dtype, force=cached.exists())
         return cached
+    if str(name) != "demo":
+        recover_dir(Path(name).expanduser())  # a conversion killed while it replaced the folder
     return resolve_folder(name)
 
 

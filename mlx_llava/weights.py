@@ -49,10 +49,14 @@ CLIP_PREFIXES = [
     ("vision_model.", "vision_tower."),
 ]
 
+# A folder written by this project (convert.py, train.py): our names and MLX layout already.
+MLX_PREFIXES = [("", "")]
+
 LAYOUTS = {
     "llava_hf": LLAVA_HF_PREFIXES,
     "original": ORIGINAL_PREFIXES,
     "clip": CLIP_PREFIXES,
+    "mlx": MLX_PREFIXES,
 }
 
 # Buffers, the unused CLIP text tower and heads: nothing of LLaVA's.
@@ -71,9 +75,9 @@ def to_mlx_key(key: str, layout: str) -> Optional[str]:
     return None
 
 
-def to_mlx_tensor(name: str, value: mx.array) -> mx.array:
-    """Move a PyTorch-layout tensor to MLX's layout."""
-    if name == PATCH_EMBEDDING and value.ndim == 4:
+def to_mlx_tensor(name: str, value: mx.array, layout: str) -> mx.array:
+    """Move a PyTorch-layout tensor to MLX's layout (tensors of MLX folders already are)."""
+    if layout != "mlx" and name == PATCH_EMBEDDING and value.ndim == 4:
         # Conv2d weight: PyTorch (out, in, kh, kw) -> MLX (out, kh, kw, in).
         return value.transpose(0, 2, 3, 1)
     return value
@@ -119,6 +123,55 @@ def iter_shards(folder: Path) -> Iterator[dict[str, mx.array]]:
         raise FileNotFoundError(f"no weights (*.safetensors or pytorch_model*.bin) in {folder}")
     for path in files:
         yield load_file(path)
+
+
+def dequantized_shards(
+    shards: Iterator[dict[str, mx.array]], quantization: dict
+) -> Iterator[dict[str, mx.array]]:
+    """The shards of a quantized MLX folder with each quantized layer's `weight`, `scales` and
+    `biases` replaced by its floating-point `weight` (a layer split across two shards is held
+    back until its parts have all been read).
+
+    Args:
+        quantization: the folder's config `quantization` entry (mlx-lm's: `group_size`, `bits`,
+            `mode`, and per-layer overrides).
+    """
+    pending: dict[str, dict[str, mx.array]] = {}
+    for shard in shards:
+        out = {}
+        for key, value in shard.items():
+            module, _, leaf = key.rpartition(".")
+            # A quantized weight is packed into uint32; its scales may be in the next shard.
+            is_part = leaf in ("scales", "biases") or (
+                leaf == "weight" and (value.dtype == mx.uint32 or f"{module}.scales" in shard)
+            )
+            if not is_part:
+                out[key] = value
+                continue
+            parts = pending.setdefault(module, {})
+            parts[leaf] = value
+            mode = _layer_setting(quantization, module, "mode", "affine")
+            needed = {"weight", "scales"} | ({"biases"} if mode == "affine" else set())
+            if needed <= set(parts):
+                del pending[module]
+                out[f"{module}.weight"] = mx.dequantize(
+                    parts["weight"],
+                    parts["scales"],
+                    parts.get("biases"),
+                    group_size=_layer_setting(quantization, module, "group_size", 64),
+                    bits=_layer_setting(quantization, module, "bits", 4),
+                    mode=mode,
+                )
+        yield out
+    if pending:
+        raise ValueError(f"quantized layer '{next(iter(pending))}' lacks some of its tensors")
+
+
+def _layer_setting(quantization: dict, module: str, key: str, default):
+    layer = quantization.get(module)
+    if isinstance(layer, dict) and key in layer:
+        return layer[key]
+    return quantization.get(key, default)
 
 
 def load_weights(folder: Path) -> dict[str, mx.array]:

@@ -112,6 +112,7 @@ def test_model_folders_that_are_not_usable(tmp_path, capsys):
     (bert / "config.json").write_text(json.dumps({"model_type": "bert"}))
     cases = {
         tmp_path / "missing": "not found",
+        "./nomodel": "model folder './nomodel' not found",
         empty: "has no config.json",
         no_weights: "no weights",
         bert: "not a LLaVA checkpoint",
@@ -119,6 +120,7 @@ def test_model_folders_that_are_not_usable(tmp_path, capsys):
     for folder, fragment in cases.items():
         code, _, err = run_main(generate_cli.main, ["--model", str(folder)], capsys)
         assert_one_line_error(code, err, fragment)
+        assert "hub" not in err or folder != "./nomodel"
 
 
 def test_hub_id_while_offline_says_so(monkeypatch, tmp_path, capsys):
@@ -126,7 +128,9 @@ def test_hub_id_while_offline_says_so(monkeypatch, tmp_path, capsys):
     monkeypatch.setenv("MLX_LLAVA_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     code, _, err = run_main(generate_cli.main, ["--model", "llava-hf/no-such-model-here"], capsys)
-    assert_one_line_error(code, err, "cannot download 'llava-hf/no-such-model-here'", "offline")
+    assert_one_line_error(
+        code, err, "'llava-hf/no-such-model-here' not found", "cannot be downloaded", "offline"
+    )
     assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())
 
 

@@ -13,7 +13,12 @@ DEFAULT_DTYPE = "float16"
 
 def build_parser() -> argparse.ArgumentParser:
     p = make_parser("Convert a LLaVA checkpoint to MLX.")
-    p.add_argument("--hf-path", required=True, help="local folder or hub repo id")
+    p.add_argument(
+        "--hf-path",
+        required=True,
+        help="a llava-hf or original LLaVA folder, a hub repo id, an MLX folder (to convert "
+        "again, e.g. quantize), or 'demo'",
+    )
     p.add_argument("--mlx-path", required=True, help="output folder")
     p.add_argument("--dtype", choices=list(DTYPES), default=DEFAULT_DTYPE)
     p.add_argument("-q", "--quantize", action="store_true", help="quantize the language model")
@@ -30,6 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--conv-mode", help="record this conversation template in the output")
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
+    p.add_argument("--quiet", action="store_true", help="no progress line on a terminal")
     return p
 
 
@@ -52,6 +58,7 @@ def main(argv=None) -> None:
             vision_tower=args.vision_tower,
             conv_mode=args.conv_mode,
             force=args.force,
+            progress=not args.quiet,
         )
         print(f"wrote {out}")
 
