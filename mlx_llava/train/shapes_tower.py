@@ -18,11 +18,7 @@ so the tower never sees the same one twice.
 
 from __future__ import annotations
 
-import argparse
 import random
-import shutil
-import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,12 +29,15 @@ import mlx.optimizers as optim
 import numpy as np
 from PIL import Image, ImageDraw
 
+from ..atomic import replace_dir, staging_dir
+from ..cli import run_cli
+from ..cli.args import make_parser
 from ..data.shapes import COLORS, KINDS, Shape, draw_scene, draw_shape, picture_size
 from ..image_processor import CLIPImageProcessor
 from ..loader import build_model, read_model
 from ..model import Model
 from ..processor import Processor
-from .trainer import save_model
+from .checkpoints import save_model
 
 MAX_SHAPES = 3
 # The picture-level labels, in order, with their number of classes; -1 marks "not asked".
@@ -229,19 +228,15 @@ def pretrain_tower(args: TowerArgs) -> dict[str, float]:
                 flush=True,
             )
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as tmp:
-        staged = Path(tmp) / "model"
-        save_model(staged, model, config, processor_folders, mx.float32)
-        if out.exists():
-            shutil.rmtree(out)
-        staged.rename(out)
+    staged = staging_dir(out)
+    save_model(staged, model, config, processor_folders, mx.float32)
+    replace_dir(staged, out)
     return scores
 
 
 def main(argv: list[str] | None = None) -> None:
     defaults = TowerArgs(model="", output="")
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = make_parser(__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, help="MLX model folder whose tower to train")
     p.add_argument("--output", required=True, help="where to write the model with the new tower")
     ints = ("iters", "batch_size", "warmup", "seed", "min_size", "max_size", "log_every")
@@ -251,12 +246,12 @@ def main(argv: list[str] | None = None) -> None:
         p.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(defaults, name))
     p.add_argument("--no-compile", dest="compile", action="store_false")
     args = p.parse_args(argv)
-    try:
+
+    def command():
         pretrain_tower(TowerArgs(**vars(args)))
-    except (OSError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
-    print(f"wrote {args.output}")
+        print(f"wrote {args.output}")
+
+    run_cli(command)
 
 
 if __name__ == "__main__":
