@@ -20,6 +20,7 @@ from .atomic import recover_dir, replace_dir, staging_dir
 from .config import ConfigError, ModelConfig, TextConfig, is_original_config
 from .hub import resolve_folder
 from .model import Model
+from .processor import find_processor_file
 from .progress import Progress
 from .weights import (
     ShardWriter,
@@ -70,6 +71,8 @@ class Source:
 
     config: ModelConfig
     folders: list[tuple[Path, str]]
+    # The checkpoint's own folder first (tokenizer, templates), then where else the image
+    # processor's settings may be (see processor.find_processor_file).
     processor_folders: list[Path] = field(default_factory=list)
     quantization: Optional[dict] = None
 
@@ -185,7 +188,7 @@ def read_source(
         return Source(
             model_config,
             folders=[(folder, "original"), (tower, "clip")],
-            processor_folders=[tower, folder],
+            processor_folders=[folder, tower],  # the tower gives preprocessor_config.json only
         )
     if config.get("model_type") != "llava" and "vision_config" not in config:
         raise ConfigError(
@@ -329,9 +332,9 @@ def _write(
         out_config["quantization"] = _quantization_entry(quantize, quantized_paths(model, quantize))
         out_config["quantization_config"] = out_config["quantization"]  # as mlx-lm writes it
     out_config["mlx_llava"] = {"format": 1}
-    for folder in source.processor_folders:
-        for name in PROCESSOR_FILES:
-            if (folder / name).exists() and not (out / name).exists():
-                shutil.copy(folder / name, out / name)
+    for name in PROCESSOR_FILES:
+        path = find_processor_file(source.processor_folders, name)
+        if path is not None:
+            shutil.copy(path, out / name)
     with open(out / "config.json", "w") as f:
         json.dump(out_config, f, indent=2)

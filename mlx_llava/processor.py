@@ -14,10 +14,24 @@ from mlx_lm.tokenizer_utils import load as load_tokenizer
 from .config import ModelConfig
 from .conversation import format_prompt, get_template
 from .image_processor import CLIPImageProcessor
+from .llama_tokenizer import SlowLlamaTokenizer, is_slow_llama_folder
 
 IMAGE_PLACEHOLDER = "<image>"
+# The only processor files that may come from a folder after the checkpoint's own (an original
+# release's vision tower): the tokenizer and the rest belong to the language model's checkpoint.
+IMAGE_PROCESSOR_FILES = ("preprocessor_config.json",)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
+CHAT_TEMPLATE_FILES = ("chat_template.json", "chat_template.jinja")
 
 ImageInput = Any  # a PIL image, a file path or an http(s) URL
+
+
+def find_processor_file(folders: Sequence[Path], name: str) -> Optional[Path]:
+    """`folders[0]/name` (the checkpoint's own file) if it exists; for the image processor's
+    settings, else the first later folder that has it (an original release's CLIP tower, whose
+    own tokenizer files are CLIP's and never used)."""
+    candidates = folders if name in IMAGE_PROCESSOR_FILES else folders[:1]
+    return next((Path(f) / name for f in candidates if (Path(f) / name).exists()), None)
 
 
 class Processor:
@@ -26,7 +40,9 @@ class Processor:
     Each `<image>` becomes `config.num_image_tokens` copies of `config.image_token_index`.
     Tokenizers that know `<image>` (llava-hf) tokenize the whole prompt, as transformers does;
     the others (original releases) follow the original `tokenizer_image_token`: the prompt is
-    split at `<image>`, each chunk tokenized, BOS kept on the first chunk only.
+    split at `<image>`, each chunk tokenized, BOS kept on the first chunk only. A SentencePiece
+    `tokenizer.model` of an original release encodes as transformers 4.31's slow LlamaTokenizer
+    did (`original_tokenizer`); `tokenizer` decodes, streams and knows EOS in every case.
     """
 
     def __init__(
@@ -35,6 +51,7 @@ class Processor:
         image_processor: CLIPImageProcessor,
         config: ModelConfig,
         chat_template: Optional[str] = None,
+        original_tokenizer: Optional[SlowLlamaTokenizer] = None,
     ):
         self.tokenizer = tokenizer
         self.image_processor = image_processor
@@ -42,6 +59,7 @@ class Processor:
         self.chat_template = chat_template
         vocab = tokenizer.get_vocab()
         self.image_token_in_vocab = vocab.get(IMAGE_PLACEHOLDER) == config.image_token_index
+        self.original_tokenizer = original_tokenizer
 
     @classmethod
     def from_pretrained(
@@ -50,21 +68,19 @@ class Processor:
         config: ModelConfig,
         pad_to_square: Optional[bool] = None,
     ) -> "Processor":
-        """Read the tokenizer, `preprocessor_config.json` and chat template, each from the
-        first of `folders` that has it (original releases keep the image processor's settings
-        beside their CLIP tower)."""
+        """Read the tokenizer and chat template from the checkpoint's folder (`folders[0]`) and
+        `preprocessor_config.json` from the first of `folders` that has it (original releases
+        keep the image processor's settings beside their CLIP tower)."""
         if isinstance(folders, (str, Path)):
             folders = [folders]
         folders = [Path(f) for f in folders]
-
-        def find(*names: str) -> Optional[Path]:
-            return next((f / n for f in folders for n in names if (f / n).exists()), None)
-
-        tokenizer_file = find("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
-        if tokenizer_file is None:
+        if not any((folders[0] / n).exists() for n in TOKENIZER_FILES):
             raise FileNotFoundError(f"no tokenizer files in {folders[0]}")
-        tokenizer = load_tokenizer(tokenizer_file.parent)
-        preprocessor = find("preprocessor_config.json")
+        tokenizer = load_tokenizer(folders[0])
+        original = None
+        if config.image_token_index < 0 and is_slow_llama_folder(folders[0]):
+            original = SlowLlamaTokenizer.from_folder(folders[0])
+        preprocessor = find_processor_file(folders, "preprocessor_config.json")
         if preprocessor:
             image_processor = CLIPImageProcessor.from_pretrained(preprocessor.parent)
         else:
@@ -75,14 +91,15 @@ class Processor:
         if pad_to_square is None:
             pad_to_square = config.image_aspect_ratio == "pad"
         image_processor.pad_to_square = pad_to_square
-        template_file = find("chat_template.json", "chat_template.jinja")
+        own = (folders[0] / n for n in CHAT_TEMPLATE_FILES)
+        template_file = next((f for f in own if f.exists()), None)
         chat_template = None
         if template_file is not None and template_file.suffix == ".json":
             with open(template_file) as f:
                 chat_template = json.load(f).get("chat_template")
         elif template_file is not None:
             chat_template = template_file.read_text()
-        return cls(tokenizer, image_processor, config, chat_template)
+        return cls(tokenizer, image_processor, config, chat_template, original)
 
     # Prompts -----------------------------------------------------------------------------
 
@@ -123,11 +140,12 @@ class Processor:
             for t in ids:
                 out.extend([image_id] * n if t == image_id else [t])
             return out
+        encoder = self.original_tokenizer or self.tokenizer
         out = []
         for i, chunk in enumerate(text.split(IMAGE_PLACEHOLDER)):
             if i > 0:
                 out.extend([image_id] * n)
-            out.extend(self.tokenizer.encode(chunk, add_special_tokens=add_bos and i == 0))
+            out.extend(encoder.encode(chunk, add_special_tokens=add_bos and i == 0))
         return out
 
     def __call__(

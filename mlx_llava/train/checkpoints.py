@@ -15,6 +15,7 @@ from ..atomic import replace_dir, staging_dir
 from ..config import ModelConfig
 from ..convert import MAX_SHARD_BYTES, PROCESSOR_FILES
 from ..model import Model
+from ..processor import find_processor_file
 from ..weights import save_shards
 from .args import RESUME_KEYS, TrainArgs
 
@@ -80,7 +81,7 @@ def save_model(
     }
     save_shards(staged, weights, MAX_SHARD_BYTES)
     for name in PROCESSOR_FILES:
-        source = next((f / name for f in processor_folders if (f / name).exists()), None)
+        source = find_processor_file(processor_folders, name)
         if source is not None:
             shutil.copy(source, staged / name)
     with open(staged / "config.json", "w") as f:

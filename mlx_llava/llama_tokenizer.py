@@ -1,0 +1,184 @@
+"""The tokenizer the original LLaVA code ran: transformers 4.31's slow SentencePiece LlamaTokenizer.
+
+The haotian-liu releases ship a SentencePiece `tokenizer.model` and a `tokenizer_config.json`
+naming `LlamaTokenizer` (no tokenizer.json); the original code loads it with `use_fast=False`
+under transformers 4.31 and tokenizes each chunk between `<image>`s on its own. transformers 5
+converts the same files into a different tokenizer (no BOS without `add_bos_token`, one dummy
+prefix fewer on a chunk that starts with a space, other text after `</s>`), so encoding is done
+here, as 4.31 did it:
+
+- special tokens (`<s>`, `</s>`, `<unk>`, added tokens) are cut out of the text first; the text
+  around one is stripped of spaces where the token says so (`lstrip`/`rstrip` of an AddedToken;
+  both sides for a token given as a plain string in special_tokens_map.json or added_tokens.json);
+- each piece of text in between is encoded by SentencePiece (dummy prefix included); with
+  `legacy: false` the text is first given one "▁" and later pieces lose the dummy prefix's "▁";
+- BOS in front when `add_bos_token` (default true), EOS behind when `add_eos_token`.
+
+Decoding and streaming stay with mlx-lm's TokenizerWrapper: ids decode the same either way.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Optional, Union
+
+import sentencepiece as spm
+
+SPIECE_UNDERLINE = "\u2581"
+# PreTrainedTokenizerBase's order, which decides which of two same tokens counts.
+SPECIAL_TOKEN_ATTRIBUTES = (
+    "bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token",
+    "additional_special_tokens",
+)  # fmt: skip
+DEFAULT_SPECIAL_TOKENS = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
+STRIP_BOTH = (True, True)  # 4.31 strips around a no-split token that is a plain string
+
+
+def _read_json(path: Path) -> dict:
+    if not path.exists():
+        return {}
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _special_tokens(config: dict, special_map: dict) -> list[tuple[str, str, Optional[tuple]]]:
+    """(attribute, content, (lstrip, rstrip) or None for a plain string) of every special token.
+
+    LlamaTokenizer.__init__ turns its own string tokens (bos, eos, unk, pad) into AddedTokens
+    that strip nothing; special_tokens_map.json then replaces any of them, strings staying
+    strings.
+    """
+    tokens = []
+    for attr in SPECIAL_TOKEN_ATTRIBUTES:
+        own = attr not in special_map
+        value = config.get(attr, DEFAULT_SPECIAL_TOKENS.get(attr)) if own else special_map[attr]
+        for item in value if isinstance(value, list) else [value]:
+            if isinstance(item, dict) and "content" in item:
+                strip = (bool(item.get("lstrip")), bool(item.get("rstrip")))
+                tokens.append((attr, item["content"], strip))
+            elif isinstance(item, str):
+                wrapped = own and attr != "additional_special_tokens"
+                tokens.append((attr, item, (False, False) if wrapped else None))
+    return tokens
+
+
+def is_slow_llama_folder(folder: Union[str, Path]) -> bool:
+    """A folder whose tokenizer the original code loaded as the slow LlamaTokenizer."""
+    folder = Path(folder)
+    if not (folder / "tokenizer.model").exists():
+        return False
+    name = _read_json(folder / "tokenizer_config.json").get("tokenizer_class") or ""
+    return name.removesuffix("Fast") == "LlamaTokenizer"
+
+
+class SlowLlamaTokenizer:
+    """Encodes text exactly as transformers 4.31's `LlamaTokenizer(use_fast=False)`.
+
+    Args:
+        model_file: the SentencePiece `tokenizer.model`.
+        special: no-split tokens -> (lstrip, rstrip) applied to the text beside them.
+        added: tokens outside the SentencePiece vocabulary -> their ids.
+        add_bos_token, add_eos_token, legacy: as in tokenizer_config.json (4.31's defaults).
+    """
+
+    def __init__(
+        self,
+        model_file: Union[str, Path],
+        special: dict[str, tuple[bool, bool]],
+        added: Optional[dict[str, int]] = None,
+        add_bos_token: bool = True,
+        add_eos_token: bool = False,
+        legacy: Optional[bool] = True,
+    ):
+        self.sp = spm.SentencePieceProcessor(model_file=str(model_file))
+        self.special = dict(special)
+        self.added = dict(added or {})
+        self.add_bos_token = add_bos_token
+        self.add_eos_token = add_eos_token
+        self.legacy = legacy
+        self.bos_token_id = self.sp.bos_id()
+        self.eos_token_id = self.sp.eos_id()
+        # Longest first: the trie 4.31 splits with matches the longest token at a position.
+        tokens = sorted(self.special, key=len, reverse=True)
+        self._split = re.compile("(" + "|".join(map(re.escape, tokens)) + ")") if tokens else None
+
+    @classmethod
+    def from_folder(cls, folder: Union[str, Path]) -> "SlowLlamaTokenizer":
+        """Read `tokenizer.model`, `tokenizer_config.json`, `special_tokens_map.json` and
+        `added_tokens.json` as 4.31's `from_pretrained` did."""
+        folder = Path(folder)
+        config = _read_json(folder / "tokenizer_config.json")
+        special = _special_tokens(config, _read_json(folder / "special_tokens_map.json"))
+        added = {str(k): int(v) for k, v in _read_json(folder / "added_tokens.json").items()}
+        flags: dict[str, tuple[bool, bool]] = {}
+        for _, content, strip in special:  # AddedTokens: the first of a content counts
+            if strip is not None:
+                flags.setdefault(content, strip)
+        for content in [c for _, c, _ in special] + list(added):
+            flags.setdefault(content, STRIP_BOTH)
+        tokenizer = cls(
+            folder / "tokenizer.model",
+            flags,
+            added,
+            add_bos_token=config.get("add_bos_token", True),
+            add_eos_token=config.get("add_eos_token", False),
+            legacy=config.get("legacy", True),  # 4.31: null means not legacy
+        )
+        # Special tokens missing from the vocabulary go behind it (sanitize_special_tokens).
+        for _, content, _ in special:
+            if content not in tokenizer.added and tokenizer._piece_id(content) is None:
+                tokenizer.added[content] = tokenizer.sp.get_piece_size() + len(tokenizer.added)
+        names = {attr: content for attr, content, _ in reversed(special)}
+        tokenizer.bos_token_id = tokenizer.token_id(names.get("bos_token"))
+        tokenizer.eos_token_id = tokenizer.token_id(names.get("eos_token"))
+        return tokenizer
+
+    def _piece_id(self, piece: str) -> Optional[int]:
+        i = self.sp.piece_to_id(piece)
+        return i if self.sp.id_to_piece(i) == piece else None
+
+    def token_id(self, token: Optional[str]) -> Optional[int]:
+        """The id of a token string (an unknown piece is `<unk>`'s id, as in SentencePiece)."""
+        if token is None:
+            return None
+        return self.added[token] if token in self.added else self.sp.piece_to_id(token)
+
+    def _encode_text(self, text: str) -> list[str]:
+        """SentencePiece pieces of text between special tokens (4.31's `_tokenize`)."""
+        if self.legacy:
+            return self.sp.encode(text, out_type=str)
+        is_first = text.startswith(SPIECE_UNDERLINE)
+        if is_first:
+            text = text[1:]
+        pieces = self.sp.encode(text, out_type=str)
+        if not is_first and not text.startswith(" ") and pieces[0].startswith(SPIECE_UNDERLINE):
+            pieces = ([pieces[0][1:]] if len(pieces[0]) > 1 else []) + pieces[1:]
+        return pieces
+
+    def tokenize(self, text: str) -> list[str]:
+        """Token strings of `text`, without BOS/EOS."""
+        if not self.legacy:
+            text = SPIECE_UNDERLINE + text.replace(SPIECE_UNDERLINE, " ")
+        parts = self._split.split(text) if self._split else [text]  # odd indices: tokens
+        for i in range(1, len(parts), 2):
+            lstrip, rstrip = self.special[parts[i]]
+            if rstrip and parts[i + 1]:
+                parts[i + 1] = parts[i + 1].lstrip()
+            if lstrip and parts[i - 1]:
+                parts[i - 1] = parts[i - 1].rstrip()
+        tokens: list[str] = []
+        for i, part in enumerate(parts):
+            if part:
+                tokens.extend([part] if i % 2 else self._encode_text(part))
+        return tokens
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of `text`, as `tokenizer(text).input_ids` under 4.31."""
+        ids = [self.token_id(t) for t in self.tokenize(text)]
+        if add_special_tokens and self.add_bos_token:
+            ids = [self.bos_token_id] + ids
+        if add_special_tokens and self.add_eos_token:
+            ids = ids + [self.eos_token_id]
+        return ids
