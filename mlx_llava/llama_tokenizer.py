@@ -14,6 +14,9 @@ here, as 4.31 did it:
   `legacy: false` the text is first given one "▁" and later pieces lose the dummy prefix's "▁";
 - BOS in front when `add_bos_token` (default true), EOS behind when `add_eos_token`.
 
+Special tokens are taken to be in the vocabulary or in added_tokens.json, as in every release
+(4.31 would have appended any other one behind the vocabulary).
+
 Decoding and streaming stay with mlx-lm's TokenizerWrapper: ids decode the same either way.
 """
 
@@ -126,18 +129,10 @@ class SlowLlamaTokenizer:
             add_eos_token=config.get("add_eos_token", False),
             legacy=config.get("legacy", True),  # 4.31: null means not legacy
         )
-        # Special tokens missing from the vocabulary go behind it (sanitize_special_tokens).
-        for _, content, _ in special:
-            if content not in tokenizer.added and tokenizer._piece_id(content) is None:
-                tokenizer.added[content] = tokenizer.sp.get_piece_size() + len(tokenizer.added)
         names = {attr: content for attr, content, _ in reversed(special)}
         tokenizer.bos_token_id = tokenizer.token_id(names.get("bos_token"))
         tokenizer.eos_token_id = tokenizer.token_id(names.get("eos_token"))
         return tokenizer
-
-    def _piece_id(self, piece: str) -> Optional[int]:
-        i = self.sp.piece_to_id(piece)
-        return i if self.sp.id_to_piece(i) == piece else None
 
     def token_id(self, token: Optional[str]) -> Optional[int]:
         """The id of a token string (an unknown piece is `<unk>`'s id, as in SentencePiece)."""
