@@ -65,3 +65,15 @@ def test_live_greedy_and_preprocessing(live):
         for r in stream_generate(model, processor, make_fixtures.PROMPT, image=image, max_tokens=24)
     ]
     assert tokens == expected["greedy_tokens"].tolist()
+
+
+@pytest.mark.parametrize("name", ["orig-spm-v15", "orig-spm-v1", "orig-spm-strings"])
+def test_live_sentencepiece_fixtures_reproduce(name, tmp_path):
+    """Trained again, the tokenizer.model is the committed one, and the transcribed original
+    algorithm gives the committed ids (recorded with transformers 4.31's agreement)."""
+    import json
+
+    data = Path(__file__).parent / "fixtures" / "data" / name
+    assert make_fixtures.llama_sentencepiece_model() == (data / "tokenizer.model").read_bytes()
+    meta = json.loads((data / "oracle.json").read_text())
+    assert make_fixtures.original_ids(data, meta["prompts"]) == meta["input_ids"]

@@ -153,3 +153,30 @@ def test_generation_runs_and_streams_text(converted):
     assert all(isinstance(r.text, str) for r in responses)
     assert all(0 <= r.token < model.config.text_config.vocab_size for r in responses)
     assert responses[0].prompt_tokens == len(processor.tokenize(prompt))
+
+
+def test_llava_hf_folder_with_only_tokenizer_model(tmp_path):
+    """A llava-hf folder saved with a slow tokenizer (tokenizer.model, added_tokens.json with
+    <image>, no tokenizer.json) is tokenized by transformers itself, llava-hf's oracle."""
+    from transformers import AutoTokenizer
+
+    from mlx_llava.config import ModelConfig
+
+    shutil.copy(DATA / "orig-spm-v15" / "tokenizer.model", tmp_path / "tokenizer.model")
+    vocab = spm.SentencePieceProcessor(model_file=str(tmp_path / "tokenizer.model")).vocab_size()
+    added = {"<image>": vocab, "<pad>": vocab + 1}
+    (tmp_path / "added_tokens.json").write_text(json.dumps(added))
+    special = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>"}
+    (tmp_path / "special_tokens_map.json").write_text(json.dumps(special))
+    config = {"tokenizer_class": "LlamaTokenizer", "legacy": False, "pad_token": "<pad>"}
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    hf_config = json.loads((DATA / "hf-hub" / "config.json").read_text())
+    model_config = ModelConfig.from_dict({**hf_config, "image_token_index": vocab})
+    processor = Processor.from_pretrained(tmp_path, model_config)
+    assert processor.image_token_in_vocab and processor.original_tokenizer is None
+    reference = AutoTokenizer.from_pretrained(tmp_path)
+    for prompt in oracle(DATA / "orig-spm-v15")["prompts"].values():
+        ids = reference(prompt).input_ids
+        assert processor.tokenize(prompt) == expanded(
+            [-200 if t == vocab else t for t in ids], vocab, model_config.num_image_tokens
+        )
