@@ -1,10 +1,57 @@
-"""Files of test and benchmark checkpoints that transformers would write."""
+"""Random llava-hf checkpoints written without torch, for tests and benchmarks.
+
+`write_llava_hf` writes a folder that looks like a llava-hf hub repo (llava-hf/llava-1.5-7b-hf):
+`config.json` from transformers' `LlavaConfig` (a config class: no torch needed), safetensors
+shards with the hub's key names (`language_model.model.*`, `language_model.lm_head.weight`,
+`vision_tower.vision_model.*`, `multi_modal_projector.*`) in PyTorch's layout, a small Llama-like
+tokenizer (`llava_testing.tokenizer_builder`), `preprocessor_config.json`,
+`processor_config.json` and `chat_template.json`. transformers' `LlavaForConditionalGeneration`
+loads it as it is (tests/test_train_oracle.py does).
+
+Names and shapes come from our model built lazily (no memory); each tensor is drawn with MLX
+from a key made of the seed and the tensor's name, so a checkpoint is the same on every machine
+and a 7B one is written shard by shard, never held whole (see `RandomInit` for the values).
+Such checkpoints are for behaviour tests (batches, chat, quantization) and timing only: expected
+values of parity tests come from transformers (tests/fixtures/make_fixtures.py).
+"""
 
 from __future__ import annotations
 
+import json
+import math
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlx.core as mx
+from mlx.utils import tree_flatten
+
 from mlx_llava.conversation import LLAVA_HF_CHAT_TEMPLATE
+from mlx_llava.convert import DTYPES
 from mlx_llava.image_processor import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from mlx_llava.processor import IMAGE_PLACEHOLDER
+
+from .tokenizer_builder import build_tokenizer, pad_vocab_size
+
+MAX_SHARD_BYTES = 2 << 30
+PATCH_EMBEDDING = "vision_tower.embeddings.patch_embedding.weight"
+
+
+@dataclass(frozen=True)
+class RandomInit:
+    """How the tensors are drawn.
+
+    Matrices (and embeddings) ~ N(0, 1/fan_in), so that the outputs depend on the picture and
+    the prompt (a 0.02-init random model's hardly do), times `block_scale` inside the
+    transformer blocks: each layer nudges the residual stream, as in trained models, instead of
+    replacing it. Norm weights 1 + `norm_noise` N(0, 1), biases `bias_std` N(0, 1). The lm_head
+    rows of `silent_tokens` are zero (e.g. `</s>`, so that greedy decoding never stops early).
+    """
+
+    block_scale: float = 0.3
+    norm_noise: float = 0.1
+    bias_std: float = 0.1
+    silent_tokens: tuple[int, ...] = ()
 
 
 def llava_hf_processor_files(
@@ -38,3 +85,190 @@ def llava_hf_processor_files(
         },
         "chat_template.json": {"chat_template": LLAVA_HF_CHAT_TEMPLATE},
     }
+
+
+def llava_config(
+    vision: dict, text: dict, image_token_id: int, pad_id: int, dtype: str = "float32", **fields
+):
+    """transformers' `LlavaConfig` for these tower sizes (`vision` and `text` hold
+    `CLIPVisionConfig` and `LlamaConfig` fields); `fields` are other `LlavaConfig` fields
+    (default: feature layer -2, strategy "default", GELU projector, untied embeddings)."""
+    from transformers import LlavaConfig
+
+    fields = {
+        "vision_feature_layer": -2,
+        "vision_feature_select_strategy": "default",
+        "projector_hidden_act": "gelu",
+        "tie_word_embeddings": False,
+        **fields,
+    }
+    vision = dict(vision, model_type="clip_vision_model")
+    text = dict(text, model_type="llama", pad_token_id=pad_id)
+    patches = (vision["image_size"] // vision["patch_size"]) ** 2
+    full = fields["vision_feature_select_strategy"] == "full"
+    config = LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_index=image_token_id,
+        image_seq_length=patches + full,
+        pad_token_id=pad_id,
+        **fields,
+    )
+    config.dtype = dtype
+    return config
+
+
+def hub_name(name: str) -> str:
+    """Our parameter name -> the llava-hf hub's (only the vision tower differs)."""
+    if name.startswith("vision_tower."):
+        return "vision_tower.vision_model." + name[len("vision_tower.") :]
+    return name
+
+
+def tensor_shapes(config) -> list[tuple[str, tuple[int, ...]]]:
+    """(hub name, PyTorch-layout shape) of every tensor of a `LlavaConfig`'s model, read off our
+    model built lazily (no memory, and no torch needed)."""
+    from mlx_llava.config import ModelConfig
+    from mlx_llava.model import Model
+
+    model = Model(ModelConfig.from_dict(config.to_dict()))
+    shapes = []
+    for name, value in tree_flatten(model.parameters()):
+        shape = tuple(value.shape)
+        if name == PATCH_EMBEDDING:  # MLX (out, kh, kw, in) -> PyTorch (out, in, kh, kw)
+            shape = (shape[0], shape[3], shape[1], shape[2])
+        shapes.append((hub_name(name), shape))
+    return shapes
+
+
+def random_tensor(
+    name: str, shape: tuple[int, ...], dtype: mx.Dtype, key: mx.array, init: RandomInit
+) -> mx.array:
+    """One tensor drawn as `init` says (see `RandomInit`)."""
+    if len(shape) == 1 and name.endswith("bias"):
+        return (init.bias_std * mx.random.normal(shape, key=key)).astype(dtype)
+    if len(shape) == 1 and ("norm" in name or "layrnorm" in name):
+        if not init.norm_noise:
+            return mx.ones(shape, dtype=dtype)
+        return (1.0 + init.norm_noise * mx.random.normal(shape, key=key)).astype(dtype)
+    fan_in = math.prod(shape[1:]) if len(shape) > 1 else shape[0]
+    scale = fan_in**-0.5 * (init.block_scale if ".layers." in name else 1.0)
+    value = mx.random.normal(shape, dtype=dtype, key=key, scale=scale)
+    if name == "language_model.lm_head.weight":
+        for token in init.silent_tokens:
+            value[token] = 0
+    return value
+
+
+def _plan_shards(
+    shapes: list[tuple[str, tuple[int, ...]]], itemsize: int, max_bytes: int
+) -> list[list[tuple[str, tuple[int, ...]]]]:
+    shards: list[list] = [[]]
+    size = 0
+    for name, shape in shapes:
+        nbytes = math.prod(shape) * itemsize
+        if shards[-1] and size + nbytes > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append((name, shape))
+        size += nbytes
+    return shards
+
+
+def write_weights(
+    out: Path,
+    shapes: list[tuple[str, tuple[int, ...]]],
+    dtype: mx.Dtype,
+    seed: int,
+    init: RandomInit = RandomInit(),
+    max_shard_bytes: int = MAX_SHARD_BYTES,
+) -> int:
+    """Draw and write the tensors shard by shard, with the index; returns the bytes written."""
+    shards = _plan_shards(shapes, dtype.size, max_shard_bytes)
+    n = len(shards)
+    weight_map, total = {}, 0
+    for i, shard in enumerate(shards):
+        file = "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+        tensors = {}
+        for name, shape in shard:
+            key = mx.random.key((seed << 32) + zlib.crc32(name.encode()))
+            tensors[name] = random_tensor(name, shape, dtype, key, init)
+            weight_map[name] = file
+            total += tensors[name].nbytes
+        mx.eval(tensors)
+        mx.save_safetensors(str(out / file), tensors, metadata={"format": "pt"})
+        del tensors
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    return total
+
+
+def write_processor_files(out: Path, vision: dict, select_strategy: str = "default") -> None:
+    """preprocessor_config.json, processor_config.json and chat_template.json, as llava-hf's."""
+    files = llava_hf_processor_files(vision["image_size"], vision["patch_size"], select_strategy)
+    for name, obj in files.items():
+        (out / name).write_text(json.dumps(obj, indent=2) + "\n")
+
+
+def write_llava_hf(
+    out: str | Path,
+    vision: dict,
+    text: dict,
+    seed: int = 0,
+    dtype: str = "float32",
+    init: RandomInit = RandomInit(),
+    max_shard_bytes: int = MAX_SHARD_BYTES,
+    **fields,
+) -> Path:
+    """Write a random llava-hf checkpoint into `out` (created; must be empty or absent).
+
+    Args:
+        out: the folder.
+        vision: `CLIPVisionConfig` fields (sizes at least: hidden_size, intermediate_size,
+            num_hidden_layers, num_attention_heads, image_size, patch_size).
+        text: `LlamaConfig` fields; `vocab_size` defaults to the tokenizer's size padded to 64.
+        seed: seed of the draws.
+        dtype: "float32", "float16" or "bfloat16".
+        init: how the values are drawn.
+        max_shard_bytes: the largest safetensors shard.
+        fields: other `LlavaConfig` fields (see `llava_config`).
+
+    Returns:
+        `out`.
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_tokenizer(out)
+    image_token_id = tokenizer.convert_tokens_to_ids("<image>")
+    pad_id = tokenizer.convert_tokens_to_ids("<pad>")
+    text = {"vocab_size": pad_vocab_size(len(tokenizer)), **text}
+    config = llava_config(vision, text, image_token_id, pad_id, dtype, **fields)
+    config.save_pretrained(out)
+    write_weights(out, tensor_shapes(config), DTYPES[dtype], seed, init, max_shard_bytes)
+    write_processor_files(out, vision, config.vision_feature_select_strategy)
+    return out
+
+
+def tiny_llava_hf(
+    out: str | Path, seed: int = 0, init: RandomInit = RandomInit(block_scale=1.0), **fields
+) -> Path:
+    """The tests' tiny random llava-hf checkpoint (float32; behaviour tests only).
+
+    Its blocks are drawn at full scale (`block_scale` 1): attention is sharp enough that the
+    answers depend on each picture and on their order.
+
+    CLIP: 3 layers of width 32 on 28 px pictures in 7 px patches (16 patches; with the default
+    strategy "full", 17 image tokens from feature layers [-2, -3]). Llama: 2 layers of width 64,
+    GQA 4/2 heads, rope theta 5e5, context 256, vocabulary 386 padded to 448.
+    """
+    vision = dict(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+        image_size=28, patch_size=7,
+    )  # fmt: skip
+    text = dict(
+        hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5,
+        rope_parameters={"rope_type": "default", "rope_theta": 5e5},
+    )  # fmt: skip
+    fields = {"vision_feature_layer": [-2, -3], "vision_feature_select_strategy": "full", **fields}
+    return write_llava_hf(out, vision, text, seed=seed, init=init, **fields)
