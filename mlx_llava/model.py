@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 from mlx_lm.models import llama
 
 from .config import ModelConfig
@@ -34,6 +35,43 @@ def merge_image_features(
     gathered = flat_features[order]
     merged = mx.where(flat_mask[:, None], gathered, embeddings.reshape(-1, D))
     return merged.reshape(B, L, D)
+
+
+def check_image_runs(
+    input_ids: mx.array, image_token_index: int, tokens_per_image: Sequence[int]
+) -> None:
+    """Raise ValueError unless the image tokens are the pictures' tokens in order, each
+    picture's in one place.
+
+    Args:
+        input_ids: [B, L]; the pictures' tokens follow each other row-major across the batch.
+        image_token_index: the id of an image token.
+        tokens_per_image: how many tokens each picture has, in order.
+
+    A run of consecutive image tokens (within a row) must end where a picture ends: two pictures
+    may touch (`<image><image>`), but no picture's tokens may be split in two places.
+    """
+    is_image = np.asarray(input_ids) == image_token_index
+    runs = []
+    for row in is_image.reshape(-1, is_image.shape[-1]):
+        edges = np.flatnonzero(np.diff(np.concatenate([[0], row.astype(np.int8), [0]])))
+        runs += (edges[1::2] - edges[::2]).tolist()
+    found, expected = sum(runs), sum(tokens_per_image)
+    if found != expected:
+        each = set(tokens_per_image)
+        each = f" ({each.pop()} each)" if len(each) == 1 else ""
+        raise ValueError(
+            f"the prompt has {found} image tokens but {len(tokens_per_image)} image(s) need "
+            f"{expected}{each}: use one <image> per image"
+        )
+    picture_ends = np.cumsum(tokens_per_image)
+    for end in np.cumsum(runs).tolist():
+        k = int(np.searchsorted(picture_ends, end))
+        if picture_ends[k] != end:
+            raise ValueError(
+                f"the {tokens_per_image[k]} image tokens of image {k + 1} are split: they must "
+                "follow each other in one place (one <image> per image)"
+            )
 
 
 class Model(nn.Module):
@@ -82,14 +120,10 @@ class Model(nn.Module):
         return merge_image_features(embeddings, features, image_mask)
 
     def check_image_tokens(self, input_ids: mx.array, num_images: int) -> None:
-        """Raise ValueError unless the ids hold exactly one run of image tokens per image."""
-        found = int((input_ids == self.config.image_token_index).sum().item())
-        expected = num_images * self.config.num_image_tokens
-        if found != expected:
-            raise ValueError(
-                f"the prompt has {found} image tokens but {num_images} image(s) need {expected} "
-                f"({self.config.num_image_tokens} each): use one <image> per image"
-            )
+        """Raise ValueError unless the ids [B, L] hold each image's tokens in one place
+        (`check_image_runs`)."""
+        counts = [self.config.num_image_tokens] * num_images
+        check_image_runs(input_ids, self.config.image_token_index, counts)
 
     def __call__(
         self,

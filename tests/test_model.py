@@ -10,7 +10,7 @@ from mlx.utils import tree_flatten
 
 from mlx_llava import Model, ModelConfig
 from mlx_llava.config import ConfigError
-from mlx_llava.model import merge_image_features
+from mlx_llava.model import check_image_runs, merge_image_features
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -130,6 +130,37 @@ def test_image_token_count_mismatch_is_an_error():
     ids = mx.array([[1, 100, 100, 7]])
     with pytest.raises(ValueError, match="image tokens"):
         model(ids, pixel_values=mx.zeros((1, 28, 28, 3)))
+
+
+def test_image_tokens_split_in_two_places_are_refused():
+    model = Model(tiny_config())
+    T = model.config.num_image_tokens
+    pixels = mx.zeros((2, 28, 28, 3))
+    split = mx.array([[1, *([100] * 10), 5, *([100] * (T - 10)), 7, *([100] * T)]])
+    with pytest.raises(ValueError, match=f"the {T} image tokens of image 1 are split"):
+        model(split, pixel_values=pixels)
+    second_split = mx.array([[1, *([100] * T), 5, *([100] * 3), 6, *([100] * (T - 3))]])
+    with pytest.raises(ValueError, match="image 2 are split"):
+        model(second_split, pixel_values=pixels)
+    # Two pictures may touch (`<image><image>`): the run ends where the second one ends.
+    assert model(mx.array([[1, *([100] * 2 * T), 7]]), pixel_values=pixels).shape[1] == 2 * T + 2
+    # In a batch the pictures follow each other row by row; a row's end ends a run.
+    rows = mx.array([[1, *([100] * T), 7], [1, 5, *([100] * T)]])
+    assert model(rows, pixel_values=pixels).shape[:2] == (2, T + 2)
+    across_rows = mx.array([[1, 5, 6, *([100] * (T - 3))], [*([100] * 3), *([7] * (T - 3))]])
+    with pytest.raises(ValueError, match="image 1 are split"):
+        model(across_rows, pixel_values=pixels[:1])
+
+
+def test_image_runs_follow_per_picture_counts():
+    ids = mx.array([[0, 9, 9, 9, 0, 9, 9, 9, 9, 9, 0]])
+    check_image_runs(ids, 9, [3, 5])
+    check_image_runs(mx.array([[0, *[9] * 8, 0]]), 9, [3, 5])  # touching pictures
+    with pytest.raises(ValueError, match="the 5 image tokens of image 1 are split"):
+        check_image_runs(ids, 9, [5, 3])
+    with pytest.raises(ValueError, match="has 8 image tokens but 2 image.s. need 9: use one"):
+        check_image_runs(ids, 9, [4, 5])
+    check_image_runs(mx.array([[1, 2, 3]]), 9, [])
 
 
 def test_vision_tower_runs_only_the_layers_it_needs():
