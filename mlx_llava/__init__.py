@@ -1,6 +1,6 @@
 """LLaVA on MLX: image -> CLIP ViT -> projector -> image tokens in the prompt -> Llama answers."""
 
-from .batch import batch_generate
+from .batch import BatchResult, batch_generate
 from .chat import ChatSession
 from .config import ModelConfig, TextConfig, VisionConfig
 from .convert import QuantizeSpec, convert
@@ -12,6 +12,7 @@ from .processor import Processor
 __version__ = "0.1.0"
 
 __all__ = [
+    "BatchResult",
     "ChatSession",
     "GenerationResponse",
     "Model",

@@ -8,6 +8,7 @@ leaves the batch at its EOS, stop string or `max_tokens`, as in mlx-lm's `BatchG
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Optional, Sequence, Union
 
 import mlx.core as mx
@@ -48,37 +49,57 @@ def _images_per_prompt(
     return out
 
 
-class _Row:
-    """The text of one row as `stream_generate` builds it: EOS ends it without text, ids of the
-    padded vocabulary have no text, stop strings cut it."""
+@dataclass
+class BatchResult:
+    """One prompt's answer from `batch_generate(..., return_results=True)`.
 
-    def __init__(self, processor: Processor, stop: Sequence[str], max_tokens: int):
+    Attributes:
+        text: the answer, as `generate` returns it.
+        tokens: the generated token ids, as `stream_generate` yields them (the last one is the
+            EOS or the token that completed a stop string when the answer ended there).
+        prompt_tokens: tokens in the prompt, image tokens included (padding excluded).
+        finish_reason: "stop" (EOS or a stop string) or "length" (`max_tokens`).
+    """
+
+    text: str = ""
+    tokens: list[int] = field(default_factory=list)
+    prompt_tokens: int = 0
+    finish_reason: Optional[str] = None
+
+
+class _Row:
+    """The answer of one row as `stream_generate` builds it: EOS ends it without text, ids of
+    the padded vocabulary have no text, stop strings cut it."""
+
+    def __init__(self, processor: Processor, stop: Sequence[str], max_tokens: int, prompt: int):
         tokenizer = processor.tokenizer
         self.eos = tokenizer.eos_token_ids
         self.known_tokens = len(tokenizer)
         self.detokenizer = tokenizer.detokenizer
         self.stops = StopMatcher(stop)
         self.max_tokens = max_tokens
-        self.n = 0
-        self.text = ""
+        self.result = BatchResult(prompt_tokens=prompt)
 
     def add(self, token: int) -> bool:
         """Take the next token; True when the row is finished."""
-        self.n += 1
+        self.result.tokens.append(token)
         if token in self.eos:
-            return self._finish()
+            return self._finish("stop")
         if token < self.known_tokens:
             self.detokenizer.add_token(token)
-        if self.n == self.max_tokens:
-            return self._finish()
+        if len(self.result.tokens) == self.max_tokens:
+            return self._finish("length")
         text, hit = self.stops.feed(self.detokenizer.last_segment)
-        self.text += text
+        self.result.text += text
+        if hit:
+            self.result.finish_reason = "stop"
         return hit
 
-    def _finish(self) -> bool:
+    def _finish(self, reason: str) -> bool:
         self.detokenizer.finalize()
-        text, _ = self.stops.feed(self.detokenizer.last_segment, final=True)
-        self.text += text
+        text, hit = self.stops.feed(self.detokenizer.last_segment, final=True)
+        self.result.text += text
+        self.result.finish_reason = "stop" if hit else reason
         return True
 
 
@@ -98,7 +119,8 @@ def batch_generate(
     stop: Optional[Sequence[str]] = None,
     prefill_step_size: int = 2048,
     kv_bits: Optional[int] = None,
-) -> list[str]:
+    return_results: bool = False,
+) -> Union[list[str], list[BatchResult]]:
     """Answer several prompts together; greedy answers equal `generate`'s one by one.
 
     Args:
@@ -110,9 +132,11 @@ def batch_generate(
             stop: as for `stream_generate`; the sampler draws all rows at once.
         prefill_step_size: prompt positions per prefill chunk.
         kv_bits: not supported (a batched KV cache is not quantized); must be None.
+        return_results: return a `BatchResult` per prompt (text, token ids, prompt size,
+            finish reason) instead of the text alone.
 
     Returns:
-        The answers, in prompt order.
+        The answers (or their `BatchResult`s), in prompt order.
 
     Raises:
         ValueError: a prompt's placeholders differ from its pictures, a prompt exceeds the
@@ -166,7 +190,7 @@ def batch_generate(
         logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
         return sampler(logprobs)
 
-    rows = [_Row(processor, stop or [], max_tokens) for _ in prompts]
+    rows = [_Row(processor, stop or [], max_tokens, n) for n in lengths]
     with wired_limit(model):
         # Prefill all but the last position in chunks, then read logits at the last one, as
         # mlx-lm's `generate_step` does for a single prompt.
@@ -197,4 +221,6 @@ def batch_generate(
                         c.filter(keep)
                     next_y = next_y[mx.array(keep)]
             y = next_y
-    return [row.text for row in rows]
+    if return_results:
+        return [row.result for row in rows]
+    return [row.result.text for row in rows]

@@ -71,57 +71,72 @@ def save_pictures(folder, pictures, names=("a.png", "b.jpg", "c.png")):
 # Batched generation -------------------------------------------------------------------------
 
 
+def one_by_one(model, processor, prompts, images, **kwargs) -> list[tuple]:
+    """(text, token ids, finish reason) of each prompt alone, from `stream_generate`."""
+    out = []
+    for prompt, picture in zip(prompts, images):
+        pictures = [] if picture is None else picture if isinstance(picture, list) else [picture]
+        responses = list(stream_generate(model, processor, prompt, images=pictures, **kwargs))
+        text = "".join(r.text for r in responses)
+        out.append((text, [r.token for r in responses], responses[-1].finish_reason))
+    return out
+
+
+def batched(model, processor, prompts, images=None, **kwargs) -> list[tuple]:
+    """(text, token ids, finish reason) of each prompt from one `batch_generate` call, whose
+    plain answers (the text alone) are checked to be the same."""
+    results = batch_generate(model, processor, prompts, images, return_results=True, **kwargs)
+    texts = batch_generate(model, processor, prompts, images, **kwargs)
+    assert texts == [r.text for r in results]
+    return [(r.text, r.tokens, r.finish_reason) for r in results]
+
+
 def test_batch_equals_one_by_one_with_pictures(tiny_model, pictures):
     model, processor = tiny_model
     prompts = [processor.format_prompt(q, 1) for q in QUESTIONS]
     lengths = [len(processor.tokenize(p)) for p in prompts]
     assert max(lengths) - min(lengths) > 10
-    one_by_one = [
-        generate(model, processor, p, image=img, max_tokens=24) for p, img in zip(prompts, pictures)
-    ]
-    batched = batch_generate(model, processor, prompts, images=pictures, max_tokens=24)
-    assert batched == one_by_one
-    assert len(set(batched)) == 3
+    expected = one_by_one(model, processor, prompts, pictures, max_tokens=24)
+    assert batched(model, processor, prompts, pictures, max_tokens=24) == expected
+    assert len({tuple(tokens) for _, tokens, _ in expected}) == 3
 
 
 def test_batch_equals_one_by_one_text_only_and_mixed(tiny_model, pictures):
     model, processor = tiny_model
     text_prompts = [processor.format_prompt(q, 0) for q in QUESTIONS]
-    one_by_one = [generate(model, processor, p, max_tokens=20) for p in text_prompts]
-    assert batch_generate(model, processor, text_prompts, max_tokens=20) == one_by_one
+    expected = one_by_one(model, processor, text_prompts, [None] * 3, max_tokens=20)
+    assert batched(model, processor, text_prompts, max_tokens=20) == expected
 
     two = processor.format_prompt("Compare the two pictures.", 2)
     prompts = [text_prompts[0], two, processor.format_prompt(QUESTIONS[2], 1)]
     images = [None, [pictures[0], pictures[1]], pictures[2]]
-    expected = [
-        one_by_one[0],
-        generate(model, processor, two, images=pictures[:2], max_tokens=20),
-        generate(model, processor, prompts[2], image=pictures[2], max_tokens=20),
-    ]
-    assert batch_generate(model, processor, prompts, images=images, max_tokens=20) == expected
+    expected = one_by_one(model, processor, prompts, images, max_tokens=20)
+    assert batched(model, processor, prompts, images, max_tokens=20) == expected
 
 
 def test_batch_rows_stop_on_their_own(word_model, pictures):
     """Rows end at EOS at different steps; the others go on unchanged (the batch shrinks)."""
     model, processor = word_model
     prompts = [processor.format_prompt(q, 1) for q in QUESTIONS]
-    one_by_one, lengths = [], []
-    for prompt, picture in zip(prompts, pictures):
-        responses = list(stream_generate(model, processor, prompt, image=picture, max_tokens=40))
-        one_by_one.append("".join(r.text for r in responses))
-        lengths.append(responses[-1].generation_tokens)
+    expected = one_by_one(model, processor, prompts, pictures, max_tokens=40)
+    lengths = [len(tokens) for _, tokens, _ in expected]
     assert len(set(lengths)) > 1 and min(lengths) < 40
-    assert batch_generate(model, processor, prompts, images=pictures, max_tokens=40) == (one_by_one)
+    assert {reason for _, _, reason in expected} == {"stop", "length"}
+    assert batched(model, processor, prompts, pictures, max_tokens=40) == expected
 
 
-def test_batch_with_repetition_penalty_and_stop_equals_one_by_one(tiny_model, pictures):
-    model, processor = tiny_model
+def test_batch_with_repetition_penalty_and_stop_equals_one_by_one(word_model, pictures):
+    model, processor = word_model
     prompts = [processor.format_prompt(q, 1) for q in QUESTIONS]
     kwargs = dict(max_tokens=16, repetition_penalty=1.5, repetition_context_size=6)
-    one_by_one = [
-        generate(model, processor, p, image=img, **kwargs) for p, img in zip(prompts, pictures)
-    ]
-    assert batch_generate(model, processor, prompts, images=pictures, **kwargs) == one_by_one
+    full = one_by_one(model, processor, prompts, pictures, **kwargs)
+    # Two letters from inside a later word of the second answer: that row stops early.
+    text = full[1][0]
+    stop = next(w[1:3] for w in text.split()[1:] if len(w) >= 3 and text.find(w[1:3]) > 0)
+    expected = one_by_one(model, processor, prompts, pictures, stop=[stop], **kwargs)
+    assert expected[1][0] == text[: text.find(stop)] and expected[1][2] == "stop"
+    assert len(expected[1][1]) < len(full[1][1])
+    assert batched(model, processor, prompts, pictures, stop=[stop], **kwargs) == expected
 
 
 def test_batch_checks_pictures_per_prompt(tiny_model, pictures):
