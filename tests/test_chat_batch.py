@@ -277,12 +277,17 @@ def test_non_ascii_prompt_round_trips(tiny_model, pictures):
     prompt = processor.format_prompt(NON_ASCII, 1)
     ids = processor.tokenize(prompt)
     assert NON_ASCII in processor.decode(ids)
+    assert processor.tokenizer.unk_token_id not in ids  # byte fallback: no character is lost
     session = ChatSession(model, processor, image=pictures[0])
-    session.send(NON_ASCII, max_tokens=4)
+    answer = session.send(NON_ASCII, max_tokens=4)
     assert session.messages[0] == ("user", "<image>\n" + NON_ASCII)
     assert NON_ASCII in session.prompt("?")[1]
-    text = generate(model, processor, prompt, image=pictures[0], max_tokens=4)
-    assert isinstance(text, str)
+    # The chat sent the same tokens as the formatted prompt: the same answer.
+    assert generate(model, processor, prompt, image=pictures[0], max_tokens=4) == answer
+    english = generate(
+        model, processor, processor.format_prompt("What is it?", 1), image=pictures[0]
+    )
+    assert answer != english[: len(answer)]  # the question's bytes reached the model
 
 
 # Chat ---------------------------------------------------------------------------------------

@@ -10,12 +10,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import mlx.core as mx
 import numpy as np
 import pytest
 from mlx.utils import tree_flatten
+from PIL import Image
 
 from llava_testing.tokenizer_builder import build_tokenizer, pad_vocab_size
-from mlx_llava import generate, load, load_model
+from mlx_llava import load, load_model, stream_generate
 from mlx_llava.config import ModelConfig, TextConfig, VisionConfig
 from mlx_llava.conversation import get_template, render
 from mlx_llava.data.shapes import generate_dataset
@@ -93,6 +95,16 @@ def _losses(out: Path) -> list[float]:
     return [e["loss"] for e in lines if "loss" in e]
 
 
+def assert_same_processor(ours, source) -> None:
+    """A written model folder keeps its source's tokenizer, preprocessing and picture padding."""
+    prompt = "USER: <image>\nWhat colour is the shape? ASSISTANT: red</s>"
+    assert ours.tokenize(prompt) == source.tokenize(prompt)
+    assert ours.image_processor.pad_to_square and source.image_processor.pad_to_square
+    picture = np.random.default_rng(0).integers(0, 256, (20, 30, 3), dtype=np.uint8)
+    picture = Image.fromarray(picture)
+    np.testing.assert_array_equal(ours.image_processor(picture), source.image_processor(picture))
+
+
 def _changed(before: dict, after: dict) -> set[str]:
     assert before.keys() == after.keys()
     return {k for k in before if not np.array_equal(before[k], after[k])}
@@ -167,12 +179,21 @@ def test_finetune_leaves_the_vision_tower(tiny_model, shapes, tmp_path):
     assert "language_model.lm_head.weight" in changed
     assert json.loads((out / "config.json").read_text())["conv_mode"] == "vicuna_v1"
 
-    # The output is a model folder that load() and generation take as they are.
+    # The output is a model folder that load() and generation take as they are: the source's
+    # tokenizer and preprocessing, the training template, the trained weights.
     model, processor = load(out)
+    assert_same_processor(processor, load(tiny_model)[1])
     prompt = processor.format_prompt("What shape is this?")
     assert prompt.startswith("A chat between") and prompt.endswith("ASSISTANT:")
-    text = generate(model, processor, prompt, image=shapes / "images" / "000000.png", max_tokens=4)
-    assert isinstance(text, str)
+    picture = shapes / "images" / "000000.png"
+    tokens = [
+        r.token for r in stream_generate(model, processor, prompt, image=picture, max_tokens=4)
+    ]
+    inputs = processor(prompt, [picture])
+    ids = inputs["input_ids"]
+    for token in tokens:  # each greedy token is the argmax of the trained model's full forward
+        assert token == mx.argmax(model(ids, inputs["pixel_values"])[0, -1]).item()
+        ids = mx.concatenate([ids, mx.array([[token]])], axis=1)
 
 
 def test_finetune_lora_fuses_into_plain_weights(tiny_model, shapes, tmp_path):
@@ -411,7 +432,7 @@ def test_shapes_tower_trains_only_the_tower(tiny_model, tmp_path):
     assert changed and changed <= tower
     # every layer up to the selected one learns (the last layer is the demo's feature layer)
     assert any(k.startswith("vision_tower.encoder.layers.1.") for k in changed)
-    assert load(out)[0] is not None
+    assert_same_processor(load(out)[1], load(tiny_model)[1])
 
 
 def test_shapes_tower_needs_padded_pictures(tiny_model, tmp_path, capsys):
