@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from mlx_llava import generate, load
 from mlx_llava.cli import convert as convert_cli
 from mlx_llava.cli import generate as generate_cli
 
@@ -43,10 +44,18 @@ def assert_one_line_error(code, err, *fragments):
         assert fragment in lines[0], lines[0]
 
 
+def expected_answer(mlx_folder, question: str, max_tokens: int) -> str:
+    """What `generate` answers to the question, templated as the CLI does it."""
+    model, processor = load(mlx_folder)
+    prompt = processor.format_prompt(question, num_images=1)
+    return generate(model, processor, prompt, image=IMAGE, max_tokens=max_tokens)
+
+
 def test_generate_streams_an_answer_from_a_converted_checkpoint(mlx_folder, capsys):
     argv = ["--model", str(mlx_folder), "--image", str(IMAGE), "-p", "What is it?", "-m", "8"]
     code, out, err = run_main(generate_cli.main, argv + ["--verbose"], capsys)
-    assert code == 0 and out.strip()
+    assert code == 0 and out == expected_answer(mlx_folder, "What is it?", 8) + "\n"
+    assert out.strip()
     assert "time to first token" in err and "tokens/s" in err and "peak memory" in err
 
 
@@ -61,7 +70,8 @@ def test_cli_scripts_run_as_a_user_types_them(mlx_folder, tmp_path):
         text=True,
         env=env,
     )
-    assert ok.returncode == 0 and ok.stdout.strip(), ok.stderr
+    assert ok.returncode == 0, ok.stderr
+    assert ok.stdout == expected_answer(mlx_folder, "Describe it.", 6) + "\n"
     bad = subprocess.run(
         [sys.executable, "generate.py", "--model", str(mlx_folder), "--image", "missing.jpg"],
         cwd=ROOT,

@@ -5,15 +5,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-import mlx.core as mx
 import pytest
-from mlx.utils import tree_flatten
 from PIL import Image
 
 import mlx_llava.evaluation as evaluation
-from llava_testing.tokenizer_builder import build_tokenizer, pad_vocab_size
+from mlx_llava import convert
 from mlx_llava.cli.evaluate import main as evaluate_main
-from mlx_llava.config import ModelConfig
 from mlx_llava.data.shapes import CATEGORIES, QUESTION_TEXT, generate_dataset
 from mlx_llava.evaluation import (
     OPTION_LETTER_SUFFIX,
@@ -33,47 +30,16 @@ from mlx_llava.evaluation import (
     summarize,
 )
 from mlx_llava.loader import load
-from mlx_llava.model import Model
-from mlx_llava.weights import save_shards
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-# A tiny random checkpoint in our MLX layout ---------------------------------------------------
+# The tiny random checkpoint of conftest.py, as an MLX folder ----------------------------------
 
 
 @pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("tiny-llava")
-    tokenizer = build_tokenizer(folder)
-    config = ModelConfig.from_dict(
-        {
-            "image_token_index": tokenizer.convert_tokens_to_ids("<image>"),
-            "pad_token_id": tokenizer.convert_tokens_to_ids("<pad>"),
-            "vision_config": dict(
-                hidden_size=16,
-                intermediate_size=32,
-                num_hidden_layers=2,
-                num_attention_heads=2,
-                image_size=28,
-                patch_size=14,
-            ),
-            "text_config": dict(
-                hidden_size=32,
-                intermediate_size=64,
-                num_hidden_layers=2,
-                num_attention_heads=4,
-                vocab_size=pad_vocab_size(len(tokenizer)),
-                max_position_embeddings=512,
-            ),
-        }
-    )
-    mx.random.seed(0)
-    model = Model(config)
-    save_shards(folder, dict(tree_flatten(model.parameters())), 1 << 30)
-    with open(folder / "config.json", "w") as f:
-        json.dump({**config.to_dict(), "mlx_llava": {"format": 1}}, f)
-    return folder
+def tiny_model_dir(tiny_checkpoint, tmp_path_factory) -> Path:
+    return convert(tiny_checkpoint, tmp_path_factory.mktemp("tiny") / "mlx", dtype="float32")
 
 
 @pytest.fixture(scope="module")
@@ -387,7 +353,8 @@ def test_cli_on_shapes_world(tiny_model_dir, tmp_path, capsys):
         assert record["prompt"] == f"<image>\n{QUESTION_TEXT[entry['category']]}\n" + (
             SINGLE_WORD_SUFFIX
         )
-        assert isinstance(record["correct"], bool)
+        assert record["correct"] == exact_match(record["text"], [entry["answer"]])
+        assert record["contains"] == contains_match(record["text"], [entry["answer"]])
     lines = captured.out.splitlines()
     assert lines[0].split() == ["category", "n", "exact", "contains"]
     assert lines[-1].startswith("overall") and lines[-1].split()[1] == "6"

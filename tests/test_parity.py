@@ -200,16 +200,20 @@ def test_original_checkpoints(name, clip, tmp_path):
 
 
 def test_pad_to_square_option_for_llava_hf_checkpoints():
+    """`pad_to_square=True` preprocesses as transformers' LlavaImageProcessor with `do_pad`
+    (the original LLaVA-1.5's expand2square) does with the checkpoint's settings."""
     from PIL import Image
 
-    from mlx_llava.image_processor import expand2square
-
+    hf_llava = pytest.importorskip("transformers.models.llava.image_processing_pil_llava")
     _, plain = load(DATA / "hf-hub", dtype="float32")
     _, padded = load(DATA / "hf-hub", dtype="float32", pad_to_square=True)
     image = Image.open(IMAGES["a"]).convert("RGB")
-    expected = plain.image_processor([expand2square(image, plain.image_processor.pad_color)])
-    np.testing.assert_array_equal(padded.image_processor([image]), expected)
-    assert not np.array_equal(plain.image_processor([image]), expected)
+    reference = hf_llava.LlavaImageProcessorPil.from_pretrained(DATA / "hf-hub", do_pad=True)
+    expected = reference(image, return_tensors="np")["pixel_values"]
+    expected = np.asarray(expected).transpose(0, 2, 3, 1)
+    ours = padded.image_processor([image])
+    np.testing.assert_allclose(ours, expected, atol=PIXEL_ATOL, rtol=0)
+    assert np.abs(plain.image_processor([image]) - expected).max() > 0.1
 
 
 def test_batch_generate_matches_transformers_batched_greedy(hf):
