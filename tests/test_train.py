@@ -23,6 +23,7 @@ from mlx_llava.conversation import get_template, render
 from mlx_llava.data.shapes import generate_dataset
 from mlx_llava.train import TrainArgs, init_model_folder, tokenize_conversation, train
 from mlx_llava.train import trainer as trainer_module
+from mlx_llava.train.stages import set_trainable
 
 ITERS = 6
 
@@ -206,6 +207,18 @@ def test_finetune_lora_fuses_into_plain_weights(tiny_model, shapes, tmp_path):
     assert any(k.startswith("language_model.model.layers.") for k in changed)
     assert not any(k.startswith("vision_tower.") for k in changed)
     assert "language_model.model.embed_tokens.weight" not in changed
+
+    # The fused model computes what the source model with the trained adapters (mlx-lm's
+    # LoRALinear, restored from the final checkpoint) computes.
+    adapted = load_model(tiny_model)
+    set_trainable(adapted, args)
+    trained = mx.load(str(out / "checkpoint" / "trainable.safetensors"))
+    assert any(k.endswith("lora_b") for k in trained)
+    adapted.load_weights(list(trained.items()), strict=False)
+    ids = mx.array([load(tiny_model)[1].tokenize("USER: What colour is it? ASSISTANT: red</s>")])
+    expected = adapted(ids)
+    assert np.abs(np.array(load_model(tiny_model)(ids) - expected)).max() > 1e-3  # it learned
+    np.testing.assert_allclose(np.array(load_model(out)(ids)), np.array(expected), atol=1e-5)
 
 
 def test_train_vision_and_grad_checkpoint(tiny_model, shapes, tmp_path):
