@@ -220,10 +220,10 @@ def write_llava_hf(
     max_shard_bytes: int = MAX_SHARD_BYTES,
     **fields,
 ) -> Path:
-    """Write a random llava-hf checkpoint into `out` (created; must be empty or absent).
+    """Write a random llava-hf checkpoint into `out`.
 
     Args:
-        out: the folder.
+        out: the folder (created if absent; files of the same names are replaced).
         vision: `CLIPVisionConfig` fields (sizes at least: hidden_size, intermediate_size,
             num_hidden_layers, num_attention_heads, image_size, patch_size).
         text: `LlamaConfig` fields; `vocab_size` defaults to the tokenizer's size padded to 64.
