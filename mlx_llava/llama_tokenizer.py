@@ -17,6 +17,9 @@ here, as 4.31 did it:
 Special tokens are taken to be in the vocabulary or in added_tokens.json, as in every release
 (4.31 would have appended any other one behind the vocabulary).
 
+Each token also gets the characters of the text it encodes (`encode_with_offsets`, for training's
+answer mask), from SentencePiece's own alignment.
+
 Decoding and streaming stay with mlx-lm's TokenizerWrapper: ids decode the same either way.
 """
 
@@ -37,6 +40,8 @@ SPECIAL_TOKEN_ATTRIBUTES = (
 )  # fmt: skip
 DEFAULT_SPECIAL_TOKENS = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
 STRIP_BOTH = (True, True)  # 4.31 strips around a no-split token that is a plain string
+
+Span = tuple[int, int]  # [start, end) characters of the text
 
 
 def _read_json(path: Path) -> dict:
@@ -140,40 +145,73 @@ class SlowLlamaTokenizer:
             return None
         return self.added[token] if token in self.added else self.sp.piece_to_id(token)
 
-    def _encode_text(self, text: str) -> list[str]:
-        """SentencePiece pieces of text between special tokens (4.31's `_tokenize`)."""
-        if self.legacy:
-            return self.sp.encode(text, out_type=str)
-        is_first = text.startswith(SPIECE_UNDERLINE)
+    def _encode_text(self, text: str, start: int) -> list[tuple[str, Span]]:
+        """SentencePiece pieces of text between special tokens (4.31's `_tokenize`), each with
+        the span it encodes, `start` being where `text` begins.
+
+        A piece that SentencePiece aligns to no character (the dummy prefix's "▁", the leading
+        bytes of a byte-fallback character) gets the span of the character it belongs to.
+        """
+        is_first = not self.legacy and text.startswith(SPIECE_UNDERLINE)
         if is_first:
-            text = text[1:]
-        pieces = self.sp.encode(text, out_type=str)
-        if not is_first and not text.startswith(" ") and pieces[0].startswith(SPIECE_UNDERLINE):
-            pieces = ([pieces[0][1:]] if len(pieces[0]) > 1 else []) + pieces[1:]
+            text, start = text[1:], start + 1
+        encoded = self.sp.encode(text, out_type="offset_mapping")
+        pieces, next_span = [], None
+        for piece, (a, b) in reversed(list(zip(encoded["pieces"], encoded["offsets"]))):
+            span = (start + a, start + b) if b > a or next_span is None else next_span
+            pieces.append((piece, span))
+            next_span = span
+        pieces.reverse()
+        if self.legacy or is_first or text.startswith(" ") or not pieces:
+            return pieces
+        (first, span), rest = pieces[0], pieces[1:]
+        if first.startswith(SPIECE_UNDERLINE):  # later chunks lose the dummy prefix
+            return ([(first[1:], span)] if len(first) > 1 else []) + rest
         return pieces
 
-    def tokenize(self, text: str) -> list[str]:
-        """Token strings of `text`, without BOS/EOS."""
-        if not self.legacy:
-            text = SPIECE_UNDERLINE + text.replace(SPIECE_UNDERLINE, " ")
+    def tokenize_with_offsets(self, text: str) -> list[tuple[str, Span]]:
+        """Token strings of `text`, without BOS/EOS, each with its character span in `text`."""
+        shift = 0
+        if not self.legacy:  # 4.31 puts one "▁" in front and makes the text's "▁"s spaces
+            text, shift = SPIECE_UNDERLINE + text.replace(SPIECE_UNDERLINE, " "), 1
         parts = self._split.split(text) if self._split else [text]  # odd indices: tokens
+        starts = [0]
+        for part in parts[:-1]:
+            starts.append(starts[-1] + len(part))
         for i in range(1, len(parts), 2):
             lstrip, rstrip = self.special[parts[i]]
             if rstrip and parts[i + 1]:
-                parts[i + 1] = parts[i + 1].lstrip()
+                stripped = parts[i + 1].lstrip()
+                starts[i + 1] += len(parts[i + 1]) - len(stripped)
+                parts[i + 1] = stripped
             if lstrip and parts[i - 1]:
                 parts[i - 1] = parts[i - 1].rstrip()
-        tokens: list[str] = []
-        for i, part in enumerate(parts):
-            if part:
-                tokens.extend([part] if i % 2 else self._encode_text(part))
-        return tokens
+        tokens: list[tuple[str, Span]] = []
+        for i, (part, start) in enumerate(zip(parts, starts)):
+            if part and i % 2:
+                tokens.append((part, (start, start + len(part))))
+            elif part:
+                tokens.extend(self._encode_text(part, start))
+        return [(t, (a - shift, b - shift)) for t, (a, b) in tokens]
+
+    def tokenize(self, text: str) -> list[str]:
+        """Token strings of `text`, without BOS/EOS."""
+        return [token for token, _ in self.tokenize_with_offsets(text)]
+
+    def encode_with_offsets(
+        self, text: str, add_special_tokens: bool = True
+    ) -> tuple[list[int], list[Span]]:
+        """Token ids of `text` as `encode` makes them, and each one's character span in `text`
+        (BOS and EOS: empty spans at the start and the end)."""
+        tokens = self.tokenize_with_offsets(text)
+        ids = [self.token_id(t) for t, _ in tokens]
+        spans = [span for _, span in tokens]
+        if add_special_tokens and self.add_bos_token:
+            ids, spans = [self.bos_token_id] + ids, [(0, 0)] + spans
+        if add_special_tokens and self.add_eos_token:
+            ids, spans = ids + [self.eos_token_id], spans + [(len(text), len(text))]
+        return ids, spans
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids of `text`, as `tokenizer(text).input_ids` under 4.31."""
-        ids = [self.token_id(t) for t in self.tokenize(text)]
-        if add_special_tokens and self.add_bos_token:
-            ids = [self.bos_token_id] + ids
-        if add_special_tokens and self.add_eos_token:
-            ids = ids + [self.eos_token_id]
-        return ids
+        return self.encode_with_offsets(text, add_special_tokens)[0]
