@@ -14,7 +14,7 @@ from mlx_lm.tokenizer_utils import load as load_tokenizer
 from .config import ModelConfig
 from .conversation import format_prompt, get_template
 from .image_processor import CLIPImageProcessor
-from .llama_tokenizer import SlowLlamaTokenizer, is_slow_llama_folder
+from .llama_tokenizer import SlowLlamaTokenizer, Span, is_slow_llama_folder
 
 IMAGE_PLACEHOLDER = "<image>"
 # The only processor files that may come from a folder after the checkpoint's own (an original
@@ -43,6 +43,7 @@ class Processor:
     split at `<image>`, each chunk tokenized, BOS kept on the first chunk only. A SentencePiece
     `tokenizer.model` of an original release encodes as transformers 4.31's slow LlamaTokenizer
     did (`original_tokenizer`); `tokenizer` decodes, streams and knows EOS in every case.
+    `_encode` is the one place that chooses among them, for inference and training alike.
     """
 
     def __init__(
@@ -132,21 +133,40 @@ class Processor:
 
         `add_bos=False` for text that continues a prompt already in a KV cache.
         """
-        n = self.config.num_image_tokens
-        image_id = self.config.image_token_index
+        ids, _ = self._encode(text, add_bos, offsets=False)
+        image_id, n = self.config.image_token_index, self.config.num_image_tokens
+        out: list[int] = []
+        for t in ids:
+            out.extend([image_id] * n if t == image_id else [t])
+        return out
+
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list[Span]]:
+        """Token ids of a prompt as `tokenize` makes them before the image expansion (one
+        `config.image_token_index` per `<image>`), with each token's character span in `text`
+        (empty for BOS); training's answer mask is made from the spans.
+
+        Raises:
+            ValueError: a llava-hf tokenizer without a tokenizer.json (no offsets).
+        """
+        return self._encode(text, add_bos=True, offsets=True)
+
+    def _encode(self, text: str, add_bos: bool, offsets: bool) -> tuple[list[int], list[Span]]:
+        """Ids before the image expansion, and their spans when `offsets` (else [])."""
         if self.image_token_in_vocab:
-            ids = self.tokenizer.encode(text, add_special_tokens=add_bos)
-            out: list[int] = []
-            for t in ids:
-                out.extend([image_id] * n if t == image_id else [t])
-            return out
+            return _encode_chunk(self.tokenizer, text, add_bos, offsets)
         encoder = self.original_tokenizer or self.tokenizer
-        out = []
+        image_id = self.config.image_token_index
+        ids, spans, pos = [], [], 0
         for i, chunk in enumerate(text.split(IMAGE_PLACEHOLDER)):
             if i > 0:
-                out.extend([image_id] * n)
-            out.extend(encoder.encode(chunk, add_special_tokens=add_bos and i == 0))
-        return out
+                ids.append(image_id)
+                spans.append((pos, pos + len(IMAGE_PLACEHOLDER)))
+                pos += len(IMAGE_PLACEHOLDER)
+            chunk_ids, chunk_spans = _encode_chunk(encoder, chunk, add_bos and i == 0, offsets)
+            ids += chunk_ids
+            spans += [(a + pos, b + pos) for a, b in chunk_spans]
+            pos += len(chunk)
+        return ids, spans if offsets else []
 
     def __call__(
         self,
@@ -200,6 +220,24 @@ class Processor:
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+
+def _encode_chunk(
+    encoder: Union[TokenizerWrapper, SlowLlamaTokenizer],
+    text: str,
+    add_special: bool,
+    offsets: bool,
+) -> tuple[list[int], list[Span]]:
+    """`encoder`'s ids of `text`, with their character spans when `offsets`."""
+    if not offsets:
+        return encoder.encode(text, add_special_tokens=add_special), []
+    if isinstance(encoder, SlowLlamaTokenizer):
+        return encoder.encode_with_offsets(text, add_special)
+    fast = getattr(encoder, "_tokenizer", encoder)
+    if not getattr(fast, "is_fast", False):
+        raise ValueError("training needs a fast (tokenizer.json) tokenizer for the answer mask")
+    encoded = fast(text, add_special_tokens=add_special, return_offsets_mapping=True)
+    return list(encoded["input_ids"]), [tuple(o) for o in encoded["offset_mapping"]]
 
 
 def left_pad(sequences: Sequence[Sequence[int]], pad: int) -> tuple[np.ndarray, np.ndarray]:

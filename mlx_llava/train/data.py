@@ -143,30 +143,6 @@ def normalise_messages(record: dict, name: str, plain: bool) -> list[tuple[str, 
     return [(role, text) for role, text in messages]
 
 
-def encode_with_offsets(processor: Processor, text: str) -> tuple[list[int], list[tuple]]:
-    """Token ids of a prompt, as `Processor.tokenize` makes them before the image expansion,
-    with each token's character span in `text`.
-    """
-    tokenizer = getattr(processor.tokenizer, "_tokenizer", processor.tokenizer)
-    if not getattr(tokenizer, "is_fast", False):
-        raise ValueError("training needs a fast (tokenizer.json) tokenizer for the answer mask")
-    image_id = processor.config.image_token_index
-    if processor.image_token_in_vocab:
-        enc = tokenizer(text, add_special_tokens=True, return_offsets_mapping=True)
-        return list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
-    ids, offsets, pos = [], [], 0
-    for i, chunk in enumerate(text.split(IMAGE_TOKEN)):
-        if i > 0:
-            ids.append(image_id)
-            offsets.append((pos, pos + len(IMAGE_TOKEN)))
-            pos += len(IMAGE_TOKEN)
-        enc = tokenizer(chunk, add_special_tokens=i == 0, return_offsets_mapping=True)
-        ids += enc["input_ids"]
-        offsets += [(a + pos, b + pos) for a, b in enc["offset_mapping"]]
-        pos += len(chunk)
-    return ids, offsets
-
-
 def tokenize_conversation(
     processor: Processor, template: Template, messages: Sequence[tuple[str, str]]
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -184,7 +160,7 @@ def tokenize_conversation(
         while a > 0 and text[a - 1] == " ":
             a -= 1
         spans.append((a, b))
-    ids, offsets = encode_with_offsets(processor, text)
+    ids, offsets = processor.encode_with_offsets(text)
     config = processor.config
     out_ids, out_mask = [], []
     for token, (start, end) in zip(ids, offsets):
