@@ -70,10 +70,15 @@ def test_live_greedy_and_preprocessing(live):
 @pytest.mark.parametrize("name", ["orig-spm-v15", "orig-spm-v1", "orig-spm-strings"])
 def test_live_sentencepiece_fixtures_reproduce(name, tmp_path):
     """Trained again, the tokenizer.model is the committed one, and the transcribed original
-    algorithm gives the committed ids (recorded with transformers 4.31's agreement)."""
+    algorithms give the committed ids and training targets (recorded with transformers 4.31's
+    agreement)."""
     import json
 
     data = Path(__file__).parent / "fixtures" / "data" / name
     assert make_fixtures.llama_sentencepiece_model() == (data / "tokenizer.model").read_bytes()
     meta = json.loads((data / "oracle.json").read_text())
-    assert make_fixtures.original_ids(data, meta["prompts"]) == meta["input_ids"]
+    cases = make_fixtures.TRAINING_CASES if "training" in meta else None
+    again = make_fixtures.spm_oracle(data, meta["prompts"], None, cases)
+    assert again["input_ids"] == meta["input_ids"]
+    assert again.get("training") == meta.get("training")
+    assert (name == "orig-spm-strings") == (cases is None)
