@@ -22,6 +22,8 @@ def run_cli(command: Callable[[], None]) -> None:
     except Exception as e:  # noqa: BLE001 - every failure ends as one readable line
         if os.environ.get("MLX_LLAVA_DEBUG"):
             raise
+        from ..distributed import rank_prefix  # "rank R: " when mlx.launch runs several
+
         message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        print(f"error: {message}", file=sys.stderr)
+        print(f"{rank_prefix()}error: {message}", file=sys.stderr)
         sys.exit(1)
