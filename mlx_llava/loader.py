@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import random
 from pathlib import Path
 from typing import Optional, Union
 
 import mlx.core as mx
 import mlx.nn as nn
 
+from . import distributed
 from .atomic import recover_dir
 from .config import ModelConfig
 from .convert import DTYPES, convert, converted_tensors, is_mlx_folder, read_source
@@ -70,9 +72,21 @@ def read_model(folder: Path, dtype: Optional[str]) -> tuple[ModelConfig, dict, l
     return source.config, weights, source.processor_folders
 
 
-def build_model(config: ModelConfig, weights: dict, lazy: bool = False) -> Model:
-    """A Model holding `weights` (our names), quantized where they say so; loading is strict."""
+def build_model(
+    config: ModelConfig,
+    weights: dict,
+    lazy: bool = False,
+    pipeline: Optional[mx.distributed.Group] = None,
+) -> Model:
+    """A Model holding `weights` (our names), quantized where they say so; loading is strict.
+
+    With a `pipeline` group the model keeps only this rank's part (`Model.pipeline`) and only
+    those tensors are read: `mx.load` maps safetensors lazily, the others are never touched.
+    """
     model = Model(config)
+    if pipeline is not None:
+        model.pipeline(pipeline)
+        weights = {k: v for k, v in weights.items() if model.holds(k)}
     weights = model.sanitize(weights)
     _apply_quantization(model, config, weights)
     model.load_weights(list(weights.items()), strict=True)
@@ -96,6 +110,7 @@ def load(
     pad_to_square: Optional[bool] = None,
     conv_mode: Optional[str] = None,
     lazy: bool = False,
+    pipeline: bool = False,
 ) -> tuple[Model, Processor]:
     """Load a LLaVA model and its processor.
 
@@ -107,6 +122,9 @@ def load(
             the original LLaVA-1.5 did; the default follows the checkpoint.
         conv_mode: the conversation template `Processor.format_prompt` uses.
         lazy: leave the weights unevaluated until first use.
+        pipeline: split the language model's decoder layers across the ranks of `mlx.launch`
+            (`Model.pipeline`); each rank reads only its own tensors. Every rank then runs the
+            same generation, and rank 0 has the answer.
 
     Returns:
         (model, processor)
@@ -115,6 +133,11 @@ def load(
     config, weights, processor_folders = read_model(folder, dtype)
     if conv_mode:
         config.conv_mode = conv_mode
-    model = build_model(config, weights, lazy)
+    group = distributed.world() if pipeline else None
+    model = build_model(config, weights, lazy, group)
+    if group is not None:
+        distributed.barrier(group)  # as mlx-lm's sharded_load: every rank's weights are in
+        # One random state on every rank: unseeded sampling then picks the same tokens on all.
+        mx.random.seed(distributed.broadcast(random.getrandbits(62), group))
     processor = Processor.from_pretrained(processor_folders, config, pad_to_square=pad_to_square)
     return model, processor

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any, Optional, Sequence
 
 import mlx.core as mx
@@ -10,6 +11,7 @@ import numpy as np
 from mlx_lm.models import llama
 
 from .config import ModelConfig
+from .language_model import LanguageModel
 from .projector import MultiModalProjector
 from .vision import VisionTower
 
@@ -74,6 +76,9 @@ def check_image_runs(
             )
 
 
+_LAYER_KEY = re.compile(r"language_model\.model\.layers\.(\d+)\.")
+
+
 class Model(nn.Module):
     """LlavaForConditionalGeneration in MLX; attribute names follow the llava-hf checkpoints."""
 
@@ -83,7 +88,7 @@ class Model(nn.Module):
         self.vision_tower = VisionTower(config.vision_config)
         self.multi_modal_projector = MultiModalProjector(config)
         args = llama.ModelArgs.from_dict(config.text_config.to_mlx_lm_args())
-        self.language_model = llama.Model(args)
+        self.language_model = LanguageModel(args)
 
     @property
     def layers(self):
@@ -114,7 +119,7 @@ class Model(nn.Module):
         # The placeholder id may lie outside the vocabulary (original checkpoints): embed a 0.
         embed_tokens = self.language_model.model.embed_tokens
         embeddings = embed_tokens(mx.where(image_mask, 0, input_ids))
-        if pixel_values is None:
+        if pixel_values is None or self.vision_tower is None:  # see `pipeline`
             return embeddings
         features = self.get_image_features(pixel_values)
         return merge_image_features(embeddings, features, image_mask)
@@ -149,6 +154,29 @@ class Model(nn.Module):
 
     def make_cache(self) -> list[Any]:
         return self.language_model.make_cache()
+
+    def pipeline(self, group: mx.distributed.Group) -> None:
+        """Split the decoder layers across the ranks of `group` (`LanguageModel`: rank 0 holds
+        the last layers). The vision tower and projector stay on the rank of the first layers
+        (the last rank), which builds the prompt's embeddings; the other ranks drop them."""
+        self.language_model.model.pipeline(group)
+        if group.rank() != group.size() - 1:
+            for name in [k for k in self if k != "language_model"]:
+                setattr(self, name, None)
+
+    def holds(self, name: str) -> bool:
+        """Whether this rank keeps the weight `name` (every weight, unless pipelined)."""
+        if not name.startswith("language_model."):
+            return self.vision_tower is not None
+        layer = _LAYER_KEY.match(name)
+        return layer is None or int(layer[1]) in self.language_model.model.layer_range
+
+    def pipeline_stage(self) -> str:
+        """What this rank holds, e.g. `layers 0-15 of 32, vision tower and projector`."""
+        held = self.language_model.model.layer_range
+        total = self.config.text_config.num_hidden_layers
+        vision = ", vision tower and projector" if self.vision_tower is not None else ""
+        return f"layers {held.start}-{held.stop - 1} of {total}{vision}"
 
     def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
         """Drop buffers that checkpoints carry but the model does not hold."""

@@ -123,9 +123,13 @@ def sampling_kwargs(args: argparse.Namespace) -> dict:
 
 
 def load_from_args(args: argparse.Namespace):
-    """(model, processor) for the model flags."""
+    """(model, processor) for the model flags (and `--pipeline`, where a command has it)."""
     from ..loader import load
 
     return load(
-        args.model, dtype=args.dtype, pad_to_square=args.pad_to_square, conv_mode=args.conv_mode
+        args.model,
+        dtype=args.dtype,
+        pad_to_square=args.pad_to_square,
+        conv_mode=args.conv_mode,
+        pipeline=getattr(args, "pipeline", False),
     )

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import sys
 from typing import Optional
 
@@ -31,7 +33,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--output", "-o", default=None, help="JSONL file for --image-dir (default: stdout)"
     )
     p.add_argument("--batch-size", type=int, default=8, help="pictures per batch for --image-dir")
-    p.add_argument("--verbose", action="store_true", help="timings and memory on stderr")
+    p.add_argument(
+        "--pipeline",
+        action="store_true",
+        help="under mlx.launch: split the language model's layers across the ranks, each "
+        "reading only its own weights (rank 0 prints the answer)",
+    )
+    p.add_argument(
+        "--verbose",
+        action="store_true",
+        help="timings and memory on stderr (with --pipeline: each rank's layers and memory)",
+    )
     add_sampling_args(p)
     return p
 
@@ -53,12 +65,27 @@ def print_stats(response) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    from ..generate import stream_generate
+    import mlx.core as mx
+
+    from .. import distributed
     from ..image_processor import load_image
+    from ..progress import format_bytes
 
     if args.chat and args.image_dir:
         raise ValueError("--chat and --image-dir do not go together")
+    if args.pipeline and args.image_dir:
+        raise ValueError(
+            "--pipeline does not caption folders: run caption.py under mlx.launch, which "
+            "splits the pictures across the ranks"
+        )
+    if distributed.size() > 1 and not (args.pipeline or args.image_dir):
+        raise ValueError(
+            "under mlx.launch generate.py needs --pipeline (or --image-dir, which splits the "
+            "pictures across the ranks)"
+        )
     sampling = sampling_kwargs(args)
+    if args.pipeline and sampling.get("kv_bits") is not None:
+        raise ValueError("--kv-bits does not go with --pipeline")
     images = [load_image(i) for i in args.image]
     model, processor = load_from_args(args)
     if args.image_dir:
@@ -66,6 +93,33 @@ def run(args: argparse.Namespace) -> None:
 
         caption_with_args(args, model, processor)
         return
+    # Every rank of a pipeline runs the whole conversation; rank 0 alone shows it.
+    with _quiet(not distributed.is_main()):
+        answer(model, processor, args, images, sampling)
+    if args.pipeline and args.verbose:
+        print(
+            f"rank {distributed.rank()}: {model.pipeline_stage()}, peak memory "
+            f"{format_bytes(mx.get_peak_memory())}",
+            file=sys.stderr,
+            flush=True,
+        )
+
+
+@contextlib.contextmanager
+def _quiet(quiet: bool):
+    """Send stdout and stderr to /dev/null while `quiet` (the ranks other than 0)."""
+    if not quiet:
+        yield
+        return
+    with open(os.devnull, "w") as null:
+        with contextlib.redirect_stdout(null), contextlib.redirect_stderr(null):
+            yield
+
+
+def answer(model, processor, args: argparse.Namespace, images: list, sampling: dict) -> None:
+    """Stream the answer to `--prompt`, or chat with `--chat`."""
+    from ..generate import stream_generate
+
     if args.chat:
         from ..chat import ChatSession
 
