@@ -241,6 +241,7 @@ class Batch:
         mask: [B, L-1] float32, 1 where the target is an answer token.
         pixel_values: [n_images, H, W, 3] in sample order, or None.
         tokens: real (non-padding) input tokens, for the tokens/s figure.
+        answer_tokens: the targets trained on (`mask.sum()`), counted on the host.
     """
 
     inputs: mx.array
@@ -248,6 +249,7 @@ class Batch:
     mask: mx.array
     pixel_values: Optional[mx.array]
     tokens: int
+    answer_tokens: int
 
 
 def make_batch(
@@ -279,6 +281,7 @@ def make_batch(
         mask=mx.array(mask[:, 1:].astype(np.float32)),
         pixel_values=mx.array(np.stack(pixels)) if pixels else None,
         tokens=int(sum(len(s) - 1 for s in kept)),
+        answer_tokens=int(mask[:, 1:].sum()),
     )
 
 

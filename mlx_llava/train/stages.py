@@ -4,7 +4,6 @@ checkpointing, the learning-rate schedule and the loss."""
 from __future__ import annotations
 
 import math
-import sys
 from typing import Callable, Optional
 
 import mlx.core as mx
@@ -14,12 +13,14 @@ from mlx.utils import tree_unflatten
 
 from ..config import ModelConfig
 from ..conversation import Template, get_template
+from ..distributed import main_print
 from ..model import Model
 from .args import DEFAULT_CONV_MODE, TrainArgs
 
 
 def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
+    """A line on stderr, from rank 0 only when `mlx.launch` runs several ranks."""
+    main_print(message)
 
 
 def conversation_template(args: TrainArgs, config: ModelConfig) -> Template:
