@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from typing import Iterable, Optional, Union
 
+from . import distributed
 from .progress import Progress
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
@@ -67,6 +68,7 @@ def caption_folder(
     batch_size: int = DEFAULT_BATCH_SIZE,
     progress: bool = True,
     seed: Optional[int] = None,
+    group: Optional[distributed.Group] = None,
     **sampling,
 ) -> int:
     """Caption the pictures of a folder with `batch_generate`, one JSONL record per picture.
@@ -76,6 +78,11 @@ def caption_folder(
     resumes where it stopped; unreadable files are skipped with a warning on stderr (and tried
     again on the next run).
 
+    Under `mlx.launch` (`group` of N ranks, every machine holding the folder at the same path)
+    each round of N x `batch_size` pictures is split across the ranks, a batch each, and rank 0
+    alone writes the round's records, in the order of one process: greedy captions are the same
+    line for line. A crash of any rank loses at most the round under way.
+
     Args:
         image_dir: the folder, walked recursively for jpg/jpeg/png/webp/bmp/gif files, sorted.
         output: the JSONL file (appended to), or None / "-" for stdout (no resuming).
@@ -83,62 +90,78 @@ def caption_folder(
         batch_size: pictures per `batch_generate` call.
         progress: report progress on stderr.
         seed: seed MLX's random generator once, before the first batch.
+        group: the ranks to split the pictures across (default: all of `mlx.launch`'s).
         **sampling: as for `batch_generate` (max_tokens, temperature, top_p, stop, ...).
 
     Returns:
         The number of records written.
     """
-    from .batch import batch_generate
-    from .image_processor import ImageLoadError, load_image
-
     if batch_size <= 0:
         raise ValueError(f"batch size must be positive, got {batch_size}")
+    group = group or distributed.world()
+    main = distributed.is_main(group)
     root = Path(image_dir)
     files = list_images(root)
     to_stdout = output is None or str(output) == "-"
-    done = set() if to_stdout else done_files(Path(output))
-    todo = [f for f in files if f not in done]
-    already = len(files) - len(todo)
-    if progress and already:
-        print(
-            f"resuming: {already} of {len(files)} pictures already captioned in {output}, "
-            f"{len(todo)} to go",
-            file=sys.stderr,
-        )
+    todo = None
+    if main:  # rank 0 owns the output: it says what is left to do
+        done = set() if to_stdout else done_files(Path(output))
+        todo = [f for f in files if f not in done]
+        already = len(files) - len(todo)
+        if progress and already:
+            print(
+                f"resuming: {already} of {len(files)} pictures already captioned in {output}, "
+                f"{len(todo)} to go",
+                file=sys.stderr,
+            )
+    todo = distributed.broadcast(todo, group)
     if seed is not None:
         import mlx.core as mx
 
         mx.random.seed(seed)
     template_prompt = processor.format_prompt(prompt, num_images=1)
-    out = sys.stdout if to_stdout else _open_for_append(output)
-    meter = Progress(len(todo), "captioned", "images", enabled=progress)
+    out = None
+    if main:
+        out = sys.stdout if to_stdout else _open_for_append(output)
+    meter = Progress(len(todo), "captioned", "images", enabled=progress and main)
     written = skipped = 0
     try:
-        for batch in _batches(todo, batch_size):
-            names, pictures = [], []
-            for name in batch:
-                try:
-                    pictures.append(load_image(root / name))
-                    names.append(name)
-                except ImageLoadError as e:
+        for names in _batches(todo, batch_size * group.size()):
+            mine = distributed.shard(names, group)
+            answered = _caption_batch(model, processor, root, mine, template_prompt, sampling)
+            for records, warnings in distributed.gather(answered, group):
+                for warning in warnings:
                     skipped += 1
-                    meter.message(f"warning: skipping {name}: {e}")
-            if names:
-                answers = batch_generate(
-                    model,
-                    processor,
-                    [template_prompt] * len(names),
-                    images=pictures,
-                    **sampling,
-                )
-                for name, answer in zip(names, answers):
-                    record = {"file": name, "prompt": prompt, "answer": answer.strip()}
-                    out.write(json.dumps(record, ensure_ascii=False) + "\n")
+                    if main:
+                        meter.message(warning)
+                for record in records:
+                    record = {"file": record[0], "prompt": prompt, "answer": record[1]}
+                    if out is not None:
+                        out.write(json.dumps(record, ensure_ascii=False) + "\n")
+                written += len(records)
+            if out is not None:
                 out.flush()
-                written += len(names)
             meter.update(written, f", {skipped} skipped" if skipped else "")
     finally:
         meter.close()
-        if not to_stdout:
+        if out is not None and not to_stdout:
             out.close()
     return written
+
+
+def _caption_batch(model, processor, root: Path, names, prompt: str, sampling: dict):
+    """([file, answer] for each readable picture of `names`, warnings for the others)."""
+    from .batch import batch_generate
+    from .image_processor import ImageLoadError, load_image
+
+    kept, pictures, warnings = [], [], []
+    for name in names:
+        try:
+            pictures.append(load_image(root / name))
+            kept.append(name)
+        except ImageLoadError as e:
+            warnings.append(f"warning: skipping {name}: {e}")
+    if not kept:
+        return [], warnings
+    answers = batch_generate(model, processor, [prompt] * len(kept), images=pictures, **sampling)
+    return [[name, answer.strip()] for name, answer in zip(kept, answers)], warnings

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
 from ..caption import DEFAULT_BATCH_SIZE, DEFAULT_CAPTION_PROMPT
 from . import run_cli
@@ -31,6 +30,7 @@ def caption_with_args(args: argparse.Namespace, model, processor) -> int:
     """Caption `args.image_dir` into `args.output` (`--image-dir` of caption.py and
     generate.py); the number of captions written."""
     from ..caption import caption_folder
+    from ..distributed import main_print
 
     sampling = sampling_kwargs(args)
     if sampling.pop("kv_bits", None) is not None:
@@ -46,7 +46,7 @@ def caption_with_args(args: argparse.Namespace, model, processor) -> int:
         **sampling,
     )
     if args.output not in (None, "-"):
-        print(f"wrote {n} caption(s) to {args.output}", file=sys.stderr)
+        main_print(f"wrote {n} caption(s) to {args.output}")
     return n
 
 

@@ -65,6 +65,9 @@ def main(argv=None) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
+    """Answer, score and summarise; under `mlx.launch` the ranks share the questions and
+    rank 0 alone writes the answers and prints the summary."""
+    from .. import distributed
     from ..evaluation import (
         answer_questions,
         default_image_folder,
@@ -82,13 +85,14 @@ def run(args: argparse.Namespace) -> None:
     folder = Path(args.image_folder or default_image_folder(args.data, fmt, args.split))
     if any(q.image for q in questions) and not folder.is_dir():
         raise FileNotFoundError(f"image folder not found: {folder}")
+    main = distributed.is_main()
     out: Optional[TextIO] = None
-    if args.output:
+    if args.output and main:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
         out = open(args.output, "w", encoding="utf-8")
     try:
         model, processor = load_from_args(args)
-        progress = Progress(len(questions), "[evaluate]", "q")
+        progress = Progress(len(questions), "[evaluate]", "q", enabled=main)
         records = []
         answers = answer_questions(
             model,
@@ -103,7 +107,7 @@ def run(args: argparse.Namespace) -> None:
         )
         for record in answers:
             records.append(record)
-            if "error" in record:
+            if "error" in record and main:
                 outcome = "skipped" if record.get("skipped") else "counted as wrong"
                 progress.message(
                     f"warning: question {record['question_id']}: {record['error']} ({outcome})"
@@ -116,6 +120,8 @@ def run(args: argparse.Namespace) -> None:
     finally:
         if out is not None:
             out.close()
+    if not main:
+        return
     summary = summarize(records, fmt)
     if args.json:
         print(json.dumps(summary, indent=2))

@@ -1,16 +1,19 @@
 """Asking: each question answered greedily, questions about one picture sharing its prefix.
 
-Questions that share a picture are asked one after the other with one `PromptCache`, so the
-picture and the system prompt are encoded once. The LLaVA-1.5 instruction "Answer the question
-using a single word or phrase." (vqa) or "Answer with the option's letter from the given choices
-directly." (scienceqa) goes on a new line after the question.
+Questions that share a picture are asked one after the other with one `PromptCache` (on one
+rank when `mlx.launch` runs several), so the picture and the system prompt are encoded once.
+The LLaVA-1.5 instruction "Answer the question using a single word or phrase." (vqa) or "Answer
+with the option's letter from the given choices directly." (scienceqa) goes on a new line after
+the question.
 """
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 from typing import Iterator, Optional, Sequence, Union
 
+from .. import distributed
 from ..generate import PromptCache, generate
 from ..image_processor import ImageLoadError, load_image
 from ..model import Model
@@ -21,6 +24,7 @@ from .scoring import score, summarize
 SINGLE_WORD_SUFFIX = "Answer the question using a single word or phrase."
 OPTION_LETTER_SUFFIX = "Answer with the option's letter from the given choices directly."
 DEFAULT_MAX_TOKENS = 16
+ROUND_UNITS = 4  # pictures (or text-only questions) per rank between two gatherings
 
 
 def question_prompt(question: Question, fmt: str, suffix: bool = True) -> str:
@@ -41,6 +45,15 @@ def group_by_image(questions: Sequence[Question]) -> list[tuple[Optional[str], l
     return list(groups.items())
 
 
+def work_units(questions: Sequence[Question]) -> list[list[Question]]:
+    """The questions in answering order, cut into the units a rank answers together: all the
+    questions about one picture (they share its prefix), or one text-only question."""
+    units = []
+    for image, group in group_by_image(questions):
+        units.extend([group] if image is not None else [[q] for q in group])
+    return units
+
+
 def answer_questions(
     model: Model,
     processor: Processor,
@@ -51,8 +64,13 @@ def answer_questions(
     max_tokens: int = DEFAULT_MAX_TOKENS,
     skip_missing: bool = False,
     model_id: Optional[str] = None,
+    group: Optional[distributed.Group] = None,
 ) -> Iterator[dict]:
     """Answer each question greedily, grouped by picture, and score it.
+
+    Under `mlx.launch` the ranks share the work: each round of `ROUND_UNITS` units per rank
+    (`work_units`) is split across them, and every rank gets all the records back, in the order
+    of one process.
 
     Args:
         model, processor: from `load`; `processor.format_prompt` applies the template.
@@ -64,57 +82,95 @@ def answer_questions(
         skip_missing: leave questions whose picture cannot be read out of the scores (else
             they count as wrong).
         model_id: written into each record.
+        group: the ranks to share the questions (default: all of `mlx.launch`'s).
 
     Yields:
         One record per question, pictures grouped: {"question_id", "prompt", "text",
         "answer", "category", "correct", ...}; "error" says why a question was not asked and
         "skipped" that it is not scored.
     """
+    group = group or distributed.world()
     cache = PromptCache(model)
-    folder = Path(image_folder)
-    for image, group in group_by_image(questions):
-        picture, error = None, None
-        if image is not None:
+    ask = partial(
+        _answer_unit,
+        model,
+        processor,
+        cache,
+        Path(image_folder),
+        fmt=fmt,
+        suffix=suffix,
+        max_tokens=max_tokens,
+        skip_missing=skip_missing,
+        model_id=model_id,
+    )
+    units = work_units(questions)
+    step = ROUND_UNITS * group.size()
+    for start in range(0, len(units), step):
+        mine = distributed.shard(units[start : start + step], group)
+        records = [record for unit in mine for record in ask(unit)]
+        for rank_records in distributed.gather(records, group):
+            yield from rank_records
+
+
+def _answer_unit(
+    model,
+    processor,
+    cache,
+    folder: Path,
+    unit: list[Question],
+    *,
+    fmt,
+    suffix,
+    max_tokens,
+    skip_missing,
+    model_id,
+) -> list[dict]:
+    """The records of questions about one picture (or none), asked with one `PromptCache`."""
+    image = unit[0].image
+    picture, error = None, None
+    if image is not None:
+        try:
+            picture = load_image(folder / image)
+        except ImageLoadError as e:
+            error = str(e)
+    records = []
+    for q in unit:
+        user = question_prompt(q, fmt, suffix)
+        text, question_error = "", error
+        if error is None:
+            prompt = processor.format_prompt(user, num_images=0 if picture is None else 1)
             try:
-                picture = load_image(folder / image)
-            except ImageLoadError as e:
-                error = str(e)
-        for q in group:
-            user = question_prompt(q, fmt, suffix)
-            text, question_error = "", error
-            if error is None:
-                prompt = processor.format_prompt(user, num_images=0 if picture is None else 1)
-                try:
-                    text = generate(
-                        model,
-                        processor,
-                        prompt,
-                        image=picture,
-                        max_tokens=max_tokens,
-                        temperature=0.0,
-                        prompt_cache=cache,
-                    ).strip()
-                except ValueError as e:  # e.g. a prompt longer than the model's context
-                    question_error = str(e)
-            record = {
-                "question_id": q.question_id,
-                "prompt": (IMAGE_PLACEHOLDER + "\n" if image else "") + user,
-                "text": text,
-                "answer": q.answers[0] if len(q.answers) == 1 else (q.answers or None),
-                "category": q.category,
-                "image": image,
-            }
-            record.update(score(q, text, fmt))
-            if model_id is not None:
-                record["model_id"] = model_id
-            if question_error is not None:
-                record["error"] = question_error
-                if skip_missing and error is not None:
-                    record["correct"] = None
-                    record["skipped"] = True
-                else:
-                    record["correct"] = False if q.answers else None
-            yield record
+                text = generate(
+                    model,
+                    processor,
+                    prompt,
+                    image=picture,
+                    max_tokens=max_tokens,
+                    temperature=0.0,
+                    prompt_cache=cache,
+                ).strip()
+            except ValueError as e:  # e.g. a prompt longer than the model's context
+                question_error = str(e)
+        record = {
+            "question_id": q.question_id,
+            "prompt": (IMAGE_PLACEHOLDER + "\n" if image else "") + user,
+            "text": text,
+            "answer": q.answers[0] if len(q.answers) == 1 else (q.answers or None),
+            "category": q.category,
+            "image": image,
+        }
+        record.update(score(q, text, fmt))
+        if model_id is not None:
+            record["model_id"] = model_id
+        if question_error is not None:
+            record["error"] = question_error
+            if skip_missing and error is not None:
+                record["correct"] = None
+                record["skipped"] = True
+            else:
+                record["correct"] = False if q.answers else None
+        records.append(record)
+    return records
 
 
 def evaluate(
