@@ -314,8 +314,11 @@ def stream_generate(
                 finish = "stop" if hit else finish
             yield _response(text, token, n, prompt_tokens, ttft, decode_tic, finish)
     finally:
+        steps.close()
+        # mlx-lm's loop queues a step ahead: let it finish, so that nothing of this answer is
+        # still running (nor, split across ranks, still talking to them) when the caller goes on.
+        mx.synchronize(generation_stream)
         if prompt_cache is not None:
-            steps.close()  # let mlx-lm's loop finish what it queued before reading the cache
             mx.eval([c.state for c in prompt_cache.cache])
             # The cache holds the prompt and the generated tokens fed back, or less if the
             # prefill was interrupted.

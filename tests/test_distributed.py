@@ -133,11 +133,28 @@ def small_model(tokenizer_dir, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def deep_model(tokenizer_dir, tmp_path_factory) -> Path:
-    """A random LLaVA whose 4 decoder layers (width 256) outweigh the rest, for pipelining."""
+    """A random LLaVA whose 4 decoder layers (width 256) outweigh the rest, for pipelining.
+
+    Its matrices are rescaled to N(0, 1/fan_in) (x0.3 inside the decoder layers), so that the
+    answers depend on the picture and the prompt, and its lm_head rows of `</s>` and of the
+    padded vocabulary are zero, so that greedy answers are text of full length."""
     from transformers import AutoTokenizer
 
-    config = _tiny_config(AutoTokenizer.from_pretrained(tokenizer_dir), 256, 1024, 4)
-    return init_model_folder(tmp_path_factory.mktemp("deep"), config, tokenizer_dir, seed=1)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    config = _tiny_config(tokenizer, 256, 1024, 4)
+    folder = init_model_folder(tmp_path_factory.mktemp("deep"), config, tokenizer_dir, seed=1)
+    weights = {k: np.array(v) for k, v in mx.load(str(folder / "model.safetensors")).items()}
+    for name, value in weights.items():
+        if value.ndim > 1:
+            fan_in = int(np.prod(value.shape[1:]))
+            value *= fan_in**-0.5 / 0.02 * (0.3 if ".layers." in name else 1.0)
+    head = weights["language_model.lm_head.weight"]
+    head[tokenizer.eos_token_id] = 0
+    head[len(tokenizer) :] = 0
+    mx.save_safetensors(
+        str(folder / "model.safetensors"), {k: mx.array(v) for k, v in weights.items()}
+    )
+    return folder
 
 
 @pytest.fixture(scope="module")
@@ -323,6 +340,7 @@ def test_pipeline_chats_as_one_process_with_half_the_memory(deep_model):
     argv = ["--model", str(deep_model), "--image", str(PICTURE), "--chat", "--pipeline"]
     stdin = "\n".join(turns) + "\n/exit\n"
     out, err = launch("generate.py", *argv, "--max-tokens", "10", "--verbose", stdin=stdin)
+    assert len(set(expected)) == 2 and all(expected)  # two different, non-empty answers
     assert out == "".join(answer + "\n" for answer in expected)
     ranks = _rank_lines(err)
     assert ranks[0][:3] == (2, 3, False) and ranks[1][:3] == (0, 1, True)
