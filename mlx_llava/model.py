@@ -159,6 +159,9 @@ class Model(nn.Module):
         """Split the decoder layers across the ranks of `group` (`LanguageModel`: rank 0 holds
         the last layers). The vision tower and projector stay on the rank of the first layers
         (the last rank), which builds the prompt's embeddings; the other ranks drop them."""
+        layers = self.config.text_config.num_hidden_layers
+        if group.size() > layers:
+            raise ValueError(f"{group.size()} ranks cannot share {layers} decoder layers")
         self.language_model.model.pipeline(group)
         if group.rank() != group.size() - 1:
             for name in [k for k in self if k != "language_model"]:
