@@ -2,6 +2,7 @@
 
     python benchmarks/make_checkpoint.py --out /tmp/llava-mid                 # mid, float32
     python benchmarks/make_checkpoint.py --out /tmp/llava-7b --preset 7b      # float16, ~14 GB
+    python benchmarks/make_checkpoint.py --out /tmp/llava-deep --preset deep  # float32, 1.1 GB
 
 The folder looks like a llava-hf hub repo (llava-hf/llava-1.5-7b-hf): `config.json` from
 transformers' `LlavaConfig`, safetensors shards with the hub's key names
@@ -81,6 +82,21 @@ PRESETS = {
         dtype="float16",
     ),
 }
+# mid's tower before a deeper, wider Llama whose decoder layers hold 3/4 of the weights: the
+# pipeline-parallel benchmark splits these layers across ranks (benchmarks/bench_distributed.py).
+PRESETS["deep"] = dict(
+    vision=PRESETS["mid"]["vision"],
+    text=dict(
+        hidden_size=1024,
+        intermediate_size=2816,
+        num_hidden_layers=16,
+        num_attention_heads=16,
+        vocab_size=32064,
+        max_position_embeddings=4096,
+        rms_norm_eps=1e-5,
+    ),
+    dtype="float32",
+)
 EOS_TOKEN_ID = 2
 # Norm weights 1, biases 0.02 N(0, 1), and the lm_head row of </s> zero (see the module docstring).
 INIT = RandomInit(norm_noise=0.0, bias_std=0.02, silent_tokens=(EOS_TOKEN_ID,))
@@ -104,7 +120,9 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description="Write a random llava-hf checkpoint (offline).")
     p.add_argument("--out", required=True, help="output folder (replaced if it exists)")
     p.add_argument("--preset", choices=list(PRESETS), default="mid")
-    p.add_argument("--dtype", choices=list(DTYPES), help="default: float32 mid, float16 7b")
+    p.add_argument(
+        "--dtype", choices=list(DTYPES), help="default: float32 mid and deep, float16 7b"
+    )
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     tic = time.perf_counter()
