@@ -204,6 +204,45 @@ def test_questions_about_one_picture_stay_together(shapes):
     assert len(pictures) == len(set(pictures))  # a picture's questions are one unit
 
 
+def test_a_pipeline_rank_keeps_only_its_part(small_model):
+    """Rank 0 of 2 keeps the last decoder layer, rank 1 the first and the vision side; each
+    loads exactly those tensors (strictly), and 3 ranks cannot share 2 layers."""
+    from mlx_llava.loader import build_model, read_model
+
+    config, weights, _ = read_model(small_model, None)
+    last = build_model(config, dict(weights), pipeline=_group(0, 2))
+    first = build_model(config, dict(weights), pipeline=_group(1, 2))
+    assert last.pipeline_stage() == "layers 1-1 of 2"
+    assert first.pipeline_stage() == "layers 0-0 of 2, vision tower and projector"
+    kept = [{k for k, _ in tree_flatten(m.parameters())} for m in (last, first)]
+    assert not any(k.startswith(("vision_tower.", "multi_modal_projector.")) for k in kept[0])
+    layers = "language_model.model.layers."
+    for held, layer in zip(kept, ("1", "0")):
+        assert {k for k in held if k.startswith(layers)} == {
+            k for k in weights if k.startswith(layers + layer + ".")
+        }
+    assert "language_model.lm_head.weight" in kept[0] & kept[1]  # every rank picks tokens
+    with pytest.raises(ValueError, match="3 ranks cannot share 2 decoder layers"):
+        build_model(config, dict(weights), pipeline=_group(0, 3))
+
+
+def test_generate_flags_that_do_not_go_with_ranks(monkeypatch, capsys):
+    from mlx_llava.cli import generate as generate_cli
+
+    def error(argv) -> str:
+        with pytest.raises(SystemExit) as exit_:
+            generate_cli.main(["--model", "demo"] + argv)
+        assert exit_.value.code == 1
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: "), lines
+        return lines[0]
+
+    assert "caption.py under mlx.launch" in error(["--pipeline", "--image-dir", "."])
+    assert "--kv-bits does not go with --pipeline" in error(["--pipeline", "--kv-bits", "8"])
+    monkeypatch.setattr(distributed, "size", lambda group=None: 2)  # as under mlx.launch -n 2
+    assert "needs --pipeline" in error(["--prompt", "Hi"])
+
+
 # Data-parallel training ----------------------------------------------------------------------
 
 TRAIN = dict(
