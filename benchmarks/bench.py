@@ -564,14 +564,14 @@ def bench_chat(lib: Ours, image, runs: int) -> dict:
 
 @contextmanager
 def token_clock(stamps: list):
-    """Timestamp every token batch_generate hands to its rows (its `_Row.add`), to split its
-    time into prefill and decoding; yields False when that internal is not there."""
+    """Timestamp every token batch_generate hands to its rows (`Row.add`, formerly `_Row.add`),
+    to split its time into prefill and decoding; yields False when that internal is not there."""
     try:
         from mlx_llava import batch
     except ImportError:
         yield False
         return
-    row = getattr(batch, "_Row", None)
+    row = getattr(batch, "Row", getattr(batch, "_Row", None))
     if row is None or not hasattr(row, "add"):
         yield False
         return

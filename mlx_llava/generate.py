@@ -109,6 +109,21 @@ def context_room(model: Model, length: int, what: str = "the prompt") -> int:
     return limit - length
 
 
+def picture_digests(pixel_values: np.ndarray) -> list[str]:
+    """A digest of each preprocessed picture [n, H, W, 3]: its identity in prompt caches."""
+    return [hashlib.sha1(np.ascontiguousarray(p).tobytes()).hexdigest() for p in pixel_values]
+
+
+def preprocess_pictures(
+    processor: Processor, images: Sequence[ImageInput]
+) -> tuple[Optional[mx.array], list[str]]:
+    """Pixel values [n, H, W, 3] (None without pictures) and the pictures' digests."""
+    if not images:
+        return None, []
+    pixels = processor.image_processor(list(images))
+    return mx.array(pixels), picture_digests(pixels)
+
+
 class PromptCache:
     """A KV cache that remembers what it holds, so a prompt that begins the same way computes
     only the rest: the picture and system prompt are encoded once for many questions, and a
@@ -133,9 +148,7 @@ class PromptCache:
         """Pixel values [n, H, W, 3] (None without pictures) and digests of `images`."""
         same = len(images) == len(self._pictures)
         if not (same and all(a is b for a, b in zip(images, self._pictures))):
-            pixels = processor.image_processor(list(images)) if images else []
-            self._digests = [hashlib.sha1(p.tobytes()).hexdigest() for p in pixels]
-            self._pixel_values = mx.array(pixels) if images else None
+            self._pixel_values, self._digests = preprocess_pictures(processor, images)
             self._pictures = tuple(images)
         return self._pixel_values, self._digests
 
@@ -157,21 +170,92 @@ class PromptCache:
         self.keys = self.keys[:length]
 
 
-def position_keys(
-    input_ids: np.ndarray, digests: Sequence[str], image_token: int, tokens_per_image: int
-) -> list:
-    """One hashable key per position of a single prompt: the token id, or (picture digest, k)."""
-    ids = input_ids.tolist()
+def image_runs(ids: Sequence[int], image_token: int) -> list[tuple[int, int]]:
+    """[start, end) of each run of image tokens in one prompt's ids: a run per picture (its
+    length is that picture's token count) when no two placeholders touch."""
+    runs, start = [], None
+    for i, t in enumerate(list(ids) + [None]):
+        if t == image_token and start is None:
+            start = i
+        elif t != image_token and start is not None:
+            runs.append((start, i))
+            start = None
+    return runs
+
+
+def position_keys(input_ids: np.ndarray, digests: Sequence[str], image_token: int) -> list:
+    """One hashable key per position of a single prompt: the token id, or (picture digest, k)
+    for the k-th token of a picture. Pictures are told apart by their runs of image tokens;
+    when placeholders touch (fewer runs than pictures) every image position is keyed by all the
+    prompt's digests instead."""
+    keys = np.asarray(input_ids).tolist()
     if not digests:
-        return ids
-    keys, seen = [], 0
-    for t in ids:
-        if t == image_token:
-            keys.append((digests[seen // tokens_per_image], seen % tokens_per_image))
-            seen += 1
-        else:
-            keys.append(t)
+        return keys
+    runs = image_runs(keys, image_token)
+    if len(runs) == len(digests):
+        for (start, end), digest in zip(runs, digests):
+            keys[start:end] = [(digest, k) for k in range(end - start)]
+        return keys
+    whole = tuple(digests)
+    image_positions = [i for start, end in runs for i in range(start, end)]
+    for k, i in enumerate(image_positions):
+        keys[i] = (whole, k)
     return keys
+
+
+def encode_prompt(
+    model: Model,
+    processor: Processor,
+    prompt: str,
+    images: Sequence[ImageInput],
+    pictures: Optional[tuple[Optional[mx.array], list[str]]] = None,
+    keyed: bool = True,
+) -> tuple[mx.array, Optional[mx.array], list]:
+    """Tokenize a prompt and preprocess its pictures.
+
+    Args:
+        pictures: `(pixel_values, digests)` of `images` already computed (see
+            `preprocess_pictures`), or None to compute them here.
+        keyed: compute position keys (else the keys are the token ids and pictures are not
+            hashed).
+
+    Returns:
+        input_ids [1, L] (each `<image>` expanded), pixel_values [n, H, W, 3] or None, and one
+        key per position (see `position_keys`).
+
+    Raises:
+        ValueError: placeholders and pictures differ in number, or the prompt leaves no room
+            in the model's context for an answer (see `context_room`).
+    """
+    if pictures is None and keyed:
+        pictures = preprocess_pictures(processor, images)
+    pixel_values, digests = pictures if pictures is not None else (None, [])
+    inputs = processor(prompt, list(images) or None, pixel_values=pixel_values)
+    input_ids = inputs["input_ids"]
+    context_room(model, input_ids.shape[1])
+    ids = np.asarray(input_ids[0])
+    keys = position_keys(ids, digests, model.config.image_token_index) if keyed else ids.tolist()
+    return input_ids, inputs["pixel_values"], keys
+
+
+def prompt_embeddings(
+    model: Model, input_ids: mx.array, pixel_values: Optional[mx.array], start: int = 0
+) -> mx.array:
+    """Embeddings [L - start, D] of positions `start:` of one prompt, input_ids [1, L].
+
+    Only the pictures whose tokens lie after `start` go through the vision tower: a picture
+    already in a cached prefix is not encoded again.
+    """
+    new_ids = input_ids[:, start:]
+    image_token = model.config.image_token_index
+    if pixel_values is None or not bool((new_ids == image_token).any()):
+        return model.get_input_embeddings(new_ids)[0]
+    runs = image_runs(np.asarray(input_ids[0]).tolist(), image_token)
+    apart = len(runs) == pixel_values.shape[0]
+    if apart and not any(s < start < e for s, e in runs):
+        first = sum(e <= start for _, e in runs)  # pictures wholly before `start`
+        return model.get_input_embeddings(new_ids, pixel_values[first:])[0]
+    return model.get_input_embeddings(input_ids, pixel_values)[0, start:]
 
 
 def prepare_prompt(
@@ -188,32 +272,17 @@ def prepare_prompt(
         their embeddings [L', D], and the keys of the whole prompt (see `position_keys`;
         without a `prompt_cache`, simply the token ids).
     """
-    pixel_values, digests = None, []
-    if prompt_cache is not None:
-        pixel_values, digests = prompt_cache.pictures(images, processor)
-    inputs = processor(prompt, list(images) or None, pixel_values=pixel_values)
-    input_ids, pixel_values = inputs["input_ids"], inputs["pixel_values"]
-    length = input_ids.shape[1]
-    context_room(model, length)
-    config = model.config
-    if prompt_cache is None:  # the keys only count positions: no need to hash the pixels
-        keys = np.asarray(input_ids[0]).tolist()
-    else:
-        keys = position_keys(
-            np.asarray(input_ids[0]), digests, config.image_token_index, config.num_image_tokens
-        )
+    pictures = None if prompt_cache is None else prompt_cache.pictures(images, processor)
+    input_ids, pixel_values, keys = encode_prompt(
+        model, processor, prompt, images, pictures, keyed=prompt_cache is not None
+    )
     start = 0
     if prompt_cache is not None:
-        start = min(prompt_cache.reusable(keys), length - 1)  # logits need one new position
+        start = min(prompt_cache.reusable(keys), len(keys) - 1)  # logits need a new position
         prompt_cache.rewind(start)
-    new_ids = input_ids[:, start:]
-    is_image = new_ids == config.image_token_index
-    if pixel_values is not None and start < length and bool(is_image.any()):
-        embeddings = model.get_input_embeddings(input_ids, pixel_values)[:, start:]
-    else:
-        embeddings = model.get_input_embeddings(new_ids)
-    history = mx.where(is_image, 0, new_ids)
-    return history[0], embeddings[0], keys
+    embeddings = prompt_embeddings(model, input_ids, pixel_values, start)
+    new_ids = input_ids[0, start:]
+    return mx.where(new_ids == model.config.image_token_index, 0, new_ids), embeddings, keys
 
 
 def stream_generate(
