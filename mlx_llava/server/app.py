@@ -1,0 +1,426 @@
+"""The HTTP side: a FastAPI app whose routes parse, validate and hand requests to the worker.
+
+`create_app(model, processor, config)` serves the OpenAI routes (`/v1/chat/completions`,
+`/v1/models`), the Ollama routes (see `ollama.py`), `/health` and the chat page at `/`. No MLX
+code runs here: requests become plain data (a rendered prompt and decoded pictures) for the
+`Worker`, whose events come back through an asyncio queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import AsyncIterator, Optional, Sequence
+
+from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from fastapi.staticfiles import StaticFiles
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+
+from ..model import Model
+from ..processor import Processor
+from .messages import Message, PicturePolicy, render_conversation
+from .ollama import ollama_router
+from .schemas import (
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionMessage,
+    ChatCompletionRequest,
+    ChatMessage,
+    Choice,
+    ChoiceDelta,
+    ChunkChoice,
+    ErrorDetail,
+    ErrorResponse,
+    ModelList,
+    PromptTokensDetails,
+    RequestError,
+    Usage,
+    parse_body,
+)
+from .schemas import Model as ModelCard
+from .worker import Event, GenerationRequest, QueueFull, Sampling, Stats, Worker
+
+log = logging.getLogger("mlx_llava.server")
+STATIC = Path(__file__).parent / "static"
+PUBLIC_PATHS = ("/", "/health", "/favicon.ico")  # and /static/: the page holds no data
+
+
+@dataclass
+class ServerConfig:
+    """The server's settings (the command line's flags)."""
+
+    model_id: str = "default"
+    api_key: Optional[str] = None
+    cors_origins: Sequence[str] = ()
+    allow_remote_images: bool = False
+    image_dir: Optional[str] = None
+    image_timeout: float = 10.0
+    max_image_mb: float = 20.0
+    max_body_mb: float = 50.0
+    max_batch: int = 8
+    max_queue: int = 32
+    max_prefill: int = 8
+    prompt_cache_size: int = 16
+    prompt_cache_mb: float = 2048.0
+    prefill_step_size: int = 2048
+    defaults: Sampling = field(default_factory=Sampling)  # for fields a request leaves out
+
+
+class Generation:
+    """A submitted request seen from the event loop: the worker's events, in order."""
+
+    def __init__(self, worker: Worker, request: GenerationRequest):
+        self.loop = asyncio.get_running_loop()
+        self.events: asyncio.Queue[Event] = asyncio.Queue()
+        try:
+            self.job = worker.submit(request, self._put)
+        except QueueFull as e:
+            raise RequestError(f"{e}; retry later", code="queue_full", status=503) from e
+        self.stats = Stats()
+
+    def _put(self, event: Event) -> None:
+        self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+
+    async def start(self) -> None:
+        """Wait until the worker has taken the request (or refused it: RequestError)."""
+        event = await self.events.get()
+        if event.kind == "error":
+            raise RequestError(event.error, status=event.status)
+        self.stats = event.stats
+
+    async def stream(self) -> AsyncIterator[Event]:
+        """The "text" events, then the "done" one; the request is cancelled if the caller
+        stops early (the client went away)."""
+        try:
+            while True:
+                event = await self.events.get()
+                if event.kind == "error":
+                    raise RequestError(event.error, status=event.status)
+                yield event
+                if event.kind == "done":
+                    self.stats = event.stats
+                    return
+        finally:
+            self.job.cancel()
+
+    async def collect(self, request: Request) -> tuple[str, Event]:
+        """The whole answer and the "done" event; cancelled if the client disconnects."""
+
+        async def watch() -> None:
+            while not await request.is_disconnected():
+                await asyncio.sleep(0.5)
+            self.job.cancel()
+
+        watcher = asyncio.create_task(watch())
+        text = ""
+        try:
+            async for event in self.stream():
+                text += event.text
+                if event.kind == "done":
+                    return text, event
+        finally:
+            watcher.cancel()
+        raise RequestError("the generation ended without an answer", status=500)
+
+
+class Service:
+    """What the routes share: the worker, the settings and the picture policy."""
+
+    def __init__(self, model: Model, processor: Processor, config: ServerConfig):
+        self.processor = processor
+        self.config = config
+        self.model_id = config.model_id
+        self.created = int(time.time())
+        self.policy = PicturePolicy(
+            allow_remote=config.allow_remote_images,
+            image_dir=Path(config.image_dir) if config.image_dir else None,
+            timeout=config.image_timeout,
+            max_bytes=int(config.max_image_mb * (1 << 20)),
+        )
+        self.worker = Worker(
+            model,
+            processor,
+            max_batch=config.max_batch,
+            max_queue=config.max_queue,
+            max_prefill=config.max_prefill,
+            cache_entries=config.prompt_cache_size,
+            cache_bytes=int(config.prompt_cache_mb * (1 << 20)),
+            prefill_step_size=config.prefill_step_size,
+        )
+
+    def check_model(self, name: Optional[str], param: str = "model") -> None:
+        """Requests name the served model (or leave it out)."""
+        if name is None or name in (self.model_id, f"{self.model_id}:latest"):
+            return
+        raise RequestError(
+            f"the model '{name}' does not exist: this server serves '{self.model_id}'",
+            param,
+            "model_not_found",
+            404,
+        )
+
+    async def prompt(self, messages: list[Message], param: str = "messages") -> tuple[str, list]:
+        return await run_in_threadpool(render_conversation, self.processor, messages, param)
+
+    async def generate(self, prompt: str, pictures: list, sampling: Sampling) -> Generation:
+        """Submit and wait until the worker has taken the request (RequestError otherwise)."""
+        generation = Generation(self.worker, GenerationRequest(prompt, pictures, sampling))
+        await generation.start()
+        return generation
+
+    def sampling(self, **fields) -> Sampling:
+        """The request's sampling fields, the server's defaults for those left out (None)."""
+        d = self.config.defaults
+        values = {k: v for k, v in fields.items() if v is not None}
+        stop = values.pop("stop", d.stop)
+        return Sampling(
+            **{**d.__dict__, "stop": [stop] if isinstance(stop, str) else list(stop), **values}
+        )
+
+
+# OpenAI ----------------------------------------------------------------------------------------
+
+
+async def openai_messages(service: Service, messages: list[ChatMessage]) -> list[Message]:
+    """OpenAI messages -> ours, pictures fetched and decoded (in a thread: may block)."""
+
+    def convert() -> list[Message]:
+        out = []
+        for i, m in enumerate(messages):
+            role = "system" if m.role == "developer" else m.role
+            if m.content is None or isinstance(m.content, str):
+                out.append(Message(role, m.content or ""))
+                continue
+            texts, pictures = [], []
+            for j, part in enumerate(m.content):
+                if part.type == "text":
+                    texts.append(part.text)
+                else:
+                    pictures.append(service.policy.load(part.url, f"messages[{i}].content[{j}]"))
+            out.append(Message(role, "\n".join(texts), pictures))
+        return out
+
+    return await run_in_threadpool(convert)
+
+
+def usage_of(stats: Stats) -> Usage:
+    return Usage(
+        prompt_tokens=stats.prompt_tokens,
+        completion_tokens=stats.completion_tokens,
+        total_tokens=stats.prompt_tokens + stats.completion_tokens,
+        prompt_tokens_details=PromptTokensDetails(cached_tokens=stats.cached_tokens),
+    )
+
+
+def finish_reason(reason: Optional[str]) -> Optional[str]:
+    return "stop" if reason == "cancelled" else reason
+
+
+def chat_routes(app: FastAPI, service: Service) -> None:
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        body = parse_body(ChatCompletionRequest, await request.body())
+        service.check_model(body.model)
+        if body.logprobs:
+            raise RequestError("logprobs are not supported", "logprobs", "unsupported")
+        messages = await openai_messages(service, body.messages)
+        prompt, pictures = await service.prompt(messages)
+        sampling = service.sampling(
+            max_tokens=body.max_completion_tokens or body.max_tokens,
+            temperature=body.temperature,
+            top_p=body.top_p,
+            top_k=body.top_k,
+            min_p=body.min_p,
+            repetition_penalty=body.repetition_penalty,
+            seed=body.seed,
+            stop=body.stop,
+        )
+        generation = await service.generate(prompt, pictures, sampling)
+        ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            chunks = sse_chunks(generation, ident, created, service.model_id, include_usage)
+            return StreamingResponse(
+                chunks,
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            )
+        text, done = await generation.collect(request)
+        return ChatCompletion(
+            id=ident,
+            created=created,
+            model=service.model_id,
+            choices=[
+                Choice(
+                    message=ChatCompletionMessage(content=text),
+                    finish_reason=finish_reason(done.finish_reason),
+                )
+            ],
+            usage=usage_of(done.stats),
+        )
+
+    @app.get("/v1/models")
+    async def models():
+        return ModelList(data=[ModelCard(id=service.model_id, created=service.created)])
+
+
+async def sse_chunks(
+    generation: Generation, ident: str, created: int, model: str, include_usage: bool
+) -> AsyncIterator[str]:
+    """Server-Sent Events of `chat.completion.chunk` objects, then `data: [DONE]`."""
+
+    def chunk(delta: Optional[ChoiceDelta] = None, reason=None, usage=None) -> str:
+        body = ChatCompletionChunk(
+            id=ident,
+            created=created,
+            model=model,
+            choices=[ChunkChoice(delta=delta, finish_reason=reason)] if delta else [],
+            usage=usage,
+        ).model_dump()
+        for choice in body["choices"]:  # as OpenAI: a delta holds only what it sets
+            choice["delta"] = {k: v for k, v in choice["delta"].items() if v is not None}
+        return f"data: {json.dumps(body)}\n\n"
+
+    yield chunk(ChoiceDelta(role="assistant", content=""))
+    try:
+        async for event in generation.stream():
+            if event.kind == "text":
+                yield chunk(ChoiceDelta(content=event.text))
+                continue
+            yield chunk(ChoiceDelta(), finish_reason(event.finish_reason))
+            if include_usage:
+                yield chunk(usage=usage_of(event.stats))
+    except RequestError as e:  # the worker failed after the stream began
+        yield f"data: {error_body(e).model_dump_json()}\n\n"
+    finally:
+        generation.job.cancel()  # a no-op unless the client went away mid-answer
+    yield "data: [DONE]\n\n"
+
+
+# Errors, authentication, body size -------------------------------------------------------------
+
+
+def error_body(e: RequestError) -> ErrorResponse:
+    kind = "invalid_request_error" if e.status < 500 else "server_error"
+    if e.status == 401:
+        kind = "authentication_error"
+    return ErrorResponse(
+        error=ErrorDetail(message=e.message, type=kind, param=e.param, code=e.code)
+    )
+
+
+def error_response(path: str, e: RequestError) -> JSONResponse:
+    """OpenAI's error object, or Ollama's `{"error": "..."}` on its routes."""
+    headers = {"WWW-Authenticate": "Bearer"} if e.status == 401 else None
+    if e.status == 503:
+        headers = {"Retry-After": "1"}
+    if path.startswith("/api/"):
+        return JSONResponse({"error": e.message}, e.status, headers=headers)
+    return JSONResponse(error_body(e).model_dump(), e.status, headers=headers)
+
+
+class BodyTooLarge(RequestError):
+    pass
+
+
+class Guard:
+    """ASGI middleware run before any route: the API key and the body-size limit."""
+
+    def __init__(self, app, api_key: Optional[str], max_body: int):
+        self.app = app
+        self.api_key = api_key
+        self.max_body = max_body
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope["path"]
+        headers = dict(scope["headers"])
+        public = path in PUBLIC_PATHS or path.startswith("/static/")
+        if self.api_key and not public and scope["method"] != "OPTIONS":
+            given = headers.get(b"authorization", b"").decode("latin-1")
+            expected = f"Bearer {self.api_key}"
+            if not hmac.compare_digest(given.encode(), expected.encode()):
+                error = RequestError(
+                    "a valid API key is needed: send the header 'Authorization: Bearer KEY'",
+                    code="invalid_api_key",
+                    status=401,
+                )
+                return await error_response(path, error)(scope, receive, send)
+        too_large = BodyTooLarge(
+            f"the request body is over the limit of {self.max_body} bytes (--max-body-mb)",
+            code="body_too_large",
+            status=413,
+        )
+        length = headers.get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_body:
+            return await error_response(path, too_large)(scope, receive, send)
+        received = 0
+
+        async def counted():
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.max_body:
+                raise too_large
+            return message
+
+        return await self.app(scope, counted, send)
+
+
+def create_app(model: Model, processor: Processor, config: ServerConfig) -> FastAPI:
+    """The server for one model. The worker thread starts and stops with the app."""
+    service = Service(model, processor, config)
+
+    async def lifespan(_app):
+        service.worker.start()
+        yield
+        await run_in_threadpool(service.worker.close)
+
+    app = FastAPI(title="mlx-llava", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.service = service
+
+    @app.exception_handler(RequestError)
+    async def request_error(request: Request, e: RequestError):
+        return error_response(request.url.path, e)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, e: HTTPException):
+        message = {404: "no such route", 405: "method not allowed"}.get(e.status_code, e.detail)
+        return error_response(request.url.path, RequestError(str(message), status=e.status_code))
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, e: Exception):
+        log.exception("unexpected error")
+        error = RequestError("internal server error; see the server log", status=500)
+        return error_response(request.url.path, error)
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "model": service.model_id, **service.worker.state()}
+
+    @app.get("/")
+    async def page():
+        return FileResponse(STATIC / "index.html")
+
+    chat_routes(app, service)
+    app.include_router(ollama_router(service))
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    if config.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(config.cors_origins),
+            allow_methods=["GET", "POST", "OPTIONS"],
+            allow_headers=["Authorization", "Content-Type"],
+        )
+    app.add_middleware(Guard, api_key=config.api_key, max_body=int(config.max_body_mb * (1 << 20)))
+    return app

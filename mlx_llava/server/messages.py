@@ -1,0 +1,189 @@
+"""Chat messages of either API -> the checkpoint's prompt and the pictures, in order.
+
+The whole conversation is rendered with the checkpoint's conversation template each turn
+(`mlx_llava.chat.session_template` + `mlx_llava.conversation.render`), every picture where its
+message put it (one `<image>` each, in front of the message's text unless the text places its
+own), so that a conversation that goes on about a picture renders the same prefix every turn and
+the worker's prompt cache finds it. Pictures are fetched and decoded here under the server's
+policy: data URLs always, http(s) only when allowed, files only inside one folder.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import dataclasses
+import urllib.parse
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence
+
+from PIL import Image
+
+from ..chat import session_template
+from ..conversation import IMAGE_TOKEN, render
+from ..image_processor import ImageLoadError, load_image
+from ..processor import Processor
+from .schemas import RequestError
+
+
+@dataclass
+class Message:
+    """One chat message: a role ("system", "user" or "assistant"), text, decoded pictures."""
+
+    role: str
+    text: str = ""
+    pictures: list = field(default_factory=list)
+
+
+@dataclass
+class PicturePolicy:
+    """Where pictures may come from, and how big they may be.
+
+    Attributes:
+        allow_remote: fetch http(s) URLs (off by default: the server would fetch whatever a
+            client names).
+        image_dir: local paths and file:// URLs are read only inside this folder (none without).
+        timeout: seconds a remote picture may take to arrive, in all.
+        max_bytes: the most bytes of an encoded picture from a URL or a file (data URLs are
+            bounded by the request body limit).
+    """
+
+    allow_remote: bool = False
+    image_dir: Optional[Path] = None
+    timeout: float = 10.0
+    max_bytes: int = 20 << 20
+
+    def load(self, source: str, param: str) -> Image.Image:
+        """Decode a picture named by a data URL, an http(s) URL, a file:// URL or a path.
+
+        Raises:
+            RequestError: the source is refused, malformed or not a picture.
+        """
+        try:
+            if source.startswith("data:"):
+                return load_image(self._data_url(source, param))
+            if source.startswith(("http://", "https://")):
+                if not self.allow_remote:
+                    raise RequestError(
+                        "image URLs are refused: send the picture as a data URL "
+                        "(data:image/png;base64,...), or start the server with "
+                        "--allow-remote-images",
+                        param,
+                        "image_url_refused",
+                    )
+                return load_image(source, timeout=self.timeout, max_bytes=self.max_bytes)
+            return load_image(str(self._local_path(source, param)), max_bytes=self.max_bytes)
+        except ImageLoadError as e:
+            raise RequestError(str(e), param, "invalid_image") from e
+
+    def load_base64(self, data: str, param: str) -> Image.Image:
+        """Decode a picture sent as bare base64 (Ollama's `images`) or as a data URL."""
+        if data.startswith("data:"):
+            return self.load(data, param)
+        try:
+            return load_image(_b64decode(data, param))
+        except ImageLoadError as e:
+            raise RequestError(str(e), param, "invalid_image") from e
+
+    @staticmethod
+    def _data_url(url: str, param: str) -> bytes:
+        header, comma, payload = url[len("data:") :].partition(",")
+        media_type, *options = header.split(";")
+        if not comma or "base64" not in options:
+            raise RequestError(
+                "image data URLs must be base64: data:image/png;base64,...", param, "invalid_image"
+            )
+        if not media_type.startswith("image/"):
+            raise RequestError(
+                f"the data URL holds {media_type or 'no media type'}, not a picture (image/...)",
+                param,
+                "invalid_image",
+            )
+        return _b64decode(payload, param)
+
+    def _local_path(self, source: str, param: str) -> Path:
+        if source.startswith("file://"):
+            source = urllib.parse.unquote(urllib.parse.urlparse(source).path)
+        elif "://" in source:
+            raise RequestError(
+                f"unsupported picture URL scheme: {source.split('://')[0]}://",
+                param,
+                "invalid_image",
+            )
+        if self.image_dir is None:
+            raise RequestError(
+                "local picture paths are refused: send the picture as a data URL, or start the "
+                "server with --image-dir DIR to allow files inside DIR",
+                param,
+                "image_url_refused",
+            )
+        root = self.image_dir.resolve()
+        path = (root / source).resolve()  # an absolute source replaces root
+        if not path.is_relative_to(root):
+            raise RequestError(
+                f"picture paths must lie inside the --image-dir folder ({root})",
+                param,
+                "image_url_refused",
+            )
+        return path
+
+
+def _b64decode(data: str, param: str) -> bytes:
+    try:
+        return base64.b64decode("".join(data.split()), validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise RequestError(f"malformed base64 picture data: {e}", param, "invalid_image") from e
+
+
+def render_conversation(
+    processor: Processor, messages: Sequence[Message], param: str = "messages"
+) -> tuple[str, list]:
+    """The prompt of a conversation that the model answers next, and its pictures in order.
+
+    System messages replace the template's system prompt (joined by newlines); consecutive
+    messages of one role are joined; empty assistant messages are skipped; assistant answers are
+    stripped of surrounding whitespace, as `ChatSession` keeps them. A message's pictures go in
+    front of its text, one `<image>` each, unless its text holds as many `<image>` as it has
+    pictures.
+
+    Raises:
+        RequestError: placeholders and pictures differ, pictures outside user messages, no
+            user message last, an empty user message.
+    """
+    system, turns = [], []
+    for i, m in enumerate(messages):
+        where = f"{param}[{i}]"
+        placeholders = m.text.count(IMAGE_TOKEN)
+        if m.role != "user" and (placeholders or m.pictures):
+            raise RequestError(f"only user messages may hold pictures or <image> ({where})", where)
+        if m.role == "system":
+            system.append(m.text)
+            continue
+        text = m.text.strip() if m.role == "assistant" else m.text
+        if m.role == "assistant" and not text:
+            continue
+        if m.role == "user":
+            if placeholders == 0:
+                text = (IMAGE_TOKEN + "\n") * len(m.pictures) + text
+            elif placeholders != len(m.pictures):
+                raise RequestError(
+                    f"{where} has {placeholders} <image> placeholder(s) but "
+                    f"{len(m.pictures)} picture(s)",
+                    where,
+                )
+            if not text.strip():
+                raise RequestError(f"{where} is empty: no text and no picture", where)
+        if turns and turns[-1][0] == m.role:
+            turns[-1] = (m.role, turns[-1][1] + "\n" + text, turns[-1][2] + list(m.pictures))
+        else:
+            turns.append((m.role, text, list(m.pictures)))
+    if not turns or turns[-1][0] != "user":
+        raise RequestError("the conversation must end with a user message", param)
+    if turns[0][0] != "user":
+        raise RequestError("the conversation must start with a user message", param)
+    template = session_template(processor)
+    if system:
+        template = dataclasses.replace(template, system="\n".join(system))
+    prompt = render(template, [(role, text) for role, text, _ in turns])
+    return prompt, [p for _, _, pictures in turns for p in pictures]

@@ -1,0 +1,243 @@
+"""Request and response bodies of the OpenAI and Ollama APIs, as pydantic models named after the
+APIs' own objects. Fields the server does not use are ignored, as the APIs' clients send many."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Literal, Optional, TypeVar, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+Schema = TypeVar("Schema", bound=BaseModel)
+
+
+class RequestError(ValueError):
+    """A client's mistake, answered with a 4xx and a JSON body (never a traceback)."""
+
+    def __init__(
+        self,
+        message: str,
+        param: Optional[str] = None,
+        code: Optional[str] = None,
+        status: int = 400,
+    ):
+        super().__init__(message)
+        self.message, self.param, self.code, self.status = message, param, code, status
+
+
+def parse_body(schema: type[Schema], body: bytes) -> Schema:
+    """A request body as `schema`; RequestError (naming the field) for anything else."""
+    try:
+        data = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise RequestError(f"the body is not valid JSON: {e}", code="invalid_json") from e
+    if not isinstance(data, dict):
+        raise RequestError("the body must be a JSON object", code="invalid_json")
+    try:
+        return schema.model_validate(data)
+    except ValidationError as e:
+        first = e.errors()[0]
+        param = ".".join(str(p) for p in first["loc"]) or None
+        raise RequestError(f"{param or 'body'}: {first['msg']}", param, "invalid_value") from e
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+# OpenAI: /v1/chat/completions ----------------------------------------------------------------
+
+
+class TextPart(_Request):
+    type: Literal["text"]
+    text: str
+
+
+class ImageURL(_Request):
+    url: str
+    detail: Optional[str] = None
+
+
+class ImageURLPart(_Request):
+    type: Literal["image_url"]
+    image_url: Union[ImageURL, str]
+
+    @property
+    def url(self) -> str:
+        return self.image_url if isinstance(self.image_url, str) else self.image_url.url
+
+
+ContentPart = Annotated[Union[TextPart, ImageURLPart], Field(discriminator="type")]
+
+
+class ChatMessage(_Request):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: Union[str, list[ContentPart], None] = None
+
+
+class StreamOptions(_Request):
+    include_usage: bool = False
+
+
+class ChatCompletionRequest(_Request):
+    model: Optional[str] = None
+    messages: list[ChatMessage] = Field(min_length=1)
+    stream: bool = False
+    stream_options: Optional[StreamOptions] = None
+    max_tokens: Optional[int] = Field(None, ge=1)
+    max_completion_tokens: Optional[int] = Field(None, ge=1)
+    temperature: Optional[float] = Field(None, ge=0.0, le=2.0)
+    top_p: Optional[float] = Field(None, ge=0.0, le=1.0)
+    top_k: Optional[int] = Field(None, ge=0)
+    min_p: Optional[float] = Field(None, ge=0.0, le=1.0)
+    repetition_penalty: Optional[float] = Field(None, gt=0.0)
+    seed: Optional[int] = None
+    stop: Union[str, list[str], None] = None
+    n: int = Field(1, ge=1, le=1)
+    logprobs: Optional[bool] = Field(None, description="not supported: false or absent only")
+
+
+class ChatCompletionMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    prompt_tokens_details: PromptTokensDetails
+
+
+class Choice(BaseModel):
+    index: int = 0
+    message: ChatCompletionMessage
+    finish_reason: Optional[str]
+    logprobs: None = None
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[Choice]
+    usage: Usage
+
+
+class ChoiceDelta(BaseModel):
+    role: Optional[Literal["assistant"]] = None
+    content: Optional[str] = None
+
+
+class ChunkChoice(BaseModel):
+    index: int = 0
+    delta: ChoiceDelta
+    finish_reason: Optional[str] = None
+    logprobs: None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChunkChoice]
+    usage: Optional[Usage] = None
+
+
+class Model(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "mlx-llava"
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[Model]
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: Optional[str] = None
+    code: Optional[str] = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+# Ollama: /api/chat, /api/generate, /api/tags --------------------------------------------------
+
+
+class OllamaOptions(_Request):
+    num_predict: Optional[int] = None
+    temperature: Optional[float] = Field(None, ge=0.0)
+    top_p: Optional[float] = Field(None, ge=0.0, le=1.0)
+    top_k: Optional[int] = Field(None, ge=0)
+    min_p: Optional[float] = Field(None, ge=0.0, le=1.0)
+    repeat_penalty: Optional[float] = Field(None, gt=0.0)
+    repeat_last_n: Optional[int] = Field(None, ge=0)
+    seed: Optional[int] = None
+    stop: Optional[list[str]] = None
+
+
+class OllamaMessage(_Request):
+    role: Literal["system", "user", "assistant"]
+    content: str = ""
+    images: Optional[list[str]] = None
+
+
+class OllamaChatRequest(_Request):
+    model: Optional[str] = None
+    messages: list[OllamaMessage] = Field(default_factory=list)
+    stream: bool = True
+    options: Optional[OllamaOptions] = None
+
+
+class OllamaGenerateRequest(_Request):
+    model: Optional[str] = None
+    prompt: str = ""
+    system: Optional[str] = None
+    images: Optional[list[str]] = None
+    stream: bool = True
+    options: Optional[OllamaOptions] = None
+
+
+class OllamaTimings(BaseModel):
+    """The closing fields of an Ollama answer; durations in nanoseconds."""
+
+    done_reason: str
+    total_duration: int
+    load_duration: int
+    prompt_eval_count: int
+    prompt_eval_duration: int
+    eval_count: int
+    eval_duration: int
+
+
+class OllamaModelDetails(BaseModel):
+    format: str = "safetensors"
+    family: str = "llava"
+    families: list[str] = ["llava", "clip"]
+    parameter_size: str
+    quantization_level: str
+
+
+class OllamaModel(BaseModel):
+    name: str
+    model: str
+    modified_at: str
+    size: int
+    digest: str
+    details: OllamaModelDetails
+
+
+class OllamaTags(BaseModel):
+    models: list[OllamaModel]

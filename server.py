@@ -1,0 +1,6 @@
+"""Serve a LLaVA model over HTTP (OpenAI and Ollama APIs, a chat page). See `python server.py --help`."""
+
+from mlx_llava.cli.server import main
+
+if __name__ == "__main__":
+    main()
