@@ -1,4 +1,4 @@
-"""Serve a LLaVA model over HTTP (OpenAI and Ollama APIs, a chat page). See `python server.py --help`."""
+"""Serve a LLaVA model over HTTP: OpenAI and Ollama APIs, a chat page. See `python server.py -h`."""
 
 from mlx_llava.cli.server import main
 
