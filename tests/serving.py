@@ -109,3 +109,41 @@ def slow_steps(worker, seconds: float, monkeypatch) -> list:
 
     monkeypatch.setattr(engine, "step", slow)
     return sizes
+
+
+CHROMIUM_FLAGS = [
+    "--headless=new",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-dev-shm-usage",
+    "--window-size=1000,720",
+]
+
+
+def chromium_driver(user_data_dir: Path):
+    """A headless Chromium driven by selenium through Debian's chromedriver, or a reason why
+    there is none (scripts/install_browser.sh installs them)."""
+    import shutil
+
+    try:
+        from selenium import webdriver
+        from selenium.webdriver.chrome.service import Service
+    except ImportError:
+        return None, "selenium is not installed (scripts/install_browser.sh)"
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    chromedriver = shutil.which("chromedriver")
+    if not chromium or not chromedriver:
+        return None, "no chromium + chromedriver on PATH (scripts/install_browser.sh)"
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for flag in CHROMIUM_FLAGS + [f"--user-data-dir={user_data_dir}"]:
+        options.add_argument(flag)
+    try:
+        return webdriver.Chrome(service=Service(chromedriver), options=options), None
+    except Exception as e:  # noqa: BLE001 - a browser that cannot start is a skip reason
+        return None, f"chromium did not start: {str(e).splitlines()[0]}"
