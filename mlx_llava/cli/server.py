@@ -137,7 +137,13 @@ def _is_loopback(host: str) -> bool:
 def serve(args: argparse.Namespace) -> None:
     """Load the model and serve it until interrupted."""
     _check(args)
-    import uvicorn
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn
+    except ImportError as e:
+        raise RuntimeError(
+            f"the server needs FastAPI and uvicorn ({e}): pip install 'mlx-llava[server]'"
+        ) from e
     from PIL import Image
 
     from ..loader import load
