@@ -97,13 +97,13 @@ def wait_until(condition, timeout: float = 10.0, interval: float = 0.02):
 
 def slow_steps(worker, seconds: float, monkeypatch) -> list:
     """Make each decoding step of `worker` take at least `seconds` (to catch a request in the
-    act); returns a list that records the batch size at every step."""
+    act); returns a list that records (rows in the batch, rows joining) at every step."""
     engine = worker.engine
     step = engine.step
-    sizes: list[int] = []
+    sizes: list[tuple[int, int]] = []
 
     def slow():
-        sizes.append(len(engine.rows) + len(engine.waiting))
+        sizes.append((len(engine.rows), len(engine.waiting)))
         time.sleep(seconds)
         return step()
 

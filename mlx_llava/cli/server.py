@@ -7,6 +7,7 @@ import argparse
 import ipaddress
 import os
 import sys
+from typing import Optional
 
 from . import run_cli
 from .generate import add_model_args
@@ -16,10 +17,11 @@ DEFAULT_PORT = 8080
 API_KEY_ENV = "MLX_LLAVA_API_KEY"
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
+        prog=prog,
         description="Serve a LLaVA model: OpenAI /v1/chat/completions, Ollama /api/chat and "
-        "/api/generate, and a chat page at /."
+        "/api/generate, and a chat page at /.",
     )
     add_model_args(p)
     p.add_argument("--host", default=DEFAULT_HOST, help="address to listen on (default: loopback)")
@@ -102,8 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv=None) -> None:
-    args = build_parser().parse_args(argv)
+def main(argv=None, prog: Optional[str] = None) -> None:
+    args = build_parser(prog).parse_args(argv)
     run_cli(lambda: serve(args))
 
 

@@ -3,4 +3,4 @@
 from ..cli.server import main
 
 if __name__ == "__main__":
-    main()
+    main(prog="python -m mlx_llava.server")
