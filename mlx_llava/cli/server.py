@@ -9,8 +9,9 @@ import os
 import sys
 from typing import Optional
 
+from ..image_processor import DEFAULT_MAX_IMAGE_PIXELS
 from . import run_cli
-from .generate import add_model_args
+from .args import add_model_args, load_from_args, make_parser
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8080
@@ -18,13 +19,13 @@ API_KEY_ENV = "MLX_LLAVA_API_KEY"
 
 
 def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog=prog,
-        description="Serve a LLaVA model: OpenAI /v1/chat/completions, Ollama /api/chat and "
-        "/api/generate, and a chat page at /.",
+    p = make_parser(
+        "Serve a LLaVA model: OpenAI /v1/chat/completions, Ollama /api/chat and /api/generate, "
+        "and a chat page at /."
     )
+    p.prog = prog or p.prog
     add_model_args(p)
-    p.add_argument("--host", default=DEFAULT_HOST, help="address to listen on (default: loopback)")
+    p.add_argument("--host", default=DEFAULT_HOST, help="address to listen on")
     p.add_argument("--port", type=int, default=DEFAULT_PORT)
     p.add_argument(
         "--api-key",
@@ -36,7 +37,7 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
         "--cors-origin",
         action="append",
         default=[],
-        help="allow browser pages from this origin (repeatable; '*' for any). Default: none",
+        help="allow browser pages from this origin (repeatable; '*' for any; default: none)",
     )
     p.add_argument("--allow-remote-images", action="store_true", help="fetch http(s) picture URLs")
     p.add_argument(
@@ -51,9 +52,9 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     p.add_argument(
         "--max-image-pixels",
         type=int,
-        default=None,
-        help="refuse pictures with more pixels (default: Pillow's decompression-bomb limit, "
-        "89,478,485)",
+        default=DEFAULT_MAX_IMAGE_PIXELS,
+        help="refuse pictures with more pixels, before decoding them (Pillow's decompression-"
+        "bomb limit by default)",
     )
     p.add_argument("--max-body-mb", type=float, default=50.0, help="largest request body, MB")
     p.add_argument(
@@ -68,14 +69,12 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=0, help="default top-k (0: off)")
     p.add_argument("--min-p", type=float, default=0.0, help="default min-p (0: off)")
     p.add_argument("--repetition-penalty", type=float, default=None)
-    p.add_argument(
-        "--max-batch", type=int, default=8, help="requests generating together (default: 8)"
-    )
+    p.add_argument("--max-batch", type=int, default=8, help="requests generating together")
     p.add_argument(
         "--max-queue",
         type=int,
         default=32,
-        help="requests waiting for a place in the batch; more get 503 (default: 32)",
+        help="requests waiting for a place in the batch; more get 503",
     )
     p.add_argument(
         "--prefill-batch-size",
@@ -90,13 +89,13 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
         "--prompt-cache-size",
         type=int,
         default=16,
-        help="conversations whose KV cache is kept for their next turn (default: 16)",
+        help="conversations whose KV cache is kept for their next turn",
     )
     p.add_argument(
         "--prompt-cache-mb",
         type=float,
         default=2048.0,
-        help="memory for kept KV caches, MB (default: 2048)",
+        help="memory for kept KV caches, MB",
     )
     p.add_argument(
         "--log-level", default="info", choices=["debug", "info", "warning", "error", "critical"]
@@ -119,6 +118,7 @@ def _check(args: argparse.Namespace) -> None:
         "--image-timeout": args.image_timeout,
         "--max-image-mb": args.max_image_mb,
         "--max-body-mb": args.max_body_mb,
+        "--max-image-pixels": args.max_image_pixels,
     }
     for flag, value in positive.items():
         if value <= 0:
@@ -146,13 +146,8 @@ def serve(args: argparse.Namespace) -> None:
         raise RuntimeError(
             f"the server needs FastAPI and uvicorn ({e}): pip install 'mlx-llava[server]'"
         ) from e
-    from PIL import Image
-
-    from ..loader import load
     from ..server import Sampling, ServerConfig, create_app
 
-    if args.max_image_pixels is not None:
-        Image.MAX_IMAGE_PIXELS = args.max_image_pixels
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
     if not _is_loopback(args.host) and not api_key:
         print(
@@ -160,9 +155,7 @@ def serve(args: argparse.Namespace) -> None:
             "address can use the model",
             file=sys.stderr,
         )
-    model, processor = load(
-        args.model, dtype=args.dtype, pad_to_square=args.pad_to_square, conv_mode=args.conv_mode
-    )
+    model, processor = load_from_args(args)
     config = ServerConfig(
         model_id=args.model,
         api_key=api_key,
@@ -171,6 +164,7 @@ def serve(args: argparse.Namespace) -> None:
         image_dir=args.image_dir,
         image_timeout=args.image_timeout,
         max_image_mb=args.max_image_mb,
+        max_image_pixels=args.max_image_pixels,
         max_body_mb=args.max_body_mb,
         max_batch=args.max_batch,
         max_queue=args.max_queue,

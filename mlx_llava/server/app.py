@@ -25,6 +25,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
+from ..image_processor import DEFAULT_MAX_IMAGE_PIXELS
 from ..model import Model
 from ..processor import Processor
 from .messages import Message, PicturePolicy, render_conversation
@@ -65,6 +66,7 @@ class ServerConfig:
     image_dir: Optional[str] = None
     image_timeout: float = 10.0
     max_image_mb: float = 20.0
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
     max_body_mb: float = 50.0
     max_batch: int = 8
     max_queue: int = 32
@@ -145,6 +147,7 @@ class Service:
             image_dir=Path(config.image_dir) if config.image_dir else None,
             timeout=config.image_timeout,
             max_bytes=int(config.max_image_mb * (1 << 20)),
+            max_pixels=config.max_image_pixels,
         )
         self.worker = Worker(
             model,

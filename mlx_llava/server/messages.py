@@ -22,7 +22,7 @@ from PIL import Image
 
 from ..chat import session_template
 from ..conversation import IMAGE_TOKEN, render
-from ..image_processor import ImageLoadError, load_image
+from ..image_processor import DEFAULT_MAX_IMAGE_PIXELS, ImageLoadError, decode_image, load_image
 from ..processor import Processor
 from .schemas import RequestError
 
@@ -47,22 +47,24 @@ class PicturePolicy:
         timeout: seconds a remote picture may take to arrive, in all.
         max_bytes: the most bytes of an encoded picture from a URL or a file (data URLs are
             bounded by the request body limit).
+        max_pixels: the most pixels of any picture, checked before it is decoded.
     """
 
     allow_remote: bool = False
     image_dir: Optional[Path] = None
     timeout: float = 10.0
     max_bytes: int = 20 << 20
+    max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
 
     def load(self, source: str, param: str) -> Image.Image:
         """Decode a picture named by a data URL, an http(s) URL, a file:// URL or a path.
 
         Raises:
-            RequestError: the source is refused, malformed or not a picture.
+            RequestError: the source is refused, malformed, too big or not a picture.
         """
         try:
             if source.startswith("data:"):
-                return load_image(self._data_url(source, param))
+                return decode_image(self._data_url(source, param), "data URL", self.max_pixels)
             if source.startswith(("http://", "https://")):
                 if not self.allow_remote:
                     raise RequestError(
@@ -72,8 +74,13 @@ class PicturePolicy:
                         param,
                         "image_url_refused",
                     )
-                return load_image(source, timeout=self.timeout, max_bytes=self.max_bytes)
-            return load_image(str(self._local_path(source, param)), max_bytes=self.max_bytes)
+                return load_image(source, self.timeout, self.max_bytes, self.max_pixels)
+            path = self._local_path(source, param)
+            if path.is_file() and path.stat().st_size > self.max_bytes:
+                raise ImageLoadError(
+                    f"cannot read image '{source}': more than the limit of {self.max_bytes} bytes"
+                )
+            return load_image(str(path), max_pixels=self.max_pixels)
         except ImageLoadError as e:
             raise RequestError(str(e), param, "invalid_image") from e
 
@@ -82,7 +89,7 @@ class PicturePolicy:
         if data.startswith("data:"):
             return self.load(data, param)
         try:
-            return load_image(_b64decode(data, param))
+            return decode_image(_b64decode(data, param), "base64 picture", self.max_pixels)
         except ImageLoadError as e:
             raise RequestError(str(e), param, "invalid_image") from e
 
