@@ -115,6 +115,7 @@ class Row:
         self.finish_reason: Optional[str] = None
         self.cache: Optional[list[Any]] = None
         self.cache_keys: list = []
+        self.read_ahead = False  # its token of the last step was handed over already
 
     def add(self, token: int) -> None:
         """Take the next token: sets `segment` and, when the row is done, `finish_reason`."""
@@ -188,20 +189,41 @@ class BatchEngine:
         """One decoding step. Returns the rows that got a token (read `segment` and
         `finish_reason`); finished rows have left the batch."""
         joining = self._prefill() if self.waiting else []
-        read = self.rows
-        if all(r.last_token_known for r in read) and read and not joining:
-            # Every row ends with the token being read: no need to compute another step.
-            next_y = None
-        else:
-            next_y = self._forward(joining)
-        if read:
-            for row, token in zip(read, self.y.tolist()):
+        read = [r for r in self.rows if not r.read_ahead]
+        for r in self.rows:
+            r.read_ahead = False
+        if read and len(read) == len(self.rows) and not joining:
+            if all(r.last_token_known for r in read):
+                # Every row ends with the token being read: no need to compute another step.
+                self._read(read, None)
+                return read
+        next_y = self._forward(joining)
+        self._read(read, next_y)
+        if joining:
+            # The joining rows' first tokens now rather than a step later (that step may be
+            # another request's prefill): their time to first token is their own prefill.
+            first = next_y[len(self.rows) - len(joining) :].tolist()
+            for (row, _), token in zip(joining, first):
                 row.add(token)
+                row.read_ahead = True
+            read = read + [row for row, _ in joining]
         self.y = next_y
         done = [i for i, r in enumerate(self.rows) if r.finish_reason is not None]
         if done:
             self._drop(done)
         return read
+
+    def _read(self, rows: list[Row], next_y: Optional[mx.array]) -> None:
+        """Hand `rows` their token of the previous step (`self.y`, in batch order)."""
+        if not rows:
+            return
+        tokens = self.y.tolist()
+        position = {id(r): i for i, r in enumerate(self.rows)}
+        for row in rows:
+            row.add(tokens[position[id(row)]])
+        if next_y is None:
+            self.y = None
+            self._drop([i for i, r in enumerate(self.rows) if r.finish_reason is not None])
 
     def _prefill(self) -> list[tuple[Row, mx.array]]:
         """Compute the waiting rows' positions but their last into a new batch cache, merged

@@ -182,3 +182,23 @@ def test_touching_placeholders_key_their_positions_by_all_pictures(tiny):
     assert len({k[0] for k in image_keys}) == 1 and len(image_keys[0][0]) == 2
     swapped = encode_prompt(model, processor, prompt, PICTURES[::-1])[2]
     assert swapped != keys
+
+
+def test_a_joining_row_has_its_first_token_at_the_step_it_joins(tiny, cases):
+    """Its time to first token is its own prefill, not also the next step's work (which may be
+    another request's prefill)."""
+    model, processor = tiny
+    inputs, expected = cases
+    rows = [make_row(model, processor, *c) for c in inputs]
+    engine = BatchEngine(model)
+    engine.add(*rows[0])
+    assert engine.step() == [rows[0][0]] and rows[0][0].tokens == expected[0][:1]
+    assert engine.step() == []  # (its second token is read a step later: decoding is pipelined)
+    engine.add(*rows[1])
+    engine.add(*rows[2])
+    got = engine.step()
+    assert {id(r) for r in got} == {id(r[0]) for r in rows}
+    assert [r[0].tokens for r in rows] == [expected[0][:2], expected[1][:1], expected[2][:1]]
+    while engine:
+        engine.step()
+    assert [r[0].tokens for r in rows] == expected

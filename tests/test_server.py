@@ -50,7 +50,7 @@ def demo():
 
 @pytest.fixture(scope="module")
 def tiny_server(tiny):
-    with serving(tiny, model_id="tiny", max_body_mb=1.0) as server:
+    with serving(tiny, model_id="tiny", max_body_mb=1.0, max_prefill=8) as server:
         yield server
 
 

@@ -79,8 +79,9 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     p.add_argument(
         "--prefill-batch-size",
         type=int,
-        default=8,
-        help="waiting requests that join the batch at one step, their prompts computed together",
+        default=1,
+        help="waiting requests that join the batch at one step, their prompts computed together "
+        "(1: each request's first token waits only for the prompts queued before it)",
     )
     p.add_argument(
         "--prefill-step-size", type=int, default=2048, help="prompt positions per prefill chunk"

@@ -70,7 +70,7 @@ class ServerConfig:
     max_body_mb: float = 50.0
     max_batch: int = 8
     max_queue: int = 32
-    max_prefill: int = 8
+    max_prefill: int = 1
     prompt_cache_size: int = 16
     prompt_cache_mb: float = 2048.0
     prefill_step_size: int = 2048

@@ -119,7 +119,9 @@ class Worker:
         max_batch: the most requests generating at once; more wait in the queue.
         max_queue: the most requests waiting; `submit` raises QueueFull beyond.
         max_prefill: the most waiting requests that join the batch at one step (their prompts
-            are computed together, and the running answers pause meanwhile).
+            are computed together, and the running answers pause meanwhile). With 1, a request's
+            first token waits for its own prompt and those queued before it, one per step, and
+            the running answers go on between them.
         cache_entries, cache_bytes: bounds of the LRU of prompt caches.
         prefill_step_size: prompt positions per prefill chunk.
     """
@@ -130,7 +132,7 @@ class Worker:
         processor: Processor,
         max_batch: int = 8,
         max_queue: int = 32,
-        max_prefill: int = 8,
+        max_prefill: int = 1,
         cache_entries: int = 16,
         cache_bytes: int = 2 << 30,
         prefill_step_size: int = 2048,
