@@ -184,7 +184,9 @@ def serve(args: argparse.Namespace) -> None:
     )
     app = create_app(model, processor, config)
     print(f"serving {args.model} on http://{args.host}:{args.port}/", file=sys.stderr)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    uvicorn.run(
+        app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5
+    )
 
 
 if __name__ == "__main__":
