@@ -12,6 +12,7 @@ import base64
 import http.server
 import io
 import json
+import socket
 import subprocess
 import sys
 import threading
@@ -337,7 +338,7 @@ def test_dropped_stream_stops_within_a_step_and_frees_its_slot(tiny_server, monk
 def test_full_queue_answers_503(tiny, monkeypatch):
     with serving(tiny, max_batch=1, max_queue=1) as server:
         slow_steps(server.worker, 0.05, monkeypatch)
-        body = {"messages": [user("Talk.")], "stream": True, "max_tokens": 60}
+        body = {"messages": [user("Talk.")], "stream": True, "max_tokens": 40}
         with httpx.stream("POST", server.url + "/v1/chat/completions", json=body) as running:
             assert running.status_code == 200
             lines = running.iter_lines()  # (kept: a dropped iterator closes the connection)
@@ -353,6 +354,26 @@ def test_full_queue_answers_503(tiny, monkeypatch):
             assert refused.headers["retry-after"]
         waiting.join(timeout=30)
         assert not waiting.is_alive()
+
+        # A client that goes away while its request waits takes it out of the queue.
+        body["max_tokens"] = 150  # 7.5 s: longer than the checks below
+        with httpx.stream("POST", server.url + "/v1/chat/completions", json=body) as running:
+            lines = running.iter_lines()
+            next(lines)
+            with socket.create_connection(("127.0.0.1", int(server.url.split(":")[-1]))) as s:
+                data = json.dumps(body).encode()
+                s.sendall(
+                    b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+                    b"Content-Type: application/json\r\n"
+                    + f"Content-Length: {len(data)}\r\n\r\n".encode()
+                    + data
+                )
+                wait_until(lambda: server.worker.state()["queued"] == 1)
+            tic = time.monotonic()
+            wait_until(lambda: server.worker.state()["queued"] == 0, timeout=5)
+            assert time.monotonic() - tic < 2.5  # well before the running answer ends
+            assert server.worker.state()["active"] == 1  # which goes on
+            assert all(next(lines) is not None for _ in range(3))
 
 
 # The Ollama API ---------------------------------------------------------------------------------
@@ -633,8 +654,6 @@ def test_the_page_and_its_files_are_served(tiny_server):
 
 
 def free_port() -> int:
-    import socket
-
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

@@ -92,12 +92,23 @@ class Generation:
     def _put(self, event: Event) -> None:
         self.loop.call_soon_threadsafe(self.events.put_nowait, event)
 
-    async def start(self) -> None:
-        """Wait until the worker has taken the request (or refused it: RequestError)."""
-        event = await self.events.get()
+    async def start(self, request: Request) -> None:
+        """Wait until the worker has taken the request (or refused it: RequestError); a client
+        that goes away meanwhile takes its request out of the queue."""
+        watcher = asyncio.create_task(self.watch(request))
+        try:
+            event = await self.events.get()
+        finally:
+            watcher.cancel()
         if event.kind == "error":
             raise RequestError(event.error, status=event.status)
         self.stats = event.stats
+
+    async def watch(self, request: Request) -> None:
+        """Cancel the request when its client disconnects (polled twice a second)."""
+        while not await request.is_disconnected():
+            await asyncio.sleep(0.5)
+        self.job.cancel()
 
     async def stream(self) -> AsyncIterator[Event]:
         """The "text" events, then the "done" one; the request is cancelled if the caller
@@ -116,13 +127,7 @@ class Generation:
 
     async def collect(self, request: Request) -> tuple[str, Event]:
         """The whole answer and the "done" event; cancelled if the client disconnects."""
-
-        async def watch() -> None:
-            while not await request.is_disconnected():
-                await asyncio.sleep(0.5)
-            self.job.cancel()
-
-        watcher = asyncio.create_task(watch())
+        watcher = asyncio.create_task(self.watch(request))
         text = ""
         try:
             async for event in self.stream():
@@ -174,10 +179,12 @@ class Service:
     async def prompt(self, messages: list[Message], param: str = "messages") -> tuple[str, list]:
         return await run_in_threadpool(render_conversation, self.processor, messages, param)
 
-    async def generate(self, prompt: str, pictures: list, sampling: Sampling) -> Generation:
+    async def generate(
+        self, request: Request, prompt: str, pictures: list, sampling: Sampling
+    ) -> Generation:
         """Submit and wait until the worker has taken the request (RequestError otherwise)."""
         generation = Generation(self.worker, GenerationRequest(prompt, pictures, sampling))
-        await generation.start()
+        await generation.start(request)
         return generation
 
     def sampling(self, **fields) -> Sampling:
@@ -247,7 +254,7 @@ def chat_routes(app: FastAPI, service: Service) -> None:
             seed=body.seed,
             stop=body.stop,
         )
-        generation = await service.generate(prompt, pictures, sampling)
+        generation = await service.generate(request, prompt, pictures, sampling)
         ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)

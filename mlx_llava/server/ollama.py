@@ -120,7 +120,9 @@ def ollama_router(service) -> APIRouter:
             for i, m in enumerate(body.messages)
         ]
         prompt, images = await service.prompt(messages)
-        generation = await service.generate(prompt, images, _sampling(service, body.options))
+        generation = await service.generate(
+            request, prompt, images, _sampling(service, body.options)
+        )
 
         def piece(text: str) -> dict:
             return {"message": {"role": "assistant", "content": text}}
@@ -142,7 +144,9 @@ def ollama_router(service) -> APIRouter:
         messages = [Message("system", body.system)] if body.system else []
         messages.append(Message("user", body.prompt, await pictures(body.images, "images")))
         prompt, images = await service.prompt(messages, "prompt")
-        generation = await service.generate(prompt, images, _sampling(service, body.options))
+        generation = await service.generate(
+            request, prompt, images, _sampling(service, body.options)
+        )
         return await _answer(
             request, generation, body.stream, lambda text: {"response": text}, service.model_id
         )

@@ -25,7 +25,7 @@ from mlx.utils import tree_flatten
 from mlx_lm.models.cache import LRUPromptCache, trim_prompt_cache
 
 from ..batch import BatchEngine, Row
-from ..generate import encode_prompt, make_sampling, prompt_embeddings
+from ..generate import context_room, encode_prompt, make_sampling, prompt_embeddings
 from ..model import Model
 from ..processor import Processor
 
@@ -188,12 +188,15 @@ class Worker:
             if job.finished or job.cancelled:
                 return
             job.cancelled = True
-            if job in self._queue:
+            queued = job in self._queue
+            if queued:
                 self._queue.remove(job)
                 job.finished = True
             else:
                 self._cancels.append(job)
                 self._wakeup.notify()
+        if queued:  # it never started: nothing else will be said about it
+            job.emit(Event("error", error="the request was cancelled", status=499))
 
     def state(self) -> dict:
         """What /health reports: requests generating and waiting, the prompt-cache LRU."""
@@ -245,12 +248,7 @@ class Worker:
             input_ids, pixel_values, keys = encode_prompt(
                 self.model, self.processor, request.prompt, request.pictures
             )
-            limit = self.model.config.text_config.max_position_embeddings
-            if len(keys) >= limit:
-                raise ValueError(
-                    f"the prompt is {len(keys)} tokens (image tokens included) and the model's "
-                    f"context is {limit}: no room left for an answer"
-                )
+            room = context_room(self.model, len(keys))  # (encode_prompt checked it is > 0)
             cache, rest = self.prompt_cache.fetch_nearest_cache(_CACHE_KEY, keys)
             if cache is not None and not rest:  # all cached: recompute the last position
                 trim_prompt_cache(cache, 1)
@@ -266,7 +264,7 @@ class Worker:
                 s.repetition_penalty,
                 s.repetition_context_size,
             )
-            max_tokens = min(s.max_tokens, limit - len(keys))
+            max_tokens = min(s.max_tokens, room)
             row = Row(self.processor, max_tokens, sampler, processors, s.stop, history, keys)
             self.engine.add(row, embeddings, cache)
         except ValueError as e:  # the request's fault: placeholders, context length
