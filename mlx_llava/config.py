@@ -1,8 +1,9 @@
 """Configurations that read llava-hf `config.json` files field for field.
 
 Each dataclass uses the checkpoint's own field names and the reference library's defaults
-(transformers' `CLIPVisionConfig`, `LlamaConfig`, `LlavaConfig`), so that sparse configs such as
-llava-hf/llava-1.5-7b-hf's (which leaves every Llama size to the defaults) mean the same thing here.
+(transformers' `CLIPVisionConfig`, `LlamaConfig`, `MistralConfig`, `LlavaConfig`,
+`LlavaNextConfig`), so that sparse configs such as llava-hf/llava-1.5-7b-hf's (which leaves every
+Llama size to the defaults) mean the same thing here.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ from __future__ import annotations
 import inspect
 from dataclasses import asdict, dataclass, field
 from typing import Any, Optional, Union
+
+from . import anyres
 
 
 class ConfigError(ValueError):
@@ -55,9 +58,20 @@ class VisionConfig:
         return self.num_patches + 1
 
 
+# transformers' MistralConfig defaults where they differ from LlamaConfig's (Mistral-7B's sizes).
+MISTRAL_DEFAULTS = dict(
+    intermediate_size=14336,
+    num_key_value_heads=8,
+    max_position_embeddings=4096 * 32,
+    rms_norm_eps=1e-6,
+    sliding_window=4096,
+)
+
+
 @dataclass
 class TextConfig:
-    """Llama / Vicuna decoder (`text_config`); defaults are transformers' LlamaConfig."""
+    """Llama / Vicuna / Yi or Mistral decoder (`text_config`); defaults are transformers'
+    LlamaConfig (a sparse Mistral config gets MistralConfig's, see `from_dict`)."""
 
     model_type: str = "llama"
     vocab_size: int = 32000
@@ -76,6 +90,7 @@ class TextConfig:
     attention_bias: bool = False
     mlp_bias: bool = False
     tie_word_embeddings: bool = False
+    sliding_window: Optional[int] = None
 
     def __post_init__(self):
         if self.num_key_value_heads is None:
@@ -95,9 +110,15 @@ class TextConfig:
             if params.get("rope_type", "default") != "default":
                 self.rope_scaling = params
             self.rope_parameters = None
+        # Mistral attends to the last `sliding_window` positions only; within that many
+        # positions this is ordinary causal attention, so the usable context stops there.
+        if self.sliding_window is not None:
+            self.max_position_embeddings = min(self.max_position_embeddings, self.sliding_window)
 
     @classmethod
     def from_dict(cls, params: dict) -> "TextConfig":
+        if params.get("model_type") == "mistral":
+            params = {**MISTRAL_DEFAULTS, **params}
         return cls(**_known_fields(cls, params))
 
     def to_mlx_lm_args(self) -> dict:
@@ -123,11 +144,13 @@ class TextConfig:
 
 @dataclass
 class ModelConfig:
-    """The whole LLaVA model (`LlavaConfig`), plus the fields original checkpoints need.
+    """The whole LLaVA model (`LlavaConfig`, or `LlavaNextConfig` when `model_type` is
+    "llava_next"), plus the fields original checkpoints need.
 
     `projector_type` is "mlp2x_gelu" (LLaVA-1.5, llava-hf) or "linear" (LLaVA v1's projection
-    matrix W). `image_aspect_ratio` ("pad" or "square") and `conv_mode` are recorded by the
-    converter so that generation preprocesses and templates as the checkpoint was trained.
+    matrix W). `image_aspect_ratio` ("pad" or "square"; "anyres" for LLaVA-NeXT, whose pictures
+    are tiled along `image_grid_pinpoints`) and `conv_mode` are recorded by the converter so
+    that generation preprocesses and templates as the checkpoint was trained.
     """
 
     vision_config: VisionConfig = field(default_factory=VisionConfig)
@@ -139,7 +162,8 @@ class ModelConfig:
     multimodal_projector_bias: bool = True
     vision_feature_select_strategy: str = "default"
     vision_feature_layer: Union[int, list[int]] = -2
-    image_aspect_ratio: str = "square"
+    image_grid_pinpoints: Optional[list[list[int]]] = None
+    image_aspect_ratio: Optional[str] = None
     conv_mode: Optional[str] = None
     pad_token_id: Optional[int] = None
     quantization: Optional[dict] = None
@@ -158,7 +182,13 @@ class ModelConfig:
             raise ConfigError(
                 f"unknown projector type '{self.projector_type}' (mlp2x_gelu, linear)"
             )
-        if self.image_aspect_ratio not in ("pad", "square"):
+        if self.model_type not in ("llava", "llava_next"):
+            raise ConfigError(f"not a LLaVA checkpoint (model_type '{self.model_type}')")
+        if self.is_next:
+            self._check_next()
+        elif self.image_aspect_ratio is None:
+            self.image_aspect_ratio = "square"
+        elif self.image_aspect_ratio not in ("pad", "square"):
             raise ConfigError(
                 f"image_aspect_ratio '{self.image_aspect_ratio}' is not supported (pad, square)"
             )
@@ -166,6 +196,35 @@ class ModelConfig:
         n = self.vision_config.num_hidden_layers
         if any(not -n - 1 <= i <= n for i in layers):
             raise ConfigError(f"vision_feature_layer {self.vision_feature_layer} out of range")
+
+    def _check_next(self) -> None:
+        """LLaVA-NeXT's settings: pinpoints (LlavaNextConfig's default when absent) that are
+        whole tiles, the CLS dropped (transformers' packing cannot place it), an MLP projector."""
+        if self.image_grid_pinpoints is None:
+            self.image_grid_pinpoints = [list(p) for p in anyres.DEFAULT_PINPOINTS]
+        tile = self.vision_config.image_size
+        pinpoints = self.image_grid_pinpoints
+        if not pinpoints or any(
+            len(p) != 2 or min(p) < tile or p[0] % tile or p[1] % tile for p in pinpoints
+        ):
+            raise ConfigError(
+                f"image_grid_pinpoints {pinpoints} must be (height, width) pairs of whole "
+                f"{tile}-pixel tiles"
+            )
+        self.image_grid_pinpoints = [[int(h), int(w)] for h, w in pinpoints]
+        if self.image_aspect_ratio is None:
+            self.image_aspect_ratio = "anyres"
+        if self.image_aspect_ratio != "anyres":
+            raise ConfigError(
+                f"LLaVA-NeXT tiles its pictures: image_aspect_ratio '{self.image_aspect_ratio}' "
+                "is not supported (anyres)"
+            )
+        if self.vision_feature_select_strategy != "default":
+            raise ConfigError(
+                "LLaVA-NeXT needs vision_feature_select_strategy 'default' (the CLS dropped)"
+            )
+        if self.projector_type != "mlp2x_gelu":
+            raise ConfigError("LLaVA-NeXT needs the mlp2x_gelu projector")
 
     @classmethod
     def from_dict(cls, params: dict) -> "ModelConfig":
@@ -176,7 +235,7 @@ class ModelConfig:
                 "this is an original haotian-liu LLaVA checkpoint: convert it first with "
                 "convert.py --hf-path ... --mlx-path ..."
             )
-        if params.get("model_type", "llava") != "llava":
+        if params.get("model_type", "llava") not in ("llava", "llava_next"):
             raise ConfigError(f"not a LLaVA checkpoint (model_type '{params['model_type']}')")
         # transformers >= 4.45 spells it image_token_id.
         if "image_token_index" not in params and "image_token_id" in params:
@@ -194,9 +253,19 @@ class ModelConfig:
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
         out = {k: v for k, v in out.items() if v is not None}
-        out["text_config"] = {k: v for k, v in out["text_config"].items() if v is not None}
-        out["architectures"] = ["LlavaForConditionalGeneration"]
+        # sliding_window stays even when null: absent, a Mistral config means MistralConfig's 4096.
+        out["text_config"] = {
+            k: v for k, v in out["text_config"].items() if v is not None or k == "sliding_window"
+        }
+        out["architectures"] = [
+            "LlavaNextForConditionalGeneration" if self.is_next else "LlavaForConditionalGeneration"
+        ]
         return out
+
+    @property
+    def is_next(self) -> bool:
+        """LLaVA-NeXT (1.6): pictures tiled at any resolution, `image_newline` after each row."""
+        return self.model_type == "llava_next"
 
     @property
     def feature_layers(self) -> list[int]:
@@ -205,6 +274,37 @@ class ModelConfig:
 
     @property
     def num_image_tokens(self) -> int:
-        """Image tokens one picture becomes: 576 for CLIP ViT-L/14-336 with CLS dropped."""
+        """Image tokens one tower pass gives: 576 for CLIP ViT-L/14-336 with CLS dropped. A
+        LLaVA-1.5 picture becomes that many; a LLaVA-NeXT one more (see `image_tokens`)."""
         n = self.vision_config.num_patches
         return n if self.vision_feature_select_strategy == "default" else n + 1
+
+    def image_tiles(self, image_size: Optional[tuple[int, int]] = None) -> int:
+        """Tower passes for a picture of `image_size` (height, width): 1 for LLaVA-1.5; for
+        LLaVA-NeXT the base picture plus its grid of tiles."""
+        if not self.is_next:
+            return 1
+        rows, cols = anyres.grid_shape(
+            _image_size(image_size), self.image_grid_pinpoints, self.vision_config.image_size
+        )
+        return 1 + rows * cols
+
+    def image_tokens(self, image_size: Optional[tuple[int, int]] = None) -> int:
+        """Image tokens for a picture of `image_size` (height, width): `num_image_tokens` for
+        LLaVA-1.5; for LLaVA-NeXT the base picture's, plus its unpadded grid with a newline
+        after each row (2928 for a 560x560 picture at 336 px)."""
+        if not self.is_next:
+            return self.num_image_tokens
+        return anyres.num_image_tokens(
+            _image_size(image_size),
+            self.image_grid_pinpoints,
+            self.vision_config.image_size,
+            self.vision_config.patch_size,
+        )
+
+
+def _image_size(image_size: Optional[tuple[int, int]]) -> tuple[int, int]:
+    if image_size is None:
+        raise ValueError("LLaVA-NeXT counts a picture's tokens from its size: pass image_sizes")
+    height, width = (int(x) for x in image_size)
+    return height, width

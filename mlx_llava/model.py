@@ -10,6 +10,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx_lm.models import llama
 
+from .anyres import pack_image_features
 from .config import ModelConfig
 from .language_model import LanguageModel
 from .projector import MultiModalProjector
@@ -23,8 +24,9 @@ def merge_image_features(
 
     Args:
         embeddings: token embeddings [B, L, D].
-        image_features: projected features [n_images, T, D], in prompt order across the batch.
-        image_mask: [B, L] bool, True at image tokens; it must hold n_images * T positions.
+        image_features: projected features [n_images, T, D] or [N, D] (pictures of different
+            token counts, concatenated), in prompt order across the batch.
+        image_mask: [B, L] bool, True at image tokens; it must hold one position per feature row.
 
     Returns:
         [B, L, D]. The k-th True position (row-major over the batch) gets feature row k; no host
@@ -80,13 +82,18 @@ _LAYER_KEY = re.compile(r"language_model\.model\.layers\.(\d+)\.")
 
 
 class Model(nn.Module):
-    """LlavaForConditionalGeneration in MLX; attribute names follow the llava-hf checkpoints."""
+    """LlavaForConditionalGeneration (and, for `model_type` "llava_next",
+    LlavaNextForConditionalGeneration) in MLX; attribute names follow the llava-hf checkpoints.
+    """
 
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
         self.vision_tower = VisionTower(config.vision_config)
         self.multi_modal_projector = MultiModalProjector(config)
+        if config.is_next:
+            # LLaVA-NeXT's learned token after each row of a picture's tile grid.
+            self.image_newline = mx.zeros((config.text_config.hidden_size,))
         args = llama.ModelArgs.from_dict(config.text_config.to_mlx_lm_args())
         self.language_model = LanguageModel(args)
 
@@ -103,17 +110,49 @@ class Model(nn.Module):
             states = [s[:, 1:] for s in states]
         return states[0] if len(states) == 1 else mx.concatenate(states, axis=-1)
 
-    def get_image_features(self, pixel_values: mx.array) -> mx.array:
-        """pixel_values [n, H, W, 3] -> projected image features [n, T, D_text]."""
-        return self.multi_modal_projector(self.vision_features(pixel_values))
+    def get_image_features(
+        self, pixel_values: mx.array, image_sizes: Optional[Sequence[tuple[int, int]]] = None
+    ) -> mx.array:
+        """Projected image features, in one batched tower pass.
+
+        Args:
+            pixel_values: [n, H, W, 3]: one picture each (LLaVA-1.5), or each picture's base
+                tile then its grid of tiles (LLaVA-NeXT, as the processor writes them).
+            image_sizes: LLaVA-NeXT only: (height, width) of each picture.
+
+        Returns:
+            [n, T, D_text] (LLaVA-1.5), or [image tokens of all pictures, D_text] (LLaVA-NeXT).
+        """
+        features = self.multi_modal_projector(self.vision_features(pixel_values))
+        if not self.config.is_next:
+            return features
+        if image_sizes is None:
+            raise ValueError("LLaVA-NeXT needs each picture's image_sizes to place its tiles")
+        tiles = sum(self.config.image_tiles(s) for s in image_sizes)
+        if tiles != pixel_values.shape[0]:
+            raise ValueError(
+                f"pixel_values hold {pixel_values.shape[0]} tiles but the {len(image_sizes)} "
+                f"picture size(s) need {tiles}"
+            )
+        return pack_image_features(
+            features,
+            image_sizes,
+            self.image_newline,
+            self.config.image_grid_pinpoints,
+            self.config.vision_config.image_size,
+        )
 
     def get_input_embeddings(
-        self, input_ids: mx.array, pixel_values: Optional[mx.array] = None
+        self,
+        input_ids: mx.array,
+        pixel_values: Optional[mx.array] = None,
+        image_sizes: Optional[Sequence[tuple[int, int]]] = None,
     ) -> mx.array:
         """input_ids [B, L] (image positions hold `image_token_index`) -> embeddings [B, L, D].
 
-        The caller guarantees that the ids hold `num_image_tokens` positions per image, as the
-        processor writes them; `check_image_tokens` verifies it.
+        The caller guarantees that the ids hold each picture's image tokens, as the processor
+        writes them (`config.image_tokens(size)` per picture); `check_image_tokens` verifies it.
+        `image_sizes` ((height, width) per picture) is needed for LLaVA-NeXT only.
         """
         image_mask = input_ids == self.config.image_token_index
         # The placeholder id may lie outside the vocabulary (original checkpoints): embed a 0.
@@ -121,13 +160,23 @@ class Model(nn.Module):
         embeddings = embed_tokens(mx.where(image_mask, 0, input_ids))
         if pixel_values is None or self.vision_tower is None:  # see `pipeline`
             return embeddings
-        features = self.get_image_features(pixel_values)
+        features = self.get_image_features(pixel_values, image_sizes)
         return merge_image_features(embeddings, features, image_mask)
 
-    def check_image_tokens(self, input_ids: mx.array, num_images: int) -> None:
+    def check_image_tokens(
+        self,
+        input_ids: mx.array,
+        num_images: int,
+        image_sizes: Optional[Sequence[tuple[int, int]]] = None,
+    ) -> None:
         """Raise ValueError unless the ids [B, L] hold each image's tokens in one place
-        (`check_image_runs`)."""
-        counts = [self.config.num_image_tokens] * num_images
+        (`check_image_runs`): `num_images` pictures, of `image_sizes` for LLaVA-NeXT."""
+        if self.config.is_next and num_images:
+            if image_sizes is None or len(image_sizes) != num_images:
+                raise ValueError("LLaVA-NeXT needs one (height, width) in image_sizes per picture")
+            counts = [self.config.image_tokens(s) for s in image_sizes]
+        else:
+            counts = [self.config.num_image_tokens] * num_images
         check_image_runs(input_ids, self.config.image_token_index, counts)
 
     def __call__(
@@ -136,12 +185,18 @@ class Model(nn.Module):
         pixel_values: Optional[mx.array] = None,
         cache: Optional[list[Any]] = None,
         input_embeddings: Optional[mx.array] = None,
+        image_sizes: Optional[Sequence[tuple[int, int]]] = None,
     ) -> mx.array:
-        """Logits [B, L, vocab] for input_ids [B, L] and optional pixel_values [n, H, W, 3]."""
+        """Logits [B, L, vocab] for input_ids [B, L] and optional pixel_values [n, H, W, 3]
+        (with `image_sizes`, (height, width) per picture, for LLaVA-NeXT)."""
         if input_embeddings is None:
             n_images = 0 if pixel_values is None else pixel_values.shape[0]
-            self.check_image_tokens(input_ids, n_images)
-            input_embeddings = self.get_input_embeddings(input_ids, pixel_values)
+            if self.config.is_next and pixel_values is not None:
+                if image_sizes is None:
+                    raise ValueError("LLaVA-NeXT needs image_sizes with pixel_values")
+                n_images = len(image_sizes)
+            self.check_image_tokens(input_ids, n_images, image_sizes)
+            input_embeddings = self.get_input_embeddings(input_ids, pixel_values, image_sizes)
         hidden = self.language_model.model(input_ids, cache, input_embeddings)
         return self.lm_head(hidden)
 

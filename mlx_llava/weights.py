@@ -1,8 +1,9 @@
 """Checkpoint tensors: reading shards, and the one place that maps key layouts to ours.
 
 Our parameter names are the llava-hf hub names with `vision_model.` dropped:
-`vision_tower.*`, `multi_modal_projector.linear_{1,2}.*`, `language_model.model.*`,
-`language_model.lm_head.weight`. Every other layout is renamed here, prefix by prefix.
+`vision_tower.*`, `multi_modal_projector.linear_{1,2}.*`, `image_newline` (LLaVA-NeXT),
+`language_model.model.*`, `language_model.lm_head.weight`. Every other layout is renamed here,
+prefix by prefix.
 """
 
 from __future__ import annotations
@@ -20,12 +21,14 @@ LLAVA_HF_PREFIXES = [
     ("model.vision_tower.vision_model.", "vision_tower."),
     ("model.vision_tower.", "vision_tower."),
     ("model.multi_modal_projector.", "multi_modal_projector."),
+    ("model.image_newline", "image_newline"),
     ("lm_head.", "language_model.lm_head."),
     # the llava-hf hub layout (transformers < 4.52)
     ("language_model.", "language_model."),
     ("vision_tower.vision_model.", "vision_tower."),
     ("vision_tower.", "vision_tower."),
     ("multi_modal_projector.", "multi_modal_projector."),
+    ("image_newline", "image_newline"),
 ]
 
 # haotian-liu/LLaVA: LlavaLlamaForCausalLM with the projector inside `model.`.
@@ -39,7 +42,8 @@ ORIGINAL_PREFIXES = [
     (
         "model.vision_tower.vision_tower.vision_model.",
         "vision_tower.",
-    ),  # a tower saved inside
+    ),  # a tower saved inside (LLaVA-1.6 trains it)
+    ("model.image_newline", "image_newline"),  # LLaVA-1.6
     ("model.", "language_model.model."),
     ("lm_head.", "language_model.lm_head."),
 ]
