@@ -1,4 +1,5 @@
-"""Image loading and CLIP preprocessing, bit-exact with transformers' PIL backend."""
+"""Image loading and preprocessing (CLIP's, and LLaVA-NeXT's tiles), bit-exact with
+transformers' PIL backend."""
 
 import json
 import os
@@ -10,10 +11,13 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from io import BytesIO
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .anyres import DEFAULT_PINPOINTS, fit_size, select_best_resolution
+from .config import ModelConfig
 
 ImageSource = Image.Image | str | Path
 
@@ -292,8 +296,8 @@ class CLIPImageProcessor:
         new_long = int(new_short * long / short)
         return (new_short, new_long) if width <= height else (new_long, new_short)
 
-    def _to_uint8(self, source: ImageSource) -> np.ndarray:
-        """Load, convert, pad, resize and crop one image to uint8 [H, W, 3]."""
+    def load(self, source: ImageSource) -> Image.Image:
+        """Load and convert one image (and pad it to a square if `pad_to_square`)."""
         img = load_image(source)
         if self.do_convert_rgb:
             img = to_rgb(img)
@@ -301,6 +305,10 @@ class CLIPImageProcessor:
             raise ValueError(f"image mode is {img.mode}, not RGB: set do_convert_rgb")
         if self.pad_to_square:
             img = expand2square(img, self.pad_color)
+        return img
+
+    def resize_and_crop(self, img: Image.Image) -> np.ndarray:
+        """Resize (shortest edge) and center-crop a loaded image: uint8 [H, W, 3]."""
         if self.do_resize:
             img = img.resize(self._resized_size(*img.size), resample=self.resample)
         if self.do_center_crop:
@@ -312,15 +320,8 @@ class CLIPImageProcessor:
             img = img.crop((left, top, left + cw, top + ch))
         return np.asarray(img)
 
-    def __call__(self, images: ImageSource | Sequence[ImageSource]) -> np.ndarray:
-        """Preprocess one image or a list of images (PIL images, paths or URLs).
-
-        Returns:
-            float32 array of shape [n, H, W, 3] (channels last).
-        """
-        if isinstance(images, (Image.Image, str, Path)):
-            images = [images]
-        x = np.stack([self._to_uint8(img) for img in images])
+    def normalize(self, x: np.ndarray) -> np.ndarray:
+        """uint8 [n, H, W, 3] -> rescaled and normalized float32 [n, H, W, 3]."""
         # Same dtypes and operation order as transformers, so the result is bit-exact.
         if self.do_rescale:
             x = (x.astype(np.float64) * self.rescale_factor).astype(np.float32)
@@ -331,3 +332,86 @@ class CLIPImageProcessor:
             std = np.asarray(self.image_std, dtype=np.float32)
             x = (x - mean) / std
         return x
+
+    def preprocess(
+        self, images: ImageSource | Sequence[ImageSource]
+    ) -> tuple[np.ndarray, Optional[list[tuple[int, int]]]]:
+        """Pixel values [n, H, W, 3] float32, and the pictures' (height, width) where the model
+        needs them (None here: a CLIP picture is one square whatever its size)."""
+        return self(images), None
+
+    def __call__(self, images: ImageSource | Sequence[ImageSource]) -> np.ndarray:
+        """Preprocess one image or a list of images (PIL images, paths or URLs).
+
+        Returns:
+            float32 array of shape [n, H, W, 3] (channels last).
+        """
+        if isinstance(images, (Image.Image, str, Path)):
+            images = [images]
+        return self.normalize(np.stack([self.resize_and_crop(self.load(i)) for i in images]))
+
+
+@dataclass
+class LlavaNextImageProcessor(CLIPImageProcessor):
+    """LLaVA-NeXT's "anyres" preprocessing (`LlavaNextImageProcessor`, PIL backend).
+
+    Each picture is resized to fit the best of `image_grid_pinpoints` (aspect ratio kept),
+    centred on black, cut row by row into `crop_size` tiles, and preceded by the whole picture
+    squashed to `size`; every tile then goes through the CLIP steps. A batch's tiles are
+    concatenated (transformers pads each picture's tile count instead; `do_pad` is kept for its
+    config only).
+    """
+
+    image_grid_pinpoints: list[list[int]] = field(
+        default_factory=lambda: [list(p) for p in DEFAULT_PINPOINTS]
+    )
+    do_pad: bool = True
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**super().to_dict(), "image_processor_type": "LlavaNextImageProcessor"}
+
+    def tiles(self, img: Image.Image) -> list[Image.Image]:
+        """The base picture, then the tiles of its best resolution, row by row."""
+        best_height, best_width = select_best_resolution(
+            (img.height, img.width), self.image_grid_pinpoints
+        )
+        height, width = fit_size((img.height, img.width), (best_height, best_width))
+        canvas = Image.new(img.mode, (best_width, best_height), 0)
+        resized = img.resize((width, height), resample=self.resample)
+        canvas.paste(resized, ((best_width - width) // 2, (best_height - height) // 2))
+        tile = self.crop_size["height"]
+        grid = [
+            canvas.crop((left, top, left + tile, top + tile))
+            for top in range(0, best_height, tile)
+            for left in range(0, best_width, tile)
+        ]
+        if "shortest_edge" in self.size:
+            side = (self.size["shortest_edge"],) * 2
+        else:
+            side = (self.size["width"], self.size["height"])
+        return [img.resize(side, resample=self.resample)] + grid
+
+    def preprocess(
+        self, images: ImageSource | Sequence[ImageSource]
+    ) -> tuple[np.ndarray, list[tuple[int, int]]]:
+        """Every picture's tiles [n_tiles, H, W, 3] float32 (pictures in order, each its base
+        picture then its grid) and the pictures' (height, width)."""
+        if isinstance(images, (Image.Image, str, Path)):
+            images = [images]
+        pictures = [self.load(i) for i in images]
+        tiles = [self.resize_and_crop(t) for p in pictures for t in self.tiles(p)]
+        return self.normalize(np.stack(tiles)), [(p.height, p.width) for p in pictures]
+
+    def __call__(self, images: ImageSource | Sequence[ImageSource]) -> np.ndarray:
+        """Every picture's tiles [n_tiles, H, W, 3] float32 (see `preprocess`)."""
+        return self.preprocess(images)[0]
+
+
+def image_processor_from_dict(d: dict[str, Any], config: ModelConfig) -> CLIPImageProcessor:
+    """The image processor a model needs (LLaVA-NeXT's tiles or CLIP's), with the settings of a
+    `preprocessor_config.json`; LLaVA-NeXT tiles along the model's own pinpoints."""
+    if config.is_next:
+        return LlavaNextImageProcessor.from_dict(
+            {**d, "image_grid_pinpoints": config.image_grid_pinpoints}
+        )
+    return CLIPImageProcessor.from_dict(d)

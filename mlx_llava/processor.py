@@ -13,7 +13,7 @@ from mlx_lm.tokenizer_utils import load as load_tokenizer
 
 from .config import ModelConfig
 from .conversation import format_prompt, get_template
-from .image_processor import CLIPImageProcessor
+from .image_processor import CLIPImageProcessor, image_processor_from_dict
 from .llama_tokenizer import SlowLlamaTokenizer, Span, is_slow_llama_folder
 
 IMAGE_PLACEHOLDER = "<image>"
@@ -35,9 +35,11 @@ def find_processor_file(folders: Sequence[Path], name: str) -> Optional[Path]:
 
 
 class Processor:
-    """LlavaProcessor's job, owned here: tokenization, `<image>` expansion and preprocessing.
+    """LlavaProcessor's (and LlavaNextProcessor's) job, owned here: tokenization, `<image>`
+    expansion and preprocessing.
 
-    Each `<image>` becomes `config.num_image_tokens` copies of `config.image_token_index`.
+    Each `<image>` becomes its picture's `config.image_tokens(size)` copies of
+    `config.image_token_index` (`config.num_image_tokens` for every LLaVA-1.5 picture).
     Tokenizers that know `<image>` (llava-hf) tokenize the whole prompt, as transformers does;
     the others (original releases) follow the original `tokenizer_image_token`: the prompt is
     split at `<image>`, each chunk tokenized, BOS kept on the first chunk only. A SentencePiece
@@ -83,12 +85,14 @@ class Processor:
             original = SlowLlamaTokenizer.from_folder(folders[0])
         preprocessor = find_processor_file(folders, "preprocessor_config.json")
         if preprocessor:
-            image_processor = CLIPImageProcessor.from_pretrained(preprocessor.parent)
+            with open(preprocessor) as f:
+                settings = json.load(f)
         else:
             side = config.vision_config.image_size
-            image_processor = CLIPImageProcessor(
-                size={"shortest_edge": side}, crop_size={"height": side, "width": side}
-            )
+            settings = {"size": {"shortest_edge": side}, "crop_size": side}
+        image_processor = image_processor_from_dict(settings, config)
+        if pad_to_square and config.is_next:
+            raise ValueError("pad to square does not apply to LLaVA-NeXT: it tiles each picture")
         if pad_to_square is None:
             pad_to_square = config.image_aspect_ratio == "pad"
         image_processor.pad_to_square = pad_to_square
@@ -128,16 +132,36 @@ class Processor:
 
     # Tokens -------------------------------------------------------------------------------
 
-    def tokenize(self, text: str, add_bos: bool = True) -> list[int]:
-        """Token ids of one prompt, each `<image>` expanded to the image's token count.
+    def image_token_counts(
+        self, num_images: int, image_sizes: Optional[Sequence[tuple[int, int]]] = None
+    ) -> list[int]:
+        """The image tokens of each of `num_images` pictures (LLaVA-NeXT: of these sizes)."""
+        if not self.config.is_next:
+            return [self.config.num_image_tokens] * num_images
+        if num_images and (image_sizes is None or len(image_sizes) != num_images):
+            raise ValueError(
+                f"LLaVA-NeXT counts each picture's tokens from its size: {num_images} <image> "
+                f"placeholder(s) need as many image sizes, got {len(image_sizes or [])}"
+            )
+        return [self.config.image_tokens(s) for s in image_sizes or []]
 
-        `add_bos=False` for text that continues a prompt already in a KV cache.
+    def tokenize(
+        self,
+        text: str,
+        add_bos: bool = True,
+        image_sizes: Optional[Sequence[tuple[int, int]]] = None,
+    ) -> list[int]:
+        """Token ids of one prompt, each `<image>` expanded to its picture's token count.
+
+        `add_bos=False` for text that continues a prompt already in a KV cache. `image_sizes`
+        ((height, width) of each picture, in placeholder order) is needed for LLaVA-NeXT.
         """
         ids, _ = self._encode(text, add_bos, offsets=False)
-        image_id, n = self.config.image_token_index, self.config.num_image_tokens
+        counts = iter(self.image_token_counts(text.count(IMAGE_PLACEHOLDER), image_sizes))
+        image_id = self.config.image_token_index
         out: list[int] = []
         for t in ids:
-            out.extend([image_id] * n if t == image_id else [t])
+            out.extend([image_id] * next(counts) if t == image_id else [t])
         return out
 
     def encode_with_offsets(self, text: str) -> tuple[list[int], list[Span]]:
@@ -174,18 +198,22 @@ class Processor:
         images: Optional[Union[ImageInput, Sequence[ImageInput]]] = None,
         add_bos: bool = True,
         pixel_values: Optional[mx.array] = None,
-    ) -> dict[str, Optional[mx.array]]:
+        image_sizes: Optional[Sequence[tuple[int, int]]] = None,
+    ) -> dict[str, Any]:
         """Model inputs for one prompt or a batch.
 
         Args:
             text: a prompt, or a list of prompts (left-padded to one length).
             images: the pictures for the `<image>` placeholders, in order across the batch.
             add_bos: False for text that continues a prompt already in a KV cache.
-            pixel_values: `images` already preprocessed (as this processor does), used as given.
+            pixel_values, image_sizes: `images` already preprocessed (as this processor does),
+                used as given.
 
         Returns:
             `input_ids` [B, L] int32, `attention_mask` [B, L] int32 (0 on padding),
-            `pixel_values` [n_images, H, W, 3] float32, or None without images.
+            `pixel_values` [n, H, W, 3] float32 (one per picture; LLaVA-NeXT: each picture's
+            tiles), or None without images, and `image_sizes`: (height, width) per picture for
+            LLaVA-NeXT, else None. Pass them on to `Model.get_input_embeddings` / `Model`.
 
         Raises:
             ValueError: the number of `<image>` placeholders differs from the number of images.
@@ -201,14 +229,21 @@ class Processor:
                 f"the prompt has {placeholders} <image> placeholder(s) but {len(images)} "
                 "image(s) were given"
             )
-        ids = [self.tokenize(p, add_bos) for p in prompts]
-        input_ids, attention_mask = left_pad(ids, self.pad_token_id)
         if pixel_values is None and images:
-            pixel_values = mx.array(self.image_processor(list(images)))
+            pixels, image_sizes = self.image_processor.preprocess(list(images))
+            pixel_values = mx.array(pixels)
+        ids, seen = [], 0
+        for p in prompts:
+            n = p.count(IMAGE_PLACEHOLDER)
+            sizes = None if image_sizes is None else list(image_sizes)[seen : seen + n]
+            ids.append(self.tokenize(p, add_bos, sizes))
+            seen += n
+        input_ids, attention_mask = left_pad(ids, self.pad_token_id)
         return {
             "input_ids": mx.array(input_ids),
             "attention_mask": mx.array(attention_mask),
             "pixel_values": pixel_values,
+            "image_sizes": None if image_sizes is None else [tuple(s) for s in image_sizes],
         }
 
     @property
