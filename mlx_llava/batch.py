@@ -366,7 +366,7 @@ def batch_generate(
         context_room(model, n, f"prompt {i}")
     width = input_ids.shape[1]
     # One vision pass for every picture of the batch.
-    embeddings = model.get_input_embeddings(input_ids, pixel_values)
+    embeddings = model.get_input_embeddings(input_ids, pixel_values, inputs["image_sizes"])
     history = mx.where(input_ids == model.config.image_token_index, 0, input_ids)
 
     sampler, processors = make_sampling(

@@ -118,7 +118,8 @@ class ChatSession:
             ValueError: the conversation does not fit the model's context.
         """
         messages, prompt = self.prompt(text)
-        length = len(self.processor.tokenize(prompt))
+        sizes = [(image.height, image.width) for image in self.images]
+        length = len(self.processor.tokenize(prompt, image_sizes=sizes))
         try:
             room = context_room(self.model, length, "the conversation")
         except ValueError as e:

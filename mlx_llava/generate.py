@@ -109,19 +109,28 @@ def context_room(model: Model, length: int, what: str = "the prompt") -> int:
     return limit - length
 
 
-def picture_digests(pixel_values: np.ndarray) -> list[str]:
-    """A digest of each preprocessed picture [n, H, W, 3]: its identity in prompt caches."""
-    return [hashlib.sha1(np.ascontiguousarray(p).tobytes()).hexdigest() for p in pixel_values]
+def picture_digests(pixel_values: np.ndarray, tiles: Optional[Sequence[int]] = None) -> list[str]:
+    """A digest of each preprocessed picture [n, H, W, 3] (LLaVA-NeXT: of each picture's
+    `tiles` consecutive rows): its identity in prompt caches."""
+    tiles = [1] * len(pixel_values) if tiles is None else tiles
+    starts = np.cumsum([0, *tiles]).tolist()
+    return [
+        hashlib.sha1(np.ascontiguousarray(pixel_values[a:b]).tobytes()).hexdigest()
+        for a, b in zip(starts, starts[1:])
+    ]
 
 
 def preprocess_pictures(
     processor: Processor, images: Sequence[ImageInput]
-) -> tuple[Optional[mx.array], list[str]]:
-    """Pixel values [n, H, W, 3] (None without pictures) and the pictures' digests."""
+) -> tuple[Optional[mx.array], list[str], Optional[list]]:
+    """Pixel values [n, H, W, 3] (None without pictures; LLaVA-NeXT: every picture's tiles),
+    the pictures' digests, and their (height, width) where the model needs them (LLaVA-NeXT;
+    else None)."""
     if not images:
-        return None, []
-    pixels = processor.image_processor(list(images))
-    return mx.array(pixels), picture_digests(pixels)
+        return None, [], None
+    pixels, sizes = processor.image_processor.preprocess(list(images))
+    tiles = None if sizes is None else [processor.config.image_tiles(s) for s in sizes]
+    return mx.array(pixels), picture_digests(pixels, tiles), sizes
 
 
 class PromptCache:
@@ -139,18 +148,17 @@ class PromptCache:
         self.cache = model.make_cache()
         self.keys: list = []
         self._pictures: tuple = ()
-        self._pixel_values: Optional[mx.array] = None
-        self._digests: list[str] = []
+        self._preprocessed: tuple = (None, [], None)
 
     def pictures(
         self, images: Sequence[ImageInput], processor: Processor
-    ) -> tuple[Optional[mx.array], list[str]]:
-        """Pixel values [n, H, W, 3] (None without pictures) and digests of `images`."""
+    ) -> tuple[Optional[mx.array], list[str], Optional[list]]:
+        """`preprocess_pictures` of `images`: pixel values, digests and image sizes."""
         same = len(images) == len(self._pictures)
         if not (same and all(a is b for a, b in zip(images, self._pictures))):
-            self._pixel_values, self._digests = preprocess_pictures(processor, images)
+            self._preprocessed = preprocess_pictures(processor, images)
             self._pictures = tuple(images)
-        return self._pixel_values, self._digests
+        return self._preprocessed
 
     @property
     def length(self) -> int:
@@ -208,20 +216,21 @@ def encode_prompt(
     processor: Processor,
     prompt: str,
     images: Sequence[ImageInput],
-    pictures: Optional[tuple[Optional[mx.array], list[str]]] = None,
+    pictures: Optional[tuple[Optional[mx.array], list[str], Optional[list]]] = None,
     keyed: bool = True,
-) -> tuple[mx.array, Optional[mx.array], list]:
+) -> tuple[mx.array, Optional[mx.array], list, Optional[list]]:
     """Tokenize a prompt and preprocess its pictures.
 
     Args:
-        pictures: `(pixel_values, digests)` of `images` already computed (see
+        pictures: `(pixel_values, digests, image_sizes)` of `images` already computed (see
             `preprocess_pictures`), or None to compute them here.
         keyed: compute position keys (else the keys are the token ids and pictures are not
             hashed).
 
     Returns:
-        input_ids [1, L] (each `<image>` expanded), pixel_values [n, H, W, 3] or None, and one
-        key per position (see `position_keys`).
+        input_ids [1, L] (each `<image>` expanded), pixel_values [n, H, W, 3] or None, one
+        key per position (see `position_keys`), and the pictures' (height, width) for
+        LLaVA-NeXT (else None): pass them on to `prompt_embeddings`.
 
     Raises:
         ValueError: placeholders and pictures differ in number, or the prompt leaves no room
@@ -229,19 +238,24 @@ def encode_prompt(
     """
     if pictures is None and keyed:
         pictures = preprocess_pictures(processor, images)
-    pixel_values, digests = pictures if pictures is not None else (None, [])
-    inputs = processor(prompt, list(images) or None, pixel_values=pixel_values)
+    pixel_values, digests, sizes = pictures if pictures is not None else (None, [], None)
+    inputs = processor(prompt, list(images) or None, pixel_values=pixel_values, image_sizes=sizes)
     input_ids = inputs["input_ids"]
     context_room(model, input_ids.shape[1])
     ids = np.asarray(input_ids[0])
     keys = position_keys(ids, digests, model.config.image_token_index) if keyed else ids.tolist()
-    return input_ids, inputs["pixel_values"], keys
+    return input_ids, inputs["pixel_values"], keys, inputs["image_sizes"]
 
 
 def prompt_embeddings(
-    model: Model, input_ids: mx.array, pixel_values: Optional[mx.array], start: int = 0
+    model: Model,
+    input_ids: mx.array,
+    pixel_values: Optional[mx.array],
+    start: int = 0,
+    image_sizes: Optional[Sequence[tuple[int, int]]] = None,
 ) -> mx.array:
-    """Embeddings [L - start, D] of positions `start:` of one prompt, input_ids [1, L].
+    """Embeddings [L - start, D] of positions `start:` of one prompt, input_ids [1, L]
+    (`image_sizes`: LLaVA-NeXT's, from `encode_prompt`).
 
     Only the pictures whose tokens lie after `start` go through the vision tower: a picture
     already in a cached prefix is not encoded again.
@@ -251,11 +265,16 @@ def prompt_embeddings(
     if pixel_values is None or not bool((new_ids == image_token).any()):
         return model.get_input_embeddings(new_ids)[0]
     runs = image_runs(np.asarray(input_ids[0]).tolist(), image_token)
-    apart = len(runs) == pixel_values.shape[0]
-    if apart and not any(s < start < e for s, e in runs):
+    pictures = pixel_values.shape[0] if image_sizes is None else len(image_sizes)
+    if len(runs) == pictures and not any(s < start < e for s, e in runs):
         first = sum(e <= start for _, e in runs)  # pictures wholly before `start`
-        return model.get_input_embeddings(new_ids, pixel_values[first:])[0]
-    return model.get_input_embeddings(input_ids, pixel_values)[0, start:]
+        if image_sizes is not None:  # LLaVA-NeXT: the first pictures' tiles
+            tiles = sum(model.config.image_tiles(s) for s in image_sizes[:first])
+            pixels, sizes = pixel_values[tiles:], image_sizes[first:]
+        else:
+            pixels, sizes = pixel_values[first:], None
+        return model.get_input_embeddings(new_ids, pixels, sizes)[0]
+    return model.get_input_embeddings(input_ids, pixel_values, image_sizes)[0, start:]
 
 
 def prepare_prompt(
@@ -273,14 +292,14 @@ def prepare_prompt(
         without a `prompt_cache`, simply the token ids).
     """
     pictures = None if prompt_cache is None else prompt_cache.pictures(images, processor)
-    input_ids, pixel_values, keys = encode_prompt(
+    input_ids, pixel_values, keys, image_sizes = encode_prompt(
         model, processor, prompt, images, pictures, keyed=prompt_cache is not None
     )
     start = 0
     if prompt_cache is not None:
         start = min(prompt_cache.reusable(keys), len(keys) - 1)  # logits need a new position
         prompt_cache.rewind(start)
-    embeddings = prompt_embeddings(model, input_ids, pixel_values, start)
+    embeddings = prompt_embeddings(model, input_ids, pixel_values, start, image_sizes)
     new_ids = input_ids[0, start:]
     return mx.where(new_ids == model.config.image_token_index, 0, new_ids), embeddings, keys
 

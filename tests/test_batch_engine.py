@@ -33,7 +33,7 @@ def alone(model, processor, prompt, images, max_tokens):
 
 
 def make_row(model, processor, prompt, images, max_tokens, cache=None, start=0, **sampling):
-    input_ids, pixel_values, keys = encode_prompt(model, processor, prompt, images)
+    input_ids, pixel_values, keys, _ = encode_prompt(model, processor, prompt, images)
     sampler, processors = make_sampling(**sampling)
     history = mx.where(input_ids[0] == model.config.image_token_index, 0, input_ids[0])
     row = Row(processor, max_tokens, sampler, processors, history=history, keys=keys)
@@ -111,7 +111,7 @@ def test_kept_cache_continues_a_longer_prompt(tiny, cases):
 
     follow_up = prompt + processor.decode(first.tokens) + " USER: And now? ASSISTANT:"
     from_scratch = alone(model, processor, follow_up, images, 10)
-    _, _, keys = encode_prompt(model, processor, follow_up, images)
+    _, _, keys, _ = encode_prompt(model, processor, follow_up, images)
     shared = next(i for i, (a, b) in enumerate(zip(first.cache_keys, keys + [None])) if a != b)
     assert shared >= len(first.keys)  # the picture and the whole first prompt are reused
     cache = first.cache
@@ -151,7 +151,7 @@ def test_rows_with_their_own_sampling(tiny, cases):
 def test_prompt_embeddings_encode_only_the_uncached_pictures(tiny, monkeypatch):
     model, processor = tiny
     prompt = processor.format_prompt("Compare them.", 2)
-    input_ids, pixel_values, keys = encode_prompt(model, processor, prompt, PICTURES)
+    input_ids, pixel_values, keys, _ = encode_prompt(model, processor, prompt, PICTURES)
     runs = image_runs(input_ids[0].tolist(), model.config.image_token_index)
     assert len(runs) == 2
     assert keys[runs[0][0]][0] != keys[runs[1][0]][0]  # each picture keyed by its own digest
@@ -176,7 +176,7 @@ def test_prompt_embeddings_encode_only_the_uncached_pictures(tiny, monkeypatch):
 def test_touching_placeholders_key_their_positions_by_all_pictures(tiny):
     model, processor = tiny
     prompt = processor.format_prompt("<image><image>Compare them.", 2)
-    _, _, keys = encode_prompt(model, processor, prompt, PICTURES)
+    _, _, keys, _ = encode_prompt(model, processor, prompt, PICTURES)
     image_keys = [k for k in keys if isinstance(k, tuple)]
     assert len(image_keys) == 2 * model.config.num_image_tokens
     assert len({k[0] for k in image_keys}) == 1 and len(image_keys[0][0]) == 2

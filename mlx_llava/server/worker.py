@@ -245,7 +245,7 @@ class Worker:
         try:
             if s.seed is not None:
                 mx.random.seed(s.seed)
-            input_ids, pixel_values, keys = encode_prompt(
+            input_ids, pixel_values, keys, image_sizes = encode_prompt(
                 self.model, self.processor, request.prompt, request.pictures
             )
             room = context_room(self.model, len(keys))  # (encode_prompt checked it is > 0)
@@ -254,7 +254,7 @@ class Worker:
                 trim_prompt_cache(cache, 1)
                 rest = keys[-1:]
             start = len(keys) - len(rest)
-            embeddings = prompt_embeddings(self.model, input_ids, pixel_values, start)
+            embeddings = prompt_embeddings(self.model, input_ids, pixel_values, start, image_sizes)
             history = mx.where(input_ids[0] == self.model.config.image_token_index, 0, input_ids[0])
             sampler, processors = make_sampling(
                 s.temperature,
