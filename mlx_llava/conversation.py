@@ -8,6 +8,7 @@ which reproduces the chat template shipped with the llava-hf checkpoints.
 (``llava/train/train.py``).
 """
 
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum, auto
@@ -103,6 +104,16 @@ _TEMPLATES = [
         "<s>",
         "</s>",
     ),
+    # LLaVA-1.6: Mistral-7B's instruction format (llava_llama_2 without a system prompt) and
+    # Nous-Hermes-2-Yi-34B's ChatML with a one-line system prompt.
+    Template("mistral_instruct", "", ("USER", "ASSISTANT"), SeparatorStyle.LLAMA_2, "", "</s>"),
+    Template(
+        "chatml_direct",
+        "<|im_start|>system\nAnswer the questions.",
+        ("<|im_start|>user\n", "<|im_start|>assistant\n"),
+        SeparatorStyle.MPT,
+        "<|im_end|>",
+    ),
     Template(
         "mpt",
         "<|im_start|>system\nA conversation between a user and an LLM-based AI "
@@ -119,6 +130,7 @@ _TEMPLATES = [
 TEMPLATES: dict[str, Template] = {t.name: t for t in _TEMPLATES}
 TEMPLATES["chatml"] = TEMPLATES["mpt"]
 TEMPLATES["v1"] = TEMPLATES["vicuna_v1"]
+TEMPLATES["mistral_direct"] = TEMPLATES["chatml_direct"]
 
 
 def get_template(name: str) -> Template:
@@ -155,7 +167,8 @@ def _wrap(t: Template, i: int, who: int) -> tuple[str, str]:
         if who == 1:
             return " ", " " + t.sep2
         if i == 0:  # the original lstrips sep off the first [INST]
-            return f"[INST] <<SYS>>\n{t.system}\n<</SYS>>\n\n", " [/INST]"
+            system = f"<<SYS>>\n{t.system}\n<</SYS>>\n\n" if t.system else ""
+            return f"[INST] {system}", " [/INST]"
         return t.sep + "[INST] ", " [/INST]"
     if t.sep_style is SeparatorStyle.MPT:
         return role, t.sep
@@ -260,19 +273,33 @@ def template_for_config(config: Mapping, tokenizer_chat_template: str | None = N
 
     In order: an explicit ``conv_mode`` in the config; ``llava_llama_2`` /
     ``mpt`` when ``_name_or_path`` (or ``model_type``) says llama-2 / mpt, as
-    the original CLI guesses; for original-format configs (``mm_*`` keys),
-    ``vicuna_v1`` for v1.5 (``mlp2x_gelu`` projector, the eval scripts' choice) else
+    the original CLI guesses. LLaVA-1.6 (``llava_next``, or an original with
+    ``image_aspect_ratio: anyres``) as its releases were trained:
+    ``mistral_instruct`` for a Mistral decoder, ``chatml_direct`` for the
+    Yi-34B one (a ChatML tokenizer, or "yi" / "34b" in a name), else
+    ``vicuna_v1``. For original-format configs (``mm_*`` keys), ``vicuna_v1``
+    for v1.5 (``mlp2x_gelu`` projector, the eval scripts' choice) else
     ``llava_v1``; ``chatml`` when the tokenizer's
     chat template uses ``<|im_start|>``; otherwise ``llava_hf``.
     """
     if config.get("conv_mode"):
         get_template(config["conv_mode"])  # fail early on a typo
         return config["conv_mode"]
-    name = f"{config.get('_name_or_path', '')} {config.get('model_type', '')}".lower()
+    text = config.get("text_config") or {}
+    name = " ".join(
+        str(c.get(k, "")) for c in (config, text) for k in ("_name_or_path", "model_type")
+    ).lower()
     if "llama-2" in name or "llama_2" in name:
         return "llava_llama_2"
     if "mpt" in name:
         return "mpt"
+    if config.get("model_type") == "llava_next" or config.get("image_aspect_ratio") == "anyres":
+        if "mistral" in name:
+            return "mistral_instruct"
+        chatml = template_for_jinja(tokenizer_chat_template) == "chatml"
+        if chatml or re.search(r"\byi\b|34b", name):
+            return "chatml_direct"
+        return "vicuna_v1"
     if is_original_config(config):
         is_v15 = config.get("mm_projector_type") == "mlp2x_gelu"
         return "vicuna_v1" if is_v15 else "llava_v1"
