@@ -7,6 +7,7 @@ leaves nothing half-written and a 7B model is never held twice in memory.
 
 from __future__ import annotations
 
+import ast
 import json
 import shutil
 from dataclasses import dataclass, field
@@ -18,6 +19,7 @@ from mlx.utils import tree_flatten
 
 from .atomic import recover_dir, replace_dir, staging_dir
 from .config import ConfigError, ModelConfig, TextConfig, is_original_config
+from .conversation import template_for_config
 from .hub import resolve_folder
 from .model import Model
 from .processor import find_processor_file
@@ -122,9 +124,8 @@ def _clip_vision_config(folder: Path) -> dict:
 def original_model_config(
     config: dict, vision_config: dict, conv_mode: Optional[str] = None
 ) -> ModelConfig:
-    """A ModelConfig for an original LLaVA checkpoint (LLaVA v1 or v1.5) and its CLIP tower."""
-    from .conversation import template_for_config
-
+    """A ModelConfig for an original LLaVA checkpoint (LLaVA v1, v1.5 or v1.6) and its CLIP
+    tower."""
     if config.get("mm_use_im_start_end"):
         raise ConfigError(
             "checkpoints trained with mm_use_im_start_end (<im_start>/<im_end> around the image) "
@@ -139,8 +140,13 @@ def original_model_config(
             f"mm_vision_select_feature '{select}' is not supported (patch, cls_patch)"
         )
     aspect = config.get("image_aspect_ratio") or "square"
-    if aspect not in ("pad", "square"):
-        raise ConfigError(f"image_aspect_ratio '{aspect}' is not supported (pad, square)")
+    if aspect not in ("pad", "square", "anyres"):
+        raise ConfigError(f"image_aspect_ratio '{aspect}' is not supported (pad, square, anyres)")
+    merge = config.get("mm_patch_merge_type", "flat")
+    if aspect == "anyres" and merge != "spatial_unpad":
+        raise ConfigError(
+            f"mm_patch_merge_type '{merge}' is not supported with anyres (spatial_unpad)"
+        )
     vision_hidden = vision_config.get("hidden_size", 1024)
     if config.get("mm_hidden_size", vision_hidden) != vision_hidden:
         raise ConfigError(
@@ -149,10 +155,16 @@ def original_model_config(
         )
     text_fields = set(TextConfig.__dataclass_fields__)
     text_config = {k: v for k, v in config.items() if k in text_fields}
-    text_config["model_type"] = "llama"
+    is_mistral = config.get("model_type") == "llava_mistral"  # LlavaMistralForCausalLM
+    text_config["model_type"] = "mistral" if is_mistral else "llama"
+    pinpoints = config.get("image_grid_pinpoints")
+    if isinstance(pinpoints, str):  # some releases write the list as a string
+        pinpoints = ast.literal_eval(pinpoints)
     return ModelConfig(
         vision_config=vision_config,
         text_config=TextConfig.from_dict(text_config),
+        model_type="llava_next" if aspect == "anyres" else "llava",
+        image_grid_pinpoints=pinpoints if aspect == "anyres" else None,
         image_token_index=ORIGINAL_IMAGE_TOKEN_INDEX,
         projector_type=projector,
         projector_hidden_act="gelu",
@@ -197,7 +209,20 @@ def read_source(
     model_config = ModelConfig.from_dict(config)
     if conv_mode:
         model_config.conv_mode = conv_mode
+    elif model_config.is_next and not model_config.conv_mode:
+        # LLaVA-1.6 chats in its decoder's format (vicuna_v1, mistral_instruct, chatml_direct).
+        model_config.conv_mode = template_for_config(config, _chat_template(folder))
     return Source(model_config, folders=[(folder, "llava_hf")], processor_folders=[folder])
+
+
+def _chat_template(folder: Path) -> Optional[str]:
+    """The Jinja chat template a llava-hf folder ships, if any (read as text: only searched)."""
+    for name in ("chat_template.json", "chat_template.jinja", "tokenizer_config.json"):
+        if (folder / name).exists():
+            text = (folder / name).read_text(encoding="utf-8", errors="replace")
+            if "chat_template" in text or name.endswith(".jinja"):
+                return text
+    return None
 
 
 def quantized_paths(model: Model, spec: QuantizeSpec) -> dict[str, bool]:
@@ -286,6 +311,8 @@ def converted_tensors(
                     progress.update(min(done, progress.total))
                 name = to_mlx_key(key, layout)
                 if name is None or (name not in expected and name.endswith("lm_head.weight")):
+                    continue
+                if name in seen:  # a tower inside the checkpoint (LLaVA-1.6) beats the CLIP's
                     continue
                 if name not in expected:
                     raise ConfigError(f"unexpected tensor '{key}' in {folder}: not a LLaVA weight")
