@@ -268,9 +268,9 @@ def test_pictures_are_encoded_once(tiny, tmp_path, monkeypatch):
     calls = []
     original = model.get_image_features
 
-    def counting(pixel_values):
+    def counting(pixel_values, *args):
         calls.append(pixel_values.shape[0])
-        return original(pixel_values)
+        return original(pixel_values, *args)
 
     monkeypatch.setattr(model, "get_image_features", counting)
     records = list(answer_questions(model, processor, qs, "vqa", tmp_path, max_tokens=3))

@@ -1,0 +1,212 @@
+"""LLaVA-NeXT (1.6) number for number with transformers, on the recorded oracle outputs.
+
+tests/fixtures/make_fixtures.py wrote tiny random LlavaNext checkpoints (tiles of 28 px) in each
+layout: next-hub (llava-hf hub, Vicuna), next-v5 (transformers 5 save_pretrained, Mistral),
+next-v452 (transformers 4.52 names, Yi-34B shapes) and next-orig (an original liuhaotian v1.6
+release, Mistral, the tower inside, its CLIP beside it), with transformers'
+LlavaNextForConditionalGeneration / LlavaNextProcessor outputs on four pictures: wide, tall, a
+large square and one smaller than a tile. tests/test_oracle_live.py reruns transformers live.
+"""
+
+import json
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from mlx_llava import PromptCache, batch_generate_results, convert, load, stream_generate
+from mlx_llava.generate import prepare_prompt
+
+DATA = Path(__file__).parent / "fixtures" / "data"
+PICTURES = ("wide", "tall", "square", "small")
+IMAGES = {name: DATA / "images" / f"{name}.png" for name in PICTURES}
+CHECKPOINTS = ["next-hub", "next-v5", "next-v452", "next-orig"]
+CONV_MODES = {"vicuna": "vicuna_v1", "mistral": "mistral_instruct", "yi": "chatml_direct"}
+
+PIXEL_ATOL = 1e-5
+FEATURE_ATOL = 1e-4
+LOGIT_RTOL = 1e-4  # max |ours - theirs| <= LOGIT_RTOL * max |theirs|
+
+
+def oracle(name: str) -> tuple[dict, dict]:
+    folder = DATA / name
+    arrays = dict(np.load(folder / "oracle.npz"))
+    meta = json.loads((folder / "oracle.json").read_text())
+    if meta.get("pixel_values_of"):  # the same preprocessing: its pixels are next-hub's
+        hub = np.load(DATA / meta["pixel_values_of"] / "oracle.npz")
+        arrays.update({k: hub[k] for k in hub if k.endswith("_pixel_values")})
+    return arrays, meta
+
+
+def assert_logits_close(ours, theirs):
+    ours, theirs = np.asarray(ours), np.asarray(theirs)
+    assert ours.shape == theirs.shape
+    scale = np.abs(theirs).max()
+    diff = np.abs(ours - theirs).max()
+    assert diff <= LOGIT_RTOL * scale, f"max diff {diff:.3g} > {LOGIT_RTOL} x {scale:.3g}"
+
+
+def oracle_ids(ids: np.ndarray, meta: dict) -> np.ndarray:
+    """The oracle's ids in our numbering (an original's image token is -200 here)."""
+    if "oracle_image_token_id" in meta:
+        ids = np.where(ids == meta["oracle_image_token_id"], meta["image_token_index"], ids)
+    return ids
+
+
+def vocab(logits: np.ndarray, meta: dict) -> np.ndarray:
+    """transformers grew an original's vocabulary by <image> and <pad>: compare the rest."""
+    n = meta.get("oracle_vocab_size")
+    return logits if n is None else logits[..., : logits.shape[-1] - (n - 380)]
+
+
+def greedy(model, processor, prompt, images, n, **kwargs) -> list[int]:
+    steps = stream_generate(model, processor, prompt, images=images, max_tokens=n, **kwargs)
+    return [r.token for r in steps]
+
+
+@pytest.fixture(scope="module", params=CHECKPOINTS)
+def next_model(request, tmp_path_factory):
+    """(name, model, processor) of each NeXT checkpoint after conversion to an MLX folder."""
+    name = request.param
+    tower = DATA / f"{name}-clip" if name == "next-orig" else None
+    out = tmp_path_factory.mktemp(name) / "mlx"
+    convert(DATA / name, out, dtype="float32", vision_tower=tower)
+    model, processor = load(out)
+    return name, model, processor
+
+
+def prompt_for(meta: dict, question: str) -> str:
+    return meta["template"].format(q=question)
+
+
+def test_config_and_template_come_from_the_checkpoint(next_model):
+    name, model, processor = next_model
+    _, meta = oracle(name)
+    config = model.config
+    assert config.is_next and config.image_aspect_ratio == "anyres"
+    assert config.conv_mode == CONV_MODES[meta["decoder"]]
+    assert config.text_config.model_type == ("mistral" if meta["decoder"] == "mistral" else "llama")
+    # The template renders the question exactly as the oracle's prompt.
+    assert processor.format_prompt("What is in the picture?") == prompt_for(meta, meta["question"])
+
+
+def test_preprocessing_and_token_expansion(next_model):
+    name, model, processor = next_model
+    arrays, meta = oracle(name)
+    for picture in PICTURES:
+        inputs = processor(prompt_for(meta, meta["question"]), [IMAGES[picture]])
+        expected = oracle_ids(arrays[f"{picture}_input_ids"], meta)
+        if name == "next-orig":  # the original's one -200, expanded to the picture's tokens
+            count = meta["image_tokens"][picture]
+            expected = np.array([[t for i in expected[0] for t in ([i] * count if i < 0 else [i])]])
+        np.testing.assert_array_equal(np.array(inputs["input_ids"]), expected, err_msg=picture)
+        assert inputs["image_sizes"] == [tuple(arrays[f"{picture}_image_sizes"][0].tolist())]
+        assert model.config.image_tokens(inputs["image_sizes"][0]) == meta["image_tokens"][picture]
+        pixels = arrays[f"{picture}_pixel_values"].transpose(0, 2, 3, 1)
+        np.testing.assert_allclose(
+            np.array(inputs["pixel_values"]), pixels, atol=PIXEL_ATOL, rtol=0, err_msg=picture
+        )
+
+
+def test_image_features_unpadded_with_newlines(next_model):
+    """Base features, then the unpadded grid with image_newline after each row."""
+    name, model, _ = next_model
+    arrays, _ = oracle(name)
+    for picture in PICTURES:
+        pixels = mx.array(arrays[f"{picture}_pixel_values"].transpose(0, 2, 3, 1))
+        sizes = [tuple(arrays[f"{picture}_image_sizes"][0].tolist())]
+        features = model.get_image_features(pixels, sizes)
+        np.testing.assert_allclose(
+            np.array(features),
+            arrays[f"{picture}_image_features"],
+            atol=FEATURE_ATOL,
+            rtol=0,
+            err_msg=picture,
+        )
+
+
+def test_logits_of_four_pictures_in_one_prompt(next_model):
+    name, model, processor = next_model
+    arrays, meta = oracle(name)
+    inputs = processor(prompt_for(meta, meta["four_question"]), [IMAGES[p] for p in PICTURES])
+    np.testing.assert_array_equal(
+        np.array(inputs["input_ids"]), oracle_ids(arrays["four_input_ids"], meta)
+    )
+    logits = model(
+        inputs["input_ids"], pixel_values=inputs["pixel_values"], image_sizes=inputs["image_sizes"]
+    )
+    ours = np.array(logits[0])[arrays["four_positions"]]
+    assert_logits_close(ours, vocab(arrays["four_logits"], meta))
+
+
+def test_greedy_generation_is_token_identical(next_model):
+    name, model, processor = next_model
+    arrays, meta = oracle(name)
+    for picture in PICTURES:
+        prompt = prompt_for(meta, meta["question"])
+        inputs = processor(prompt, [IMAGES[picture]])
+        logits = model(**{k: inputs[k] for k in ("input_ids", "pixel_values", "image_sizes")})
+        assert_logits_close(np.array(logits[0, -1]), vocab(arrays[f"{picture}_last_logits"], meta))
+        tokens = greedy(model, processor, prompt, [IMAGES[picture]], 24)
+        assert tokens == arrays[f"{picture}_greedy_tokens"].tolist(), picture
+    four = greedy(
+        model, processor, prompt_for(meta, meta["four_question"]), list(IMAGES.values()), 12
+    )
+    assert four == arrays["four_greedy_tokens"].tolist()
+
+
+def test_batch_of_different_picture_sizes(next_model):
+    """Left-padded ids as transformers'; batched greedy ids equal transformers' batch and ours
+    one prompt at a time (rows of different image token counts in one batch)."""
+    name, model, processor = next_model
+    arrays, meta = oracle(name)
+    prompts = [prompt_for(meta, q) for q in meta["batch_questions"]]
+    images = [IMAGES[p] for p in PICTURES]
+    batch = processor(prompts, images)
+    np.testing.assert_array_equal(
+        np.array(batch["input_ids"]), oracle_ids(arrays["batch_input_ids"], meta)
+    )
+    np.testing.assert_array_equal(np.array(batch["attention_mask"]), arrays["batch_attention_mask"])
+    results = batch_generate_results(model, processor, prompts, images=images, max_tokens=12)
+    batched = [r.tokens for r in results]
+    singles = [greedy(model, processor, p, [i], 12) for p, i in zip(prompts, images)]
+    assert batched == singles == arrays["batch_greedy_tokens"].tolist()
+
+
+def test_prompt_cache_keeps_each_pictures_tokens(next_model):
+    """Two pictures of different token counts: a second question computes its own tokens only,
+    and the answers stay the oracle's."""
+    name, model, processor = next_model
+    arrays, meta = oracle(name)
+    if name != "next-hub":
+        pytest.skip("the cache logic is the same for every layout")
+    cache = PromptCache(model)
+    prompt = prompt_for(meta, meta["question"])
+    for picture in ("wide", "small"):
+        tokens = greedy(model, processor, prompt, [IMAGES[picture]], 24, prompt_cache=cache)
+        assert tokens == arrays[f"{picture}_greedy_tokens"].tolist()
+    again = greedy(model, processor, prompt, [IMAGES["small"]], 24, prompt_cache=cache)
+    assert again == arrays["small_greedy_tokens"].tolist()
+    history, _, keys = prepare_prompt(model, processor, prompt, [IMAGES["small"]], cache)
+    assert history.size == 1 and len(keys) == arrays["small_input_ids"].shape[1]
+    # The keys name each picture's own positions.
+    image_keys = [k for k in keys if isinstance(k, tuple)]
+    assert len(image_keys) == meta["image_tokens"]["small"]
+    assert [k[1] for k in image_keys] == list(range(len(image_keys)))
+
+
+def test_original_release_uses_the_tower_inside(tmp_path):
+    """LLaVA-1.6 trains its tower: the checkpoint's copy wins over mm_vision_tower's weights."""
+    from mlx.utils import tree_flatten
+
+    from mlx_llava.weights import load_weights
+
+    out = convert(DATA / "next-orig", tmp_path / "mlx", vision_tower=DATA / "next-orig-clip")
+    clip = load_weights(DATA / "next-orig-clip")
+    model, _ = load(out, dtype="float32")
+    ours = dict(tree_flatten(model.parameters()))
+    key = "vision_tower.encoder.layers.0.self_attn.q_proj.weight"
+    assert not np.allclose(np.array(ours[key]), np.array(clip["vision_model." + key[13:]]))
+    assert model.config.conv_mode == "mistral_instruct"
+    assert model.config.image_token_index == -200
