@@ -210,3 +210,153 @@ def test_original_release_uses_the_tower_inside(tmp_path):
     assert not np.allclose(np.array(ours[key]), np.array(clip["vision_model." + key[13:]]))
     assert model.config.conv_mode == "mistral_instruct"
     assert model.config.image_token_index == -200
+
+
+# Everything that works for 1.5 works for 1.6 -----------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def hub_folder(tmp_path_factory) -> Path:
+    """next-hub converted to a float32 MLX folder."""
+    return convert(DATA / "next-hub", tmp_path_factory.mktemp("next-mlx") / "mlx", dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def anyres_data(tmp_path_factory) -> Path:
+    """Shapes-world pictures of 32-90 px: different tile grids and token counts."""
+    from mlx_llava.data.shapes import generate_dataset
+
+    root = tmp_path_factory.mktemp("anyres-data")
+    generate_dataset(root, 6, seed=3, min_size=32, max_size=90)
+    return root
+
+
+def test_training_with_anyres_samples(hub_folder, anyres_data, tmp_path):
+    """Both stages run on pictures of different sizes; each sample holds its own picture's
+    token count, and the answers are what is trained."""
+    from mlx_llava.conversation import get_template
+    from mlx_llava.train import TrainArgs, train
+    from mlx_llava.train.data import BadSamplePolicy, make_batch, prepare_samples, read_records
+
+    _, processor = load(hub_folder)
+    records = read_records(anyres_data / "finetune.json")
+    samples = prepare_samples(
+        records, processor, get_template("vicuna_v1"), anyres_data, 1024, BadSamplePolicy("stop")
+    )
+    counts = set()
+    for sample in samples:
+        image_tokens = int((sample.ids == processor.config.image_token_index).sum())
+        assert image_tokens == processor.config.image_tokens(sample.image_size)
+        counts.add(image_tokens)
+    assert len(counts) > 2  # the pictures make different grids
+    batch = make_batch(samples[:3], processor, BadSamplePolicy("stop"))
+    assert batch.image_sizes == [s.image_size for s in samples[:3]]
+    tiles = sum(processor.config.image_tiles(s) for s in batch.image_sizes)
+    assert batch.pixel_values.shape[0] == tiles
+    for stage, data in (("pretrain", "pretrain.json"), ("finetune", "finetune.json")):
+        args = TrainArgs(
+            model=str(hub_folder),
+            data=str(anyres_data / data),
+            output=str(tmp_path / stage),
+            stage=stage,
+            iters=2,
+            batch_size=3,
+            learning_rate=1e-3,
+            compile=False,
+            max_length=1024,
+        )
+        out = train(args)
+        log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+        assert all(np.isfinite(e["loss"]) for e in log if "loss" in e)
+        model, _ = load(out)
+        assert model.config.is_next
+
+
+def test_training_loss_equals_transformers(hub_folder, anyres_data):
+    """The training loss of a batch of anyres samples is transformers' LlavaNext loss."""
+    torch = pytest.importorskip("torch")
+    from transformers import LlavaNextForConditionalGeneration
+
+    from mlx_llava.conversation import get_template
+    from mlx_llava.train.data import BadSamplePolicy, make_batch, prepare_samples, read_records
+    from mlx_llava.train.stages import loss_fn
+
+    model, processor = load(hub_folder)
+    records = read_records(anyres_data / "finetune.json")[:2]
+    samples = prepare_samples(
+        records, processor, get_template("vicuna_v1"), anyres_data, 1024, BadSamplePolicy("stop")
+    )
+    ours = []
+    for sample in samples:  # one at a time: transformers' loss is a mean over the batch
+        batch = make_batch([sample], processor, BadSamplePolicy("stop"))
+        loss, _ = loss_fn(
+            model, batch.inputs, batch.targets, batch.mask, batch.pixel_values, batch.image_sizes
+        )
+        ours.append(loss.item())
+    reference = LlavaNextForConditionalGeneration.from_pretrained(
+        DATA / "next-hub", dtype=torch.float32, attn_implementation="eager"
+    ).eval()
+    theirs = []
+    for sample in samples:
+        pixels, sizes = processor.image_processor.preprocess(sample.image)
+        labels = np.where(sample.mask, sample.ids, -100)
+        with torch.no_grad():
+            out = reference(
+                input_ids=torch.tensor(sample.ids[None].astype(np.int64)),
+                pixel_values=torch.tensor(pixels.transpose(0, 3, 1, 2)[None]),
+                image_sizes=torch.tensor(sizes),
+                labels=torch.tensor(labels[None].astype(np.int64)),
+            )
+        theirs.append(out.loss.item())
+    np.testing.assert_allclose(ours, theirs, rtol=1e-5)
+
+
+def test_quantized_conversion_runs_and_agrees(tmp_path):
+    """8-bit NeXT folders load and mostly agree with float32; image_newline stays float."""
+    from mlx_llava import QuantizeSpec
+
+    spec = QuantizeSpec(bits=8, group_size=32)
+    out = convert(DATA / "next-v5", tmp_path / "q8", dtype="float32", quantize=spec)
+    model, processor = load(out)
+    full, _ = load(DATA / "next-v5", dtype="float32")
+    assert "scales" in model.language_model.model.layers[0].self_attn.q_proj
+    assert model.image_newline.dtype == mx.float32
+    _, meta = oracle("next-v5")
+    inputs = processor(prompt_for(meta, meta["question"]), [IMAGES["square"]])
+    args = {k: inputs[k] for k in ("input_ids", "pixel_values", "image_sizes")}
+    agree = (mx.argmax(model(**args), -1) == mx.argmax(full(**args), -1)).mean().item()
+    assert agree > 0.9
+
+
+def test_chat_caption_and_evaluation_with_anyres(hub_folder, anyres_data, tmp_path, monkeypatch):
+    from mlx_llava import ChatSession, generate
+    from mlx_llava.caption import caption_folder
+    from mlx_llava.evaluation import answer_questions, read_questions
+
+    model, processor = load(hub_folder)
+    picture = IMAGES["wide"]
+    calls = []
+    encode = model.get_image_features
+
+    def counting(pixel_values, image_sizes=None):
+        calls.append(image_sizes)
+        return encode(pixel_values, image_sizes)
+
+    monkeypatch.setattr(model, "get_image_features", counting)
+    chat = ChatSession(model, processor, image=picture)
+    first = chat.send("What is in the picture?", max_tokens=5)
+    chat.send("And the colour?", max_tokens=5)
+    assert calls == [[(30, 80)]]  # the second turn found the picture in the cache
+    prompt = processor.format_prompt("What is in the picture?")
+    assert first == generate(model, processor, prompt, image=picture, max_tokens=5)
+
+    out = tmp_path / "captions.jsonl"
+    assert caption_folder(model, processor, DATA / "images", out, max_tokens=4, progress=False)
+    files = [json.loads(line)["file"] for line in out.read_text().splitlines()]
+    assert {f"{p}.png" for p in PICTURES} <= set(files)
+
+    fmt, questions = read_questions(anyres_data / "qa.json")
+    records = list(
+        answer_questions(model, processor, questions[:4], fmt, anyres_data, max_tokens=3)
+    )
+    assert len(records) == 4 and not any("error" in r for r in records)

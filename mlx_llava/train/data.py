@@ -25,6 +25,7 @@ from ..processor import Processor
 
 MAX_WARNINGS = 20  # bad-sample warnings printed before a summary takes over
 PAD_MULTIPLE = 8  # batch lengths are rounded up to this, so that compiled steps are reused
+EXIF_ORIENTATION = 0x0112
 
 
 class BadSampleError(ValueError):
@@ -40,12 +41,15 @@ class Sample:
         ids: token ids [L], each image expanded to its image tokens.
         mask: [L] bool, True at the tokens trained on (answers and their end of turn).
         image: the picture's path, or None for a text-only sample.
+        image_size: the picture's upright (height, width), which sets its token count for
+            LLaVA-NeXT.
     """
 
     id: str
     ids: np.ndarray
     mask: np.ndarray
     image: Optional[Path]
+    image_size: Optional[tuple[int, int]] = None
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -144,15 +148,19 @@ def normalise_messages(record: dict, name: str, plain: bool) -> list[tuple[str, 
 
 
 def tokenize_conversation(
-    processor: Processor, template: Template, messages: Sequence[tuple[str, str]]
+    processor: Processor,
+    template: Template,
+    messages: Sequence[tuple[str, str]],
+    image_sizes: Optional[Sequence[tuple[int, int]]] = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Token ids [L] of the rendered conversation and the answer mask [L].
 
     A token is trained on when it starts inside an `answer_mask_spans` span widened to the
     spaces before it: generation prompts end at `ASSISTANT:`, so the model has to produce the
     space too, be it a piece of its own ("▁") or the start of the answer's ("▁red"), as the
-    original's `instruction_len - 2` arithmetic trains it. Image tokens are expanded to
-    `config.num_image_tokens` copies, never trained on.
+    original's `instruction_len - 2` arithmetic trains it. Each image token is expanded to its
+    picture's token count (LLaVA-NeXT: from `image_sizes`, (height, width) per picture), never
+    trained on.
     """
     text = render(template, messages, add_generation_prompt=False)
     spans = []
@@ -161,26 +169,32 @@ def tokenize_conversation(
             a -= 1
         spans.append((a, b))
     ids, offsets = processor.encode_with_offsets(text)
-    config = processor.config
+    image_id = processor.config.image_token_index
+    counts = iter(processor.image_token_counts(ids.count(image_id), image_sizes))
     out_ids, out_mask = [], []
     for token, (start, end) in zip(ids, offsets):
-        if token == config.image_token_index:
-            out_ids += [token] * config.num_image_tokens
-            out_mask += [False] * config.num_image_tokens
+        if token == image_id:
+            n = next(counts)
+            out_ids += [token] * n
+            out_mask += [False] * n
             continue
         out_ids.append(token)
         out_mask.append(end > start and any(a <= start < b for a, b in spans))
     return np.array(out_ids, dtype=np.int32), np.array(out_mask, dtype=bool)
 
 
-def _check_image(path: Path, name: str) -> None:
+def _check_image(path: Path, name: str) -> tuple[int, int]:
+    """The picture's upright (height, width), from its header (EXIF orientation applied)."""
     if not path.is_file():
         raise BadSampleError(f"{name}: image file not found: {path}")
     try:
         with Image.open(path) as img:
-            img.size  # noqa: B018 - reads the header only
+            width, height = img.size
+            if img.getexif().get(EXIF_ORIENTATION) in (5, 6, 7, 8):  # turned by 90 degrees
+                width, height = height, width
     except Exception as e:  # noqa: BLE001 - PIL raises many types
         raise BadSampleError(f"{name}: cannot read image {path} ({type(e).__name__})") from None
+    return height, width
 
 
 def prepare_samples(
@@ -209,14 +223,15 @@ def prepare_samples(
             if image is not None and not isinstance(image, str):
                 raise BadSampleError(f"{name}: 'image' must be one file name")
             messages = normalise_messages(record, name, plain)
-            path = None
+            path, size = None, None
             if image is not None:
                 try:
                     path = image_folder / relative_picture(image, name)
                 except DataFileError as e:
                     raise BadSampleError(str(e)) from None
-                _check_image(path, name)
-            ids, mask = tokenize_conversation(processor, template, messages)
+                size = _check_image(path, name)
+            sizes = None if size is None else [size]
+            ids, mask = tokenize_conversation(processor, template, messages, sizes)
             if len(ids) > max_length:
                 raise BadSampleError(
                     f"{name}: too long ({len(ids)} tokens, image tokens included; "
@@ -225,7 +240,7 @@ def prepare_samples(
             if not mask[1:].any():
                 raise BadSampleError(f"{name}: no answer tokens to train on")
             record_id = str(record["id"]) if record.get("id") is not None else f"#{index}"
-            samples.append(Sample(record_id, ids, mask, path))
+            samples.append(Sample(record_id, ids, mask, path, size))
         except BadSampleError as e:
             policy(e)
     return samples
@@ -239,9 +254,11 @@ class Batch:
         inputs: token ids [B, L-1].
         targets: next-token ids [B, L-1] (0 where not trained on).
         mask: [B, L-1] float32, 1 where the target is an answer token.
-        pixel_values: [n_images, H, W, 3] in sample order, or None.
+        pixel_values: [n_images, H, W, 3] in sample order (LLaVA-NeXT: each picture's tiles),
+            or None.
         tokens: real (non-padding) input tokens, for the tokens/s figure.
         answer_tokens: the targets trained on (`mask.sum()`), counted on the host.
+        image_sizes: LLaVA-NeXT: (height, width) of each picture; else None.
     """
 
     inputs: mx.array
@@ -250,20 +267,27 @@ class Batch:
     pixel_values: Optional[mx.array]
     tokens: int
     answer_tokens: int
+    image_sizes: Optional[list[tuple[int, int]]] = None
 
 
 def make_batch(
     samples: Sequence[Sample], processor: Processor, policy: BadSamplePolicy
 ) -> Optional[Batch]:
     """Decode the pictures and pad; a picture that fails to decode is a bad sample."""
-    kept, pixels = [], []
+    kept, pixels, sizes = [], [], []
     for sample in samples:
         if sample.image is not None:
             try:
-                pixels.append(processor.image_processor(sample.image)[0])
+                tiles, size = processor.image_processor.preprocess(sample.image)
             except Exception as e:  # noqa: BLE001 - any decoding failure is the entry's fault
                 policy(BadSampleError(f"entry '{sample.id}': cannot decode image ({e})"))
                 continue
+            if size is not None:
+                if tuple(size[0]) != sample.image_size:  # the tokens were counted for it
+                    policy(BadSampleError(f"entry '{sample.id}': the picture changed size"))
+                    continue
+                sizes += size
+            pixels.append(tiles)
         kept.append(sample)
     if not kept:
         return None
@@ -279,9 +303,10 @@ def make_batch(
         inputs=mx.array(ids[:, :-1]),
         targets=mx.array(targets),
         mask=mx.array(mask[:, 1:].astype(np.float32)),
-        pixel_values=mx.array(np.stack(pixels)) if pixels else None,
+        pixel_values=mx.array(np.concatenate(pixels)) if pixels else None,
         tokens=int(sum(len(s) - 1 for s in kept)),
         answer_tokens=int(mask[:, 1:].sum()),
+        image_sizes=sizes if processor.config.is_next else None,
     )
 
 

@@ -116,9 +116,11 @@ def loss_fn(
     targets: mx.array,
     mask: mx.array,
     pixel_values: Optional[mx.array],
+    image_sizes: Optional[list[tuple[int, int]]] = None,
 ) -> tuple[mx.array, mx.array]:
-    """Mean cross-entropy over the answer tokens of a batch, and their count."""
-    embeddings = model.get_input_embeddings(inputs, pixel_values)
+    """Mean cross-entropy over the answer tokens of a batch, and their count (`image_sizes`:
+    LLaVA-NeXT's, one (height, width) per picture)."""
+    embeddings = model.get_input_embeddings(inputs, pixel_values, image_sizes)
     logits = model(inputs, input_embeddings=embeddings).astype(mx.float32)
     losses = nn.losses.cross_entropy(logits, targets) * mask
     ntoks = mask.sum()

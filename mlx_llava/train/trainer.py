@@ -98,7 +98,9 @@ def evaluate(
         batch = make_batch(distributed.shard(samples_i, group), processor, policy)
         if batch is None:
             continue
-        loss, ntoks = loss_fn(model, batch.inputs, batch.targets, batch.mask, batch.pixel_values)
+        loss, ntoks = loss_fn(
+            model, batch.inputs, batch.targets, batch.mask, batch.pixel_values, batch.image_sizes
+        )
         total, count = total + loss * ntoks, count + ntoks
         mx.eval(total, count)
     total, count = distributed.sum_values([total.item(), count.item()], group)
@@ -239,8 +241,10 @@ class Trainer:
         model, optimizer, group, args = self.model, self.optimizer, self.group, self.args
         loss_and_grad = nn.value_and_grad(model, loss_fn)
 
-        def step(inputs, targets, mask, pixel_values, weight, prev_grad):
-            (loss, ntoks), grad = loss_and_grad(model, inputs, targets, mask, pixel_values)
+        def step(inputs, targets, mask, pixel_values, image_sizes, weight, prev_grad):
+            (loss, ntoks), grad = loss_and_grad(
+                model, inputs, targets, mask, pixel_values, image_sizes
+            )
             grad = tree_map(lambda g: g * weight, grad)
             if prev_grad is not None:
                 grad = tree_map(lambda a, b: a + b, grad, prev_grad)
@@ -283,7 +287,13 @@ class Trainer:
                 continue
             weight = mx.array(self.ranks * local / total, dtype=mx.float32)
             loss, ntoks, grad = self.step(
-                batch.inputs, batch.targets, batch.mask, batch.pixel_values, weight, grad
+                batch.inputs,
+                batch.targets,
+                batch.mask,
+                batch.pixel_values,
+                batch.image_sizes,
+                weight,
+                grad,
             )
             mx.eval(loss, ntoks, grad)
             self.pending["loss"] += loss.item() * local
