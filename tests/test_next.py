@@ -360,3 +360,66 @@ def test_chat_caption_and_evaluation_with_anyres(hub_folder, anyres_data, tmp_pa
         answer_questions(model, processor, questions[:4], fmt, anyres_data, max_tokens=3)
     )
     assert len(records) == 4 and not any("error" in r for r in records)
+
+
+# The real releases' configs ----------------------------------------------------------------
+
+# tests/fixtures/count_parameters.py: transformers' LlavaNextForConditionalGeneration built on the
+# meta device from each tests/fixtures/<name>.config.json (where each comes from: its docstring).
+REAL_COUNTS = {
+    "llava-v1.6-vicuna-7b-hf": dict(
+        total=7_063_431_168, vision_tower=303_507_456, multi_modal_projector=20_979_712
+    ),
+    "llava-v1.6-mistral-7b-hf": dict(
+        total=7_566_747_648, vision_tower=303_507_456, multi_modal_projector=20_979_712
+    ),
+    "llava-v1.6-34b-hf": dict(
+        total=34_752_083_968, vision_tower=303_507_456, multi_modal_projector=58_734_592
+    ),
+}
+REAL_TEMPLATES = {
+    "llava-v1.6-vicuna-7b-hf": "vicuna_v1",
+    "llava-v1.6-mistral-7b-hf": "mistral_instruct",
+    "llava-v1.6-34b-hf": "chatml_direct",
+}
+
+
+@pytest.mark.parametrize("name", REAL_COUNTS)
+def test_real_configs_build_lazily_with_transformers_parameter_counts(name):
+    from mlx.utils import tree_flatten
+
+    from mlx_llava import Model, ModelConfig
+    from mlx_llava.conversation import template_for_config
+
+    def count(module) -> int:
+        return sum(v.size for _, v in tree_flatten(module.parameters()))
+
+    raw = json.loads((DATA.parent / f"{name}.config.json").read_text())
+    before = mx.get_active_memory()
+    model = Model(ModelConfig.from_dict(raw))
+    expected = REAL_COUNTS[name]
+    assert count(model) == expected["total"]
+    assert count(model.vision_tower) == expected["vision_tower"]
+    assert count(model.multi_modal_projector) == expected["multi_modal_projector"]
+    assert model.image_newline.size == model.config.text_config.hidden_size
+    assert mx.get_active_memory() - before < 1 << 20  # nothing was evaluated
+    assert template_for_config(raw) == REAL_TEMPLATES[name]
+    config = model.config
+    assert config.image_tokens((560, 560)) == 2928 and config.image_tiles((560, 560)) == 5
+    if "mistral" in name:
+        text = config.text_config
+        assert (text.model_type, text.num_key_value_heads, text.rope_theta) == ("mistral", 8, 1e6)
+        assert text.max_position_embeddings == 32768 and text.sliding_window is None
+
+
+def test_mistral_window_and_converted_config_round_trip():
+    from mlx_llava.config import ModelConfig, TextConfig
+
+    sparse = {"model_type": "mistral", "max_position_embeddings": 32768}
+    # Absent, MistralConfig's 4096-position window applies: beyond it attention would differ.
+    assert TextConfig.from_dict(sparse).max_position_embeddings == 4096
+    assert TextConfig.from_dict({**sparse, "sliding_window": None}).max_position_embeddings == 32768
+    raw = json.loads((DATA.parent / "llava-v1.6-mistral-7b-hf.config.json").read_text())
+    config = ModelConfig.from_dict(raw)
+    assert ModelConfig.from_dict(config.to_dict()) == config
+    assert config.to_dict()["architectures"] == ["LlavaNextForConditionalGeneration"]
