@@ -423,3 +423,65 @@ def test_mistral_window_and_converted_config_round_trip():
     config = ModelConfig.from_dict(raw)
     assert ModelConfig.from_dict(config.to_dict()) == config
     assert config.to_dict()["architectures"] == ["LlavaNextForConditionalGeneration"]
+
+
+# Command lines -------------------------------------------------------------------------------
+
+
+def _run(main, argv, capsys) -> tuple[int, str, str]:
+    code = 0
+    try:
+        main(argv)
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_generate_cli_with_pictures_of_different_sizes(capsys, monkeypatch):
+    import io
+    import sys
+
+    from mlx_llava.cli import generate as generate_cli
+
+    argv = ["--model", str(DATA / "next-v5"), "--dtype", "float32", "-m", "4"]
+    pictures = ["--image", str(IMAGES["wide"]), "--image", str(IMAGES["tall"])]
+    code, out, err = _run(generate_cli.main, argv + pictures + ["-p", "Compare."], capsys)
+    assert code == 0 and out.strip(), err
+    monkeypatch.setattr(sys, "stdin", io.StringIO("What is it?\nAnd now?\n/exit\n"))
+    code, out, err = _run(generate_cli.main, argv + pictures[:2] + ["--chat"], capsys)
+    assert code == 0 and out.strip() and "error" not in err, err
+    code, _, err = _run(generate_cli.main, argv + pictures + ["--pad-to-square"], capsys)
+    assert code == 1 and err.strip().splitlines() == [
+        "error: pad to square does not apply to LLaVA-NeXT: it tiles each picture"
+    ]
+
+
+def test_conv_mode_overrides_the_checkpoints(tmp_path, capsys):
+    from mlx_llava.cli import convert as convert_cli
+
+    _, processor = load(DATA / "next-v5", dtype="float32", conv_mode="vicuna_v1")
+    assert processor.format_prompt("Hi?").endswith("USER: <image>\nHi? ASSISTANT:")
+    out = tmp_path / "mlx"
+    argv = ["--hf-path", str(DATA / "next-v5"), "--mlx-path", str(out), "--conv-mode", "chatml"]
+    assert _run(convert_cli.main, argv, capsys)[0] == 0
+    assert json.loads((out / "config.json").read_text())["conv_mode"] == "chatml"
+
+
+def test_original_release_with_an_unsupported_merge_says_so(tmp_path, capsys):
+    import shutil
+
+    from mlx_llava.cli import convert as convert_cli
+
+    folder = tmp_path / "orig"
+    shutil.copytree(DATA / "next-orig", folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "mm_patch_merge_type": "flat"}))
+    argv = ["--hf-path", str(folder), "--mlx-path", str(tmp_path / "out")]
+    code, _, err = _run(
+        convert_cli.main, argv + ["--vision-tower", str(DATA / "next-orig-clip")], capsys
+    )
+    assert code == 1 and err.strip().splitlines() == [
+        "error: mm_patch_merge_type 'flat' is not supported with anyres (spatial_unpad)"
+    ]
+    assert not (tmp_path / "out").exists()
