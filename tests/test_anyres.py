@@ -30,6 +30,9 @@ def _sizes(seed: int, n: int) -> list[tuple[int, int]]:
     sizes = [tuple(int(x) for x in rng.integers(1, 1600, 2)) for _ in range(n)]
     sizes += [(1, 1), (1, 1500), (1500, 1), (336, 336), (672, 336), (336, 672), (560, 560)]
     sizes += [(899, 1024), (480, 640), (640, 480), (15, 20), (30, 80), (80, 30), (90, 90)]
+    # At 336-px tiles the unpadded side is 23.999999999999996 (47 x 47) or 29.999999999999996
+    # (44 x 55): transformers rounds it (`int(round(x, 7))`), the original code truncates.
+    sizes += [(47, 47), (44, 55), (47, 94), (47, 188)]
     return sizes
 
 

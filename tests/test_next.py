@@ -190,10 +190,15 @@ def test_prompt_cache_keeps_each_pictures_tokens(next_model):
     assert again == arrays["small_greedy_tokens"].tolist()
     history, _, keys = prepare_prompt(model, processor, prompt, [IMAGES["small"]], cache)
     assert history.size == 1 and len(keys) == arrays["small_input_ids"].shape[1]
-    # The keys name each picture's own positions.
+    # The keys name each picture's own positions: (its digest, 0..n-1) for each of two pictures.
+    two = prompt_for(meta, "<image>\n<image>\nCompare.")
+    _, _, keys = prepare_prompt(model, processor, two, [IMAGES["wide"], IMAGES["small"]], cache)
     image_keys = [k for k in keys if isinstance(k, tuple)]
-    assert len(image_keys) == meta["image_tokens"]["small"]
-    assert [k[1] for k in image_keys] == list(range(len(image_keys)))
+    counts = [meta["image_tokens"][p] for p in ("wide", "small")]
+    assert [k[1] for k in image_keys] == [*range(counts[0]), *range(counts[1])]
+    assert (
+        len({k[0] for k in image_keys[: counts[0]]} | {k[0] for k in image_keys[counts[0] :]}) == 2
+    )
 
 
 def test_original_release_uses_the_tower_inside(tmp_path):
@@ -485,3 +490,19 @@ def test_original_release_with_an_unsupported_merge_says_so(tmp_path, capsys):
         "error: mm_patch_merge_type 'flat' is not supported with anyres (spatial_unpad)"
     ]
     assert not (tmp_path / "out").exists()
+
+
+def test_training_counts_a_turned_pictures_upright_size(tmp_path):
+    """A JPEG stored sideways with an EXIF orientation is seen upright: its tokens are counted
+    from the upright size, which preprocessing then finds."""
+    from PIL import Image
+
+    from mlx_llava.image_processor import load_image
+    from mlx_llava.train.data import _check_image
+
+    exif = Image.Exif()
+    exif[0x0112] = 6  # shown turned by 90 degrees
+    path = tmp_path / "turned.jpg"
+    Image.new("RGB", (90, 30), (200, 30, 30)).save(path, exif=exif)
+    upright = load_image(path)
+    assert _check_image(path, "entry") == (upright.height, upright.width) == (90, 30)
