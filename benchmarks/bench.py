@@ -52,7 +52,7 @@ DEFAULT_RUNS = 3
 DEFAULT_MAX_TOKENS = 64
 ANSWER_TOKENS = 8  # short answers for the prefix-reuse and chat sections (VQA style)
 BATCH_SIZE = 8
-SECTIONS = ("single", "bandwidth", "kvbits", "prefix", "chat", "batch", "quality")
+SECTIONS = ("single", "bandwidth", "kvbits", "prefix", "chat", "batch", "tiles", "quality")
 DEFAULT_SECTIONS = "single,bandwidth,kvbits,prefix,chat,batch"
 QUESTION = "What is in the picture?"
 QUESTIONS = (
@@ -135,13 +135,14 @@ def weight_bytes(params) -> int:
     return sum(v.nbytes for _, v in tree_flatten(params))
 
 
-def make_prompt(processor, question: str, prompt_len: Optional[int]) -> str:
+def make_prompt(processor, question: str, prompt_len: Optional[int], image=None) -> str:
     """The checkpoint's prompt for `question`, padded with filler text up to `prompt_len`
-    tokens (image tokens included) when given."""
+    tokens (image tokens included, `image`'s for LLaVA-NeXT) when given."""
     prompt = processor.format_prompt(question)
     if prompt_len:
         text = question
-        while len(processor.tokenize(prompt)) < prompt_len:
+        sizes = None if image is None else [(image.height, image.width)]
+        while len(processor.tokenize(prompt, image_sizes=sizes)) < prompt_len:
             text += FILLER
             prompt = processor.format_prompt(text)
     return prompt
@@ -184,7 +185,9 @@ class Ours(Library):
         return self.processor(prompt, [image])
 
     def encode(self, inputs: dict) -> mx.array:
-        return self.model.get_input_embeddings(inputs["input_ids"], inputs["pixel_values"])
+        return self.model.get_input_embeddings(
+            inputs["input_ids"], inputs["pixel_values"], inputs["image_sizes"]
+        )
 
     def generate(self, prompt: str, image, max_tokens: int, **kwargs) -> GenerationRun:
         tokens, first, prompt_tokens = [], 0.0, 0
@@ -201,8 +204,8 @@ class Ours(Library):
 
 
 class MlxVlm(Library):
-    """mlx-vlm's llava model (`mlx_vlm.models.llava`): its forward with `mask=None` through
-    `mlx_vlm.generate.ar.generate_step`, and its LlavaProcessor called directly
+    """mlx-vlm's llava (or llava_next) model: its forward with `mask=None` through
+    `mlx_vlm.generate.ar.generate_step`, and its processor called directly
     (`mlx_vlm.utils.prepare_inputs` passes `padding=`, which transformers 5's image processor
     rejects)."""
 
@@ -227,6 +230,13 @@ class MlxVlm(Library):
         ids = mx.array(np.asarray(inputs["input_ids"]))
         pixels = mx.array(np.asarray(inputs["pixel_values"]))
         return self.model.get_input_embeddings(ids, pixels).inputs_embeds
+
+    def logits(self, prompt: str, image) -> mx.array:
+        """Logits [positions, vocab] of the prompt as this library runs it."""
+        inputs = self.preprocess(prompt, image)
+        embeddings = self.encode(inputs)
+        ids = mx.array(np.asarray(inputs["input_ids"]))
+        return self.model.language_model(ids, inputs_embeds=embeddings).logits[0]
 
     def generate(self, prompt: str, image, max_tokens: int) -> GenerationRun:
         from mlx_vlm.generate.ar import generate_step
@@ -555,7 +565,7 @@ def bench_chat(lib: Ours, image, runs: int) -> dict:
         second.append(r2[0].time_to_first_token)
     return {
         "via": "ChatSession" if ChatSession is not None else "PromptCache",
-        "image_tokens": model.config.num_image_tokens,
+        "image_tokens": model.config.image_tokens((image.height, image.width)),
         "first_turn_ttft_s": median(first),
         "second_turn_ttft_s": median(second),
         "ratio": median(second) / median(first),
@@ -633,6 +643,99 @@ def bench_batch(lib: Ours, args, runs: int) -> dict:
     return out
 
 
+TILE_PICTURES = ((640, 480), (1000, 300), (300, 300))  # (w, h): 2x2, 1x3, 2x2 upscaled grids
+
+
+def single_tile_view(lib: Ours):
+    """The same weights seeing a picture LLaVA-1.5's way: one square tile (the CLIP resize and
+    centre crop), no grid, no image_newline; (model, processor)."""
+    import dataclasses
+
+    from mlx_llava.image_processor import CLIPImageProcessor
+    from mlx_llava.model import Model
+    from mlx_llava.processor import Processor
+
+    config = dataclasses.replace(
+        lib.model.config, model_type="llava", image_grid_pinpoints=None, image_aspect_ratio=None
+    )
+    model = Model(config)
+    weights = [(k, v) for k, v in tree_flatten(lib.model.parameters()) if k != "image_newline"]
+    model.load_weights(weights, strict=True)
+    side = config.vision_config.image_size
+    image_processor = CLIPImageProcessor(size={"shortest_edge": side}, crop_size=side)
+    processor = Processor(lib.processor.tokenizer, image_processor, config)
+    return model, processor
+
+
+def bench_tiles(lib: Ours, prompt: str, runs: int) -> dict:
+    """What a LLaVA-NeXT picture's tiles cost: image tokens, tower passes, vision encode time
+    (tower + projector + packing + merge) and time to first token, for pictures that make
+    different grids, against the same weights seeing one square tile (LLaVA-1.5's way)."""
+    if not lib.model.config.is_next:
+        return {"skipped": "not a LLaVA-NeXT checkpoint"}
+    views = {"anyres": (lib.model, lib.processor), "one_tile": single_tile_view(lib)}
+    out = {}
+    for width, height in TILE_PICTURES:
+        image = synthetic_image(1, (width, height))
+        timings = {name: {"encode": [], "ttft": []} for name in views}
+        for run in range(runs + 1):  # the first run warms up
+            for name in views if run % 2 == 0 else list(views)[::-1]:
+                model, processor = views[name]
+                inputs = processor(prompt, [image])
+                args = (inputs["input_ids"], inputs["pixel_values"], inputs["image_sizes"])
+                encode = timed(model.get_input_embeddings, *args)[1]
+                steps = stream_generate(model, processor, prompt, image=image, max_tokens=1)
+                ttft = next(iter(steps)).time_to_first_token
+                if run:
+                    timings[name]["encode"].append(encode)
+                    timings[name]["ttft"].append(ttft)
+        config = lib.model.config
+        row = {
+            "image_tokens": config.image_tokens((height, width)),
+            "tower_passes": config.image_tiles((height, width)),
+            "one_tile_image_tokens": config.num_image_tokens,
+        }
+        for name in views:
+            row[f"{name}_encode_s"] = median(timings[name]["encode"])
+            row[f"{name}_ttft_s"] = median(timings[name]["ttft"])
+        row["encode_cost"] = row["anyres_encode_s"] / row["one_tile_encode_s"]
+        row["ttft_cost"] = row["anyres_ttft_s"] / row["one_tile_ttft_s"]
+        out[f"{width}x{height}"] = row
+    return out
+
+
+def bench_reference(libs: list[Library], prompt: str, image, path: str, max_tokens: int) -> dict:
+    """Each library's last-position logits and greedy tokens against transformers' (recorded by
+    benchmarks/reference_outputs.py on the same checkpoint, prompt and picture)."""
+    reference = np.load(path)
+    if str(reference["prompt"]) != prompt:
+        return {"skipped": "the reference was recorded for another prompt"}
+    expected = reference["last_logits"].astype(np.float32)
+    tokens = reference["greedy_tokens"].tolist()[:max_tokens]
+    out = {"reference_positions": int(reference["positions"])}
+    for lib in libs:
+        if isinstance(lib, Ours):
+            inputs = lib.preprocess(prompt, image)
+            logits = lib.model(
+                inputs["input_ids"], inputs["pixel_values"], image_sizes=inputs["image_sizes"]
+            )[0]
+        else:
+            logits = lib.logits(prompt, image)
+        last = np.array(logits[-1].astype(mx.float32))
+        greedy = lib.generate(prompt, image, len(tokens)).tokens
+        same = next((i for i, (a, b) in enumerate(zip(greedy, tokens)) if a != b), len(tokens))
+        out[lib.name] = {
+            "positions": int(logits.shape[0]),
+            "last_logits_max_diff": float(np.abs(last - expected).max()),
+            "last_logits_max_diff_rel": float(
+                np.abs(last - expected).max() / np.abs(expected).max()
+            ),
+            "last_argmax_same": bool(last.argmax() == expected.argmax()),
+            "greedy_tokens_same_prefix": f"{same}/{len(tokens)}",
+        }
+    return out
+
+
 def quantize_like_convert(model, bits: int, group_size: int = 64):
     """Quantize a float model in memory as `convert -q` does (float16 weights, then
     `mx.quantize`), keeping float32 scales and activations (exact casts; fast on CPU)."""
@@ -656,7 +759,8 @@ def bench_quality(path: Path, prompt: str, image) -> dict:
     inputs = processor(prompt, [image])
 
     def log_probs(m):
-        logits = m(inputs["input_ids"], inputs["pixel_values"]).astype(mx.float32)[0]
+        logits = m(inputs["input_ids"], inputs["pixel_values"], image_sizes=inputs["image_sizes"])
+        logits = logits.astype(mx.float32)[0]
         return logits - mx.logsumexp(logits, axis=-1, keepdims=True)
 
     ref = log_probs(model)
@@ -676,7 +780,7 @@ def bench_quality(path: Path, prompt: str, image) -> dict:
 # Report
 
 
-def model_facts(lib: Ours) -> dict:
+def model_facts(lib: Ours, image) -> dict:
     model = lib.model
     params = tree_flatten(model.parameters())
     quantized = any(isinstance(m, nn.QuantizedLinear) for _, m in model.named_modules())
@@ -687,7 +791,9 @@ def model_facts(lib: Ours) -> dict:
         "dtypes": dtypes,
         "quantized": quantized,
         "quantization": model.config.quantization,
-        "image_tokens": model.config.num_image_tokens,
+        "model_type": model.config.model_type,
+        "image_tokens": model.config.image_tokens((image.height, image.width)),
+        "tower_passes": model.config.image_tiles((image.height, image.width)),
         "vision_layers": model.config.vision_config.num_hidden_layers,
         "text_layers": model.config.text_config.num_hidden_layers,
         "text_hidden": model.config.text_config.hidden_size,
@@ -747,7 +853,8 @@ def print_report(report: dict) -> None:
         print(f"prompt tokens: {single[names[0]]['prompt_tokens']:.0f}")
         if "same_tokens" in single:
             print(f"same greedy tokens from both: {single['same_tokens']}")
-    for section in ("bandwidth", "kv_bits", "prefix_reuse", "chat", "batch", "quality"):
+    sections = ("reference", "bandwidth", "kv_bits", "prefix_reuse", "chat", "batch", "tiles")
+    for section in sections + ("quality",):
         if section in report:
             print(f"\n{section}: " + json.dumps(report[section], default=float))
 
@@ -772,6 +879,15 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"comma-separated, from: {', '.join(SECTIONS)} (default: {DEFAULT_SECTIONS})",
     )
     p.add_argument("--quality", action="store_true", help="add the 'quality' section")
+    p.add_argument(
+        "--match-positions",
+        action="store_true",
+        help="pad our prompt to as many positions as mlx-vlm prefills (its llava_next)",
+    )
+    p.add_argument(
+        "--reference",
+        help="transformers' outputs (benchmarks/reference_outputs.py) to compare both libraries to",
+    )
     p.add_argument(
         "--load-runs",
         type=int,
@@ -809,11 +925,24 @@ def run_benchmark(args) -> dict:
             notes.append(MlxVlm.__doc__.split("\n\n")[0].replace("\n", " ").strip())
             libs.append(MlxVlm("mlx-vlm", vlm_path, args.dtype))
         ours.load()
-        prompt = make_prompt(ours.processor, QUESTION, args.prompt_len)
+        prompt = make_prompt(ours.processor, QUESTION, args.prompt_len, image)
+        prompt_of = {}
+        if args.match_positions and len(libs) == 2:
+            # mlx-vlm's llava_next prefills more positions than the prompt's tokens: pad our
+            # prompt with filler text to as many, so that both do as much work.
+            theirs = libs[1]
+            theirs.load()
+            positions = theirs.encode(theirs.preprocess(prompt, image)).shape[1]
+            theirs.unload()
+            prompt_of[ours.name] = make_prompt(ours.processor, QUESTION, positions, image)
+            notes.append(
+                f"--match-positions: mlx-vlm prefills {positions} positions for the prompt; ours "
+                "is padded with filler text to as many"
+            )
         report: dict = {
             "device": device_name(),
             "versions": versions(),
-            "model": model_facts(ours),
+            "model": model_facts(ours, image),
             "runs": args.runs,
             "max_tokens": args.max_tokens,
             "prompt": prompt,
@@ -821,8 +950,17 @@ def run_benchmark(args) -> dict:
         }
         extra_runs = args.extra_runs or args.runs
 
+        if args.reference:
+            for lib in libs[1:]:
+                lib.load()
+            report["reference"] = bench_reference(
+                libs, prompt, image, args.reference, args.max_tokens
+            )
+            for lib in libs[1:]:
+                lib.unload()
+
         def single():
-            out = bench_single(libs, args, image, lambda lib: prompt)
+            out = bench_single(libs, args, image, lambda lib: prompt_of.get(lib.name, prompt))
             if len(libs) == 2:
                 report["ratios"] = ratios(out[libs[0].name], out[libs[1].name])
                 report["ratio_notes"] = RATIO_NOTES
@@ -841,6 +979,7 @@ def run_benchmark(args) -> dict:
             "prefix": ("prefix_reuse", lambda: bench_prefix(ours, image, extra_runs)),
             "chat": ("chat", lambda: bench_chat(ours, image, extra_runs)),
             "batch": ("batch", lambda: bench_batch(ours, args, extra_runs)),
+            "tiles": ("tiles", lambda: bench_tiles(ours, prompt, extra_runs)),
             "quality": ("quality", quality),
         }
         for section in SECTIONS:  # in this order; each saved as soon as it is measured

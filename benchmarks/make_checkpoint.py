@@ -3,13 +3,17 @@
     python benchmarks/make_checkpoint.py --out /tmp/llava-mid                 # mid, float32
     python benchmarks/make_checkpoint.py --out /tmp/llava-7b --preset 7b      # float16, ~14 GB
     python benchmarks/make_checkpoint.py --out /tmp/llava-deep --preset deep  # float32, 1.1 GB
+    python benchmarks/make_checkpoint.py --out /tmp/next-mid --next           # LLaVA-NeXT
 
 The folder looks like a llava-hf hub repo (llava-hf/llava-1.5-7b-hf): `config.json` from
 transformers' `LlavaConfig`, safetensors shards with the hub's key names
 (`language_model.model.*`, `vision_tower.vision_model.*`, `multi_modal_projector.*`), a small
 Llama-like tokenizer from `llava_testing.tokenizer_builder` (smaller than the model's
 vocabulary, which is fine for timing), `preprocessor_config.json`, `processor_config.json` and
-`chat_template.json`.
+`chat_template.json`. With `--next` it is a llava-v1.6-*-hf repo instead: transformers'
+`LlavaNextConfig` with the releases' pinpoints scaled to the tower's tiles (336 -> 224 px for
+mid: a 640x480 picture is a 2 x 2 grid, 5 tower passes), `image_newline`, and a
+LlavaNextProcessor's files.
 
 The writer is `llava_testing.checkpoints.write_llava_hf` (no torch: the config comes from
 transformers' `LlavaConfig`, names and shapes from our model built lazily, the tensors are drawn
@@ -35,6 +39,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from llava_testing.checkpoints import RandomInit, write_llava_hf  # noqa: E402
+from mlx_llava.anyres import DEFAULT_PINPOINTS  # noqa: E402
 from mlx_llava.convert import DTYPES  # noqa: E402
 
 # CLIP ViT-L/14-336 and Llama-2-7B / Vicuna-7B are the real llava-1.5-7b shapes.
@@ -102,17 +107,30 @@ EOS_TOKEN_ID = 2
 INIT = RandomInit(norm_noise=0.0, bias_std=0.02, silent_tokens=(EOS_TOKEN_ID,))
 
 
+def next_pinpoints(tile: int) -> list[list[int]]:
+    """The llava-v1.6 releases' pinpoints (in 336-pixel tiles), for tiles of `tile` pixels."""
+    return [[h // 336 * tile, w // 336 * tile] for h, w in DEFAULT_PINPOINTS]
+
+
 def make_checkpoint(
-    out: str | Path, preset: str = "mid", dtype: str | None = None, seed: int = 0
+    out: str | Path,
+    preset: str = "mid",
+    dtype: str | None = None,
+    seed: int = 0,
+    llava_next: bool = False,
 ) -> Path:
-    """Write the random checkpoint of `preset` to `out` (replaced if it exists)."""
+    """Write the random checkpoint of `preset` to `out` (replaced if it exists); LLaVA-NeXT's
+    with `llava_next`."""
     spec = PRESETS[preset]
     dtype = dtype or spec["dtype"]
     out = Path(out)
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
-    write_llava_hf(out, spec["vision"], spec["text"], seed=seed, dtype=dtype, init=INIT)
+    fields = {}
+    if llava_next:
+        fields["image_grid_pinpoints"] = next_pinpoints(spec["vision"]["image_size"])
+    write_llava_hf(out, spec["vision"], spec["text"], seed=seed, dtype=dtype, init=INIT, **fields)
     return out
 
 
@@ -124,9 +142,10 @@ def main(argv=None) -> None:
         "--dtype", choices=list(DTYPES), help="default: float32 mid and deep, float16 7b"
     )
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--next", action="store_true", help="LLaVA-NeXT (llava_next, anyres tiles)")
     args = p.parse_args(argv)
     tic = time.perf_counter()
-    out = make_checkpoint(args.out, args.preset, args.dtype, args.seed)
+    out = make_checkpoint(args.out, args.preset, args.dtype, args.seed, args.next)
     size = sum(f.stat().st_size for f in out.glob("*.safetensors"))
     print(f"wrote {out} ({size / 1e9:.2f} GB) in {time.perf_counter() - tic:.1f} s")
 

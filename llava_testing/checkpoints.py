@@ -1,6 +1,7 @@
 """Random llava-hf checkpoints written without torch, for tests and benchmarks.
 
-`write_llava_hf` writes a folder that looks like a llava-hf hub repo (llava-hf/llava-1.5-7b-hf):
+`write_llava_hf` writes a folder that looks like a llava-hf hub repo (llava-hf/llava-1.5-7b-hf;
+with `image_grid_pinpoints`, llava-hf/llava-v1.6-*-hf):
 `config.json` from transformers' `LlavaConfig` (a config class: no torch needed), safetensors
 shards with the hub's key names (`language_model.model.*`, `language_model.lm_head.weight`,
 `vision_tower.vision_model.*`, `multi_modal_projector.*`) in PyTorch's layout, a small Llama-like
@@ -87,13 +88,40 @@ def llava_hf_processor_files(
     }
 
 
+def llava_next_processor_files(
+    image_size: int,
+    patch_size: int,
+    pinpoints: list[list[int]],
+    chat_template: str = LLAVA_HF_CHAT_TEMPLATE,
+) -> dict[str, dict]:
+    """The processor files of a llava-v1.6-*-hf checkpoint (LlavaNextProcessor, its
+    LlavaNextImageProcessor tiling along `pinpoints`) for a CLIP tower of this size."""
+    files = llava_hf_processor_files(image_size, patch_size)
+    preprocessor = dict(
+        files["preprocessor_config.json"],
+        aspect_ratio_setting="anyres",
+        do_pad=True,
+        image_grid_pinpoints=pinpoints,
+        image_processor_type="LlavaNextImageProcessor",
+        processor_class="LlavaNextProcessor",
+    )
+    return {
+        "preprocessor_config.json": dict(sorted(preprocessor.items())),
+        "processor_config.json": dict(
+            files["processor_config.json"], processor_class="LlavaNextProcessor"
+        ),
+        "chat_template.json": {"chat_template": chat_template},
+    }
+
+
 def llava_config(
     vision: dict, text: dict, image_token_id: int, pad_id: int, dtype: str = "float32", **fields
 ):
     """transformers' `LlavaConfig` for these tower sizes (`vision` and `text` hold
     `CLIPVisionConfig` and `LlamaConfig` fields); `fields` are other `LlavaConfig` fields
-    (default: feature layer -2, strategy "default", GELU projector, untied embeddings)."""
-    from transformers import LlavaConfig
+    (default: feature layer -2, strategy "default", GELU projector, untied embeddings). With
+    `image_grid_pinpoints` among them, a `LlavaNextConfig` (LLaVA-NeXT)."""
+    from transformers import LlavaConfig, LlavaNextConfig
 
     fields = {
         "vision_feature_layer": -2,
@@ -106,7 +134,7 @@ def llava_config(
     text = dict(text, model_type="llama", pad_token_id=pad_id)
     patches = (vision["image_size"] // vision["patch_size"]) ** 2
     full = fields["vision_feature_select_strategy"] == "full"
-    config = LlavaConfig(
+    config = (LlavaNextConfig if "image_grid_pinpoints" in fields else LlavaConfig)(
         vision_config=vision,
         text_config=text,
         image_token_index=image_token_id,
@@ -203,9 +231,17 @@ def write_weights(
     return total
 
 
-def write_processor_files(out: Path, vision: dict, select_strategy: str = "default") -> None:
-    """preprocessor_config.json, processor_config.json and chat_template.json, as llava-hf's."""
-    files = llava_hf_processor_files(vision["image_size"], vision["patch_size"], select_strategy)
+def write_processor_files(
+    out: Path, vision: dict, select_strategy: str = "default", pinpoints=None
+) -> None:
+    """preprocessor_config.json, processor_config.json and chat_template.json, as llava-hf's
+    (LlavaNextProcessor's with `pinpoints`)."""
+    if pinpoints:
+        files = llava_next_processor_files(vision["image_size"], vision["patch_size"], pinpoints)
+    else:
+        files = llava_hf_processor_files(
+            vision["image_size"], vision["patch_size"], select_strategy
+        )
     for name, obj in files.items():
         (out / name).write_text(json.dumps(obj, indent=2) + "\n")
 
@@ -231,7 +267,8 @@ def write_llava_hf(
         dtype: "float32", "float16" or "bfloat16".
         init: how the values are drawn.
         max_shard_bytes: the largest safetensors shard.
-        fields: other `LlavaConfig` fields (see `llava_config`).
+        fields: other `LlavaConfig` fields (see `llava_config`); `image_grid_pinpoints` makes it
+            a LLaVA-NeXT checkpoint.
 
     Returns:
         `out`.
@@ -245,7 +282,8 @@ def write_llava_hf(
     config = llava_config(vision, text, image_token_id, pad_id, dtype, **fields)
     config.save_pretrained(out)
     write_weights(out, tensor_shapes(config), DTYPES[dtype], seed, init, max_shard_bytes)
-    write_processor_files(out, vision, config.vision_feature_select_strategy)
+    pinpoints = getattr(config, "image_grid_pinpoints", None)
+    write_processor_files(out, vision, config.vision_feature_select_strategy, pinpoints)
     return out
 
 
