@@ -450,7 +450,7 @@ def bench_bandwidth(lib: Ours, prompt: str, image, args) -> dict:
         mx.eval(matvec())
     cache = PromptCache(model)
     lib.generate(prompt, image, 2, prompt_cache=cache)
-    ids = mx.array(lib.processor.tokenize(prompt))
+    ids = mx.array(lib.processor.tokenize(prompt, image_sizes=[(image.height, image.width)]))
     ids = mx.where(ids == model.config.image_token_index, 0, ids)
     lm_cache = make_prompt_cache(model.language_model)
     for _ in generate_step(ids, model.language_model, max_tokens=1, prompt_cache=lm_cache):
@@ -497,7 +497,7 @@ def bench_prefix(lib: Ours, image, runs: int) -> dict:
             total = time.perf_counter() - tic
             (cached if cache else scratch).append(total)
             (cached_ttft if cache else scratch_ttft).append(sum(ttfts))
-    ids = [processor.tokenize(p) for p in prompts]
+    ids = [processor.tokenize(p, image_sizes=[(image.height, image.width)]) for p in prompts]
     shared = [len(os.path.commonprefix([a, b])) for a, b in zip(ids, ids[1:])]
     return {
         "questions": len(prompts),
