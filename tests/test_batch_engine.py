@@ -160,9 +160,9 @@ def test_prompt_embeddings_encode_only_the_uncached_pictures(tiny, monkeypatch):
     encoded = []
     features = model.get_image_features
 
-    def spy(pixels):
+    def spy(pixels, image_sizes=None):
         encoded.append(pixels.shape[0])
-        return features(pixels)
+        return features(pixels, image_sizes)
 
     monkeypatch.setattr(model, "get_image_features", spy)
     ours = prompt_embeddings(model, input_ids, pixel_values, start)
