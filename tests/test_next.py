@@ -506,3 +506,103 @@ def test_training_counts_a_turned_pictures_upright_size(tmp_path):
     Image.new("RGB", (90, 30), (200, 30, 30)).save(path, exif=exif)
     upright = load_image(path)
     assert _check_image(path, "entry") == (upright.height, upright.width) == (90, 30)
+
+
+# The server ------------------------------------------------------------------------------------
+
+
+def test_server_answers_pictures_of_different_sizes(monkeypatch):
+    """The OpenAI route on a NeXT checkpoint: each answer is `generate`'s, alone, several at
+    once in one batch (rows of different image token counts joining it), and in a second turn
+    continued from the prompt cache."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    httpx = pytest.importorskip("httpx")
+    pytest.importorskip("uvicorn")
+    from serving import data_url, serving, slow_steps, user
+
+    from mlx_llava import generate
+
+    model, processor = load(DATA / "next-v5", dtype="float32")
+
+    def expected(question, pictures, n):
+        prompt = processor.format_prompt(question, len(pictures))
+        return generate(model, processor, prompt, images=[str(p) for p in pictures], max_tokens=n)
+
+    requests = [
+        ("What is this?", [IMAGES["wide"]], 10),
+        ("Describe it in detail.", [IMAGES["small"]], 14),
+        ("Compare them.", [IMAGES["tall"], IMAGES["square"]], 12),
+        ("Hello!", [], 8),
+    ]
+    with serving((model, processor), model_id="next") as server:
+
+        def ask(request):
+            question, pictures, n = request
+            body = {"messages": [user(question, *map(data_url, pictures))], "max_tokens": n}
+            response = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=120)
+            assert response.status_code == 200, response.text
+            return response.json()["choices"][0]["message"]["content"]
+
+        one_at_a_time = [ask(r) for r in requests]
+        assert one_at_a_time == [expected(*r) for r in requests]
+        sizes = slow_steps(server.worker, 0.05, monkeypatch)
+        server.worker.prompt_cache.trim_to(n_sequences=0)
+        with ThreadPoolExecutor(len(requests)) as pool:
+            assert list(pool.map(ask, requests)) == one_at_a_time
+        assert max(rows for rows, _ in sizes) > 2  # they shared the batch
+        # A second turn about the wide picture: its prefix comes from the cache.
+        turns = [
+            user("What is this?", data_url(IMAGES["wide"])),
+            {"role": "assistant", "content": one_at_a_time[0]},
+            user("And the colour?"),
+        ]
+        body = {"messages": turns, "max_tokens": 6}
+        response = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=120)
+        assert response.status_code == 200, response.text
+        usage = response.json()["usage"]
+        chat = ChatSessionFor(model, processor, IMAGES["wide"], one_at_a_time[0])
+        assert response.json()["choices"][0]["message"]["content"] == chat.send(
+            "And the colour?", max_tokens=6
+        )
+        # The picture's tokens and the first turn were not computed again.
+        assert usage["prompt_tokens_details"]["cached_tokens"] > meta_tokens("wide")
+
+
+def ChatSessionFor(model, processor, picture, first_answer):
+    """A ChatSession whose first turn was "What is this?" about `picture`, answered so."""
+    from mlx_llava import ChatSession
+
+    chat = ChatSession(model, processor, image=picture)
+    chat.messages = [("user", "<image>\nWhat is this?"), ("assistant", first_answer.strip())]
+    return chat
+
+
+def meta_tokens(picture: str) -> int:
+    return oracle("next-v5")[1]["image_tokens"][picture]
+
+
+def test_prompt_embeddings_encode_only_the_uncached_pictures_tiles(hub_folder, monkeypatch):
+    """Two pictures of different sizes, the first in a cached prefix: only the second one's
+    tiles go through the tower, and the embeddings are those of the whole prompt."""
+    from mlx_llava.generate import encode_prompt, image_runs, prompt_embeddings
+
+    model, processor = load(hub_folder)
+    _, meta = oracle("next-hub")
+    prompt = prompt_for(meta, "<image>\nFirst.\n<image>\nSecond.")
+    pictures = [IMAGES["square"], IMAGES["small"]]
+    input_ids, pixel_values, _, sizes = encode_prompt(model, processor, prompt, pictures)
+    runs = image_runs(input_ids[0].tolist(), model.config.image_token_index)
+    start = runs[0][1] + 1
+    expected = model.get_input_embeddings(input_ids, pixel_values, sizes)[0, start:]
+    encoded = []
+    features = model.get_image_features
+
+    def spy(pixels, image_sizes=None):
+        encoded.append((pixels.shape[0], image_sizes))
+        return features(pixels, image_sizes)
+
+    monkeypatch.setattr(model, "get_image_features", spy)
+    ours = prompt_embeddings(model, input_ids, pixel_values, start, sizes)
+    assert encoded == [(model.config.image_tiles(sizes[1]), [sizes[1]])]  # the small one's 3
+    np.testing.assert_allclose(np.array(ours), np.array(expected), atol=1e-5)
