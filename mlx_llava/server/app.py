@@ -77,6 +77,20 @@ class ServerConfig:
     defaults: Sampling = field(default_factory=Sampling)  # for fields a request leaves out
 
 
+def make_worker(model: Model, processor: Processor, config: ServerConfig) -> Worker:
+    """The generation worker for these settings (every rank of a pipeline makes one)."""
+    return Worker(
+        model,
+        processor,
+        max_batch=config.max_batch,
+        max_queue=config.max_queue,
+        max_prefill=config.max_prefill,
+        cache_entries=config.prompt_cache_size,
+        cache_bytes=int(config.prompt_cache_mb * (1 << 20)),
+        prefill_step_size=config.prefill_step_size,
+    )
+
+
 class Generation:
     """A submitted request seen from the event loop: the worker's events, in order."""
 
@@ -154,16 +168,7 @@ class Service:
             max_bytes=int(config.max_image_mb * (1 << 20)),
             max_pixels=config.max_image_pixels,
         )
-        self.worker = Worker(
-            model,
-            processor,
-            max_batch=config.max_batch,
-            max_queue=config.max_queue,
-            max_prefill=config.max_prefill,
-            cache_entries=config.prompt_cache_size,
-            cache_bytes=int(config.prompt_cache_mb * (1 << 20)),
-            prefill_step_size=config.prefill_step_size,
-        )
+        self.worker = make_worker(model, processor, config)
 
     def check_model(self, name: Optional[str], param: str = "model") -> None:
         """Requests name the served model (or leave it out)."""

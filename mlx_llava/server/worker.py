@@ -9,11 +9,19 @@ question about a picture already seen) computes only what follows the longest ca
 
 Everything MLX runs in this thread; callers hand over plain data (a prompt string and decoded
 pictures) and get events back through a callback, from this thread.
+
+Split across the ranks of `mlx.launch` (a model loaded with `load(..., pipeline=True)`), every
+rank runs this worker in lockstep: rank 0, the one that serves HTTP, decides each turn of the
+loop (which requests stop, which start, with their token ids, picture digests and sampling) and
+broadcasts it as a `Turn`; then every rank does the same turn on its own layers (the same
+cache lookups, batch changes and decoding step), so that their sends and receives pair up.
 """
 
 from __future__ import annotations
 
 import collections
+import dataclasses
+import itertools
 import logging
 import threading
 import time
@@ -21,17 +29,27 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import mlx.core as mx
+import numpy as np
 from mlx.utils import tree_flatten
 from mlx_lm.models.cache import LRUPromptCache, trim_prompt_cache
 
+from .. import distributed
 from ..batch import BatchEngine, Row
-from ..generate import context_room, encode_prompt, make_sampling, prompt_embeddings
+from ..generate import (
+    context_room,
+    encode_prompt,
+    make_sampling,
+    position_keys,
+    preprocess_pictures,
+    prompt_embeddings,
+)
 from ..model import Model
 from ..processor import Processor
 
 log = logging.getLogger("mlx_llava.server")
 
 _CACHE_KEY = "model"  # the LRU is keyed by model too; the worker serves one
+IDLE_TURN_S = 0.1  # pipeline: an idle rank 0 shares an empty turn this often (see `_follow`)
 
 
 @dataclass
@@ -84,17 +102,89 @@ class Event:
     status: int = 400  # error: 4xx for a bad request, 5xx for a failure of ours
 
 
+@dataclass
+class Admission:
+    """A request as every rank starts it, encoded on rank 0.
+
+    Attributes:
+        number: the request's number (`Job.number`), the same on every rank.
+        input_ids: the prompt's token ids [L] (each `<image>` expanded).
+        digests: the pictures' digests (`generate.picture_digests`): with the ids, the
+            prompt's position keys.
+        sampling: how to answer.
+        pixel_values: [n, H, W, 3] on rank 0 (None without pictures; LLaVA-NeXT: every
+            picture's tiles); the other ranks get them, of `pixel_shape`, only when the vision
+            tower has to see them.
+        image_sizes: the pictures' (height, width) for LLaVA-NeXT (see `encode_prompt`), else
+            None.
+    """
+
+    number: int
+    input_ids: list[int]
+    digests: list[str]
+    sampling: Sampling
+    pixel_values: Optional[mx.array] = None
+    pixel_shape: Optional[list[int]] = None
+    image_sizes: Optional[list[tuple[int, int]]] = None
+
+    def to_json(self) -> dict:
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        fields["sampling"] = dataclasses.asdict(self.sampling)
+        fields["pixel_values"] = None
+        return fields
+
+    @classmethod
+    def from_json(cls, fields: dict) -> "Admission":
+        sizes = fields["image_sizes"]
+        sizes = None if sizes is None else [tuple(size) for size in sizes]
+        return cls(**{**fields, "sampling": Sampling(**fields["sampling"]), "image_sizes": sizes})
+
+
+@dataclass
+class Turn:
+    """One turn of the worker loop, decided by rank 0 and done by every rank: stop the
+    cancelled requests (by number), start the admitted ones, then one decoding step of the
+    batch if it is not empty; or stop (`close`)."""
+
+    cancels: list[int] = field(default_factory=list)
+    admissions: list[Admission] = field(default_factory=list)
+    close: bool = False
+
+    def to_json(self) -> dict:
+        return {
+            "cancels": self.cancels,
+            "admissions": [a.to_json() for a in self.admissions],
+            "close": self.close,
+        }
+
+    @classmethod
+    def from_json(cls, fields: dict) -> "Turn":
+        admissions = [Admission.from_json(a) for a in fields["admissions"]]
+        return cls(fields["cancels"], admissions, fields["close"])
+
+
 class QueueFull(RuntimeError):
     """The request queue is full."""
+
+
+def _ignore(event: Event) -> None:
+    """The event callback of a request on the ranks other than 0 (no client there)."""
 
 
 class Job:
     """A submitted request. `cancel()` may be called from any thread, any number of times."""
 
-    def __init__(self, worker: "Worker", request: GenerationRequest, on_event: Callable):
+    def __init__(
+        self,
+        worker: "Worker",
+        request: Optional[GenerationRequest],
+        on_event: Callable,
+        number: int,
+    ):
         self.worker = worker
         self.request = request
         self.on_event = on_event
+        self.number = number
         self.row: Optional[Row] = None
         self.stats = Stats()
         self.submitted = time.perf_counter()
@@ -122,8 +212,14 @@ class Worker:
             are computed together, and the running answers pause meanwhile). With 1, a request's
             first token waits for its own prompt and those queued before it, one per step, and
             the running answers go on between them.
-        cache_entries, cache_bytes: bounds of the LRU of prompt caches.
+        cache_entries, cache_bytes: bounds of the LRU of prompt caches (`cache_bytes` for the
+            whole model: split across ranks, each rank keeps its layers' share of it).
         prefill_step_size: prompt positions per prefill chunk.
+
+    With a model split across ranks (`Model.pipeline`), every rank makes a worker with the same
+    settings and calls `start`: rank 0's takes requests and decides, the others follow it (see
+    the module's docstring). A rank that fails stops the pipeline: `failure` then says why
+    and `on_failure` (if set) is called, from the worker thread.
     """
 
     def __init__(
@@ -139,32 +235,70 @@ class Worker:
     ):
         self.model = model
         self.processor = processor
-        self.parameters = sum(v.size for _, v in tree_flatten(model.parameters()))
+        lm = model.language_model.model
+        self.group = distributed.world() if lm.pipeline_size > 1 else None
+        self.rank = lm.pipeline_rank
+        self.ranks = self._gather(self._stage())  # for /health
+        self.parameters = sum(r["parameters"] for r in self.ranks)
         self.quantization_bits = (model.config.quantization or {}).get("bits")
         self.max_batch = max_batch
         self.max_queue = max_queue
         self.max_prefill = max_prefill
         self.engine = BatchEngine(model, prefill_step_size, keep_caches=True)
-        self.prompt_cache = LRUPromptCache(max_size=cache_entries, max_bytes=cache_bytes)
+        # The same count and share of the bytes on every rank: their LRUs evict alike.
+        share = len(model.layers) / model.config.text_config.num_hidden_layers
+        self.prompt_cache = LRUPromptCache(cache_entries, int(cache_bytes * share))
+        self.failure: Optional[str] = None
+        self.on_failure: Optional[Callable[[], None]] = None
+        self._numbers = itertools.count()
         self._queue: collections.deque[Job] = collections.deque()
         self._cancels: list[Job] = []
+        self._encoded: dict[int, Job] = {}  # rank 0: number -> job, until it starts
         self._running: dict[int, Job] = {}  # id(row) -> job
         self._wakeup = threading.Condition()
         self._closing = False
         self._thread = threading.Thread(target=self._run, name="mlx-llava-worker", daemon=True)
 
+    def _gather(self, value) -> list:
+        """Every rank's `value` (JSON), in rank order: [value] for one process."""
+        return [value] if self.group is None else distributed.gather(value, self.group)
+
+    def _stage(self) -> dict:
+        """This rank's part of the model: its decoder layers [first, last], whether it holds
+        the vision tower, and the parameters it alone holds (the token embeddings, final norm
+        and lm_head, which every rank keeps, are counted on rank 0)."""
+        held = self.model.language_model.model.layer_range
+        parameters = sum(
+            v.size
+            for name, v in tree_flatten(self.model.parameters())
+            if self.rank == 0 or ".layers." in name or not name.startswith("language_model.")
+        )
+        return {
+            "rank": self.rank,
+            "layers": [held.start, held.stop - 1],
+            "vision_tower": self.model.vision_tower is not None,
+            "parameters": parameters,
+        }
+
     # Any thread ---------------------------------------------------------------------------
 
     def start(self) -> None:
+        """Start the worker thread: rank 0 serves requests, the other ranks follow it."""
         self._thread.start()
 
     def close(self, timeout: float = 30.0) -> None:
-        """Stop the thread; requests still queued or running get an error event."""
+        """Stop the thread (rank 0: and the other ranks' workers); requests still queued or
+        running get an error event."""
         with self._wakeup:
             self._closing = True
             self._wakeup.notify()
         if self._thread.is_alive():
             self._thread.join(timeout)
+
+    def wait(self, timeout: float) -> bool:
+        """Wait up to `timeout` seconds for the thread to end; True once it has."""
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
 
     def submit(self, request: GenerationRequest, on_event: Callable[[Event], None]) -> Job:
         """Queue a request; `on_event` is called from the worker thread.
@@ -172,9 +306,9 @@ class Worker:
         Raises:
             QueueFull: `max_queue` requests are already waiting.
         """
-        job = Job(self, request, on_event)
+        job = Job(self, request, on_event, next(self._numbers))
         with self._wakeup:
-            if self._closing:
+            if self._closing or self.failure:
                 raise QueueFull("the server is shutting down")
             if len(self._queue) >= self.max_queue:
                 raise QueueFull(f"the server is busy: {len(self._queue)} requests are waiting")
@@ -199,7 +333,8 @@ class Worker:
             job.emit(Event("error", error="the request was cancelled", status=499))
 
     def state(self) -> dict:
-        """What /health reports: requests generating and waiting, the prompt-cache LRU."""
+        """What /health reports: requests generating and waiting, the prompt-cache LRU (this
+        rank's share), and the ranks that serve with the layers of each."""
         with self._wakeup:
             return {
                 "active": len(self._running),
@@ -209,53 +344,115 @@ class Worker:
                     "entries": len(self.prompt_cache),
                     "bytes": self.prompt_cache.nbytes,
                 },
+                "ranks": [
+                    {k: r[k] for k in ("rank", "layers", "vision_tower")} for r in self.ranks
+                ],
             }
 
     # The worker thread --------------------------------------------------------------------
 
     def _run(self) -> None:
+        try:
+            self._lead() if self.rank == 0 else self._follow()
+        except Exception as e:  # noqa: BLE001 - pipeline only: the ranks may be out of step
+            self.failure = f"the pipeline of ranks failed: {str(e).strip() or type(e).__name__}"
+            if self.rank == 0:  # (the others' command line reports it)
+                log.error(self.failure, exc_info=log.isEnabledFor(logging.DEBUG))
+            self._fail_all("the pipeline of ranks failed; the server is stopping", 503)
+            if self.on_failure is not None:
+                self.on_failure()
+            return
+        self._fail_all("the server is shutting down", 503)
+
+    def _lead(self) -> None:
+        """Rank 0 (or one process): take the cancels and waiting requests, encode those that
+        join, and do the turn; while idle in a pipeline, share an empty turn every
+        `IDLE_TURN_S`."""
+        idle_wait = None if self.group is None else IDLE_TURN_S
         while True:
             with self._wakeup:
                 while not (self._queue or self._cancels or self.engine or self._closing):
-                    self._wakeup.wait()
-                if self._closing:
-                    break
+                    if not self._wakeup.wait(idle_wait):
+                        break
+                closing = self._closing
                 cancels, self._cancels = self._cancels, []
-                room = min(self.max_batch - len(self._running), self.max_prefill)
+                room = 0 if closing else min(self.max_batch - len(self._running), self.max_prefill)
                 admitted = [self._queue.popleft() for _ in range(min(room, len(self._queue)))]
-            try:
-                for job in cancels:
-                    self._stop(job)
-                for job in admitted:
-                    self._admit(job)
-                if self.engine:
-                    for row in self.engine.step():
-                        self._emit(row)
-            except Exception:  # noqa: BLE001 - fail the batch, keep serving
-                log.exception("generation failed")
-                self._fail_all("generation failed; see the server log", 500)
-        self._fail_all("the server is shutting down", 503)
+            admissions = [a for a in map(self._encode, admitted) if a is not None]
+            if not self._turn(Turn([job.number for job in cancels], admissions, closing)):
+                return
 
-    def _admit(self, job: Job) -> None:
-        """Encode a request's prompt, find its longest cached prefix, and add it to the batch."""
+    def _follow(self) -> None:
+        """The ranks other than 0: do rank 0's turns until it closes. Between idle turns they
+        sleep, rather than wait inside a collective (which spins: a core per idle rank)."""
+        while self._turn(None):
+            if not self.engine:
+                time.sleep(IDLE_TURN_S)
+
+    def _turn(self, turn: Optional[Turn]) -> bool:
+        """Share rank 0's `turn` (the other ranks pass None) and do it; False once closed."""
+        if self.group is not None:
+            shared = distributed.broadcast(turn.to_json() if turn else None, self.group)
+            turn = turn or Turn.from_json(shared)
+        if turn.close:
+            return False
+        try:
+            for number in turn.cancels:
+                self._stop(number)
+            for admission in turn.admissions:
+                self._start(admission)
+            if self.engine:
+                for row in self.engine.step():
+                    self._emit(row)
+        except Exception:  # noqa: BLE001 - fail the batch, keep serving
+            if self.group is not None:
+                raise  # a rank's failure may be its own: the ranks could part ways
+            log.exception("generation failed")
+            self._fail_all("generation failed; see the server log", 500)
+        return True
+
+    def _encode(self, job: Job) -> Optional[Admission]:
+        """Rank 0: tokenize a request's prompt and preprocess its pictures. A request at fault
+        (placeholders, context length) gets its 400 here, before any other rank hears of it."""
         if job.cancelled:
-            return
+            return None
         job.admitted = time.perf_counter()
-        request, s = job.request, job.request.sampling
+        request = job.request
+        try:
+            pictures = preprocess_pictures(self.processor, request.pictures)
+            input_ids, pixel_values, _, sizes = encode_prompt(
+                self.model, self.processor, request.prompt, request.pictures, pictures, False
+            )
+        except ValueError as e:
+            job.finished = True
+            job.emit(Event("error", error=str(e), status=400))
+            return None
+        self._encoded[job.number] = job
+        shape = None if pixel_values is None else list(pixel_values.shape)
+        ids = np.asarray(input_ids[0]).tolist()
+        return Admission(job.number, ids, pictures[1], request.sampling, pixel_values, shape, sizes)
+
+    def _start(self, admission: Admission) -> None:
+        """Every rank: find the prompt's longest cached prefix and add the request to the
+        batch (rank 0 then tells its client)."""
+        job = self._encoded.pop(admission.number, None)
+        if job is None:  # a rank other than 0: nobody to tell
+            job = Job(self, None, _ignore, admission.number)
+        s = admission.sampling
         try:
             if s.seed is not None:
                 mx.random.seed(s.seed)
-            input_ids, pixel_values, keys, image_sizes = encode_prompt(
-                self.model, self.processor, request.prompt, request.pictures
-            )
-            room = context_room(self.model, len(keys))  # (encode_prompt checked it is > 0)
-            cache, rest = self.prompt_cache.fetch_nearest_cache(_CACHE_KEY, keys)
-            if cache is not None and not rest:  # all cached: recompute the last position
-                trim_prompt_cache(cache, 1)
-                rest = keys[-1:]
-            start = len(keys) - len(rest)
-            embeddings = prompt_embeddings(self.model, input_ids, pixel_values, start, image_sizes)
-            history = mx.where(input_ids[0] == self.model.config.image_token_index, 0, input_ids[0])
+            image_token = self.model.config.image_token_index
+            input_ids = mx.array([admission.input_ids])
+            keys = position_keys(admission.input_ids, admission.digests, image_token)
+            room = context_room(self.model, len(keys))
+            cache, start = self._cached_prefix(keys)
+            pixel_values = admission.pixel_values
+            if self.group is not None and image_token in admission.input_ids[start:]:
+                pixel_values = self._share_pictures(admission)
+            sizes = admission.image_sizes
+            embeddings = prompt_embeddings(self.model, input_ids, pixel_values, start, sizes)
+            history = mx.where(input_ids[0] == image_token, 0, input_ids[0])
             sampler, processors = make_sampling(
                 s.temperature,
                 s.top_p,
@@ -267,7 +464,7 @@ class Worker:
             max_tokens = min(s.max_tokens, room)
             row = Row(self.processor, max_tokens, sampler, processors, s.stop, history, keys)
             self.engine.add(row, embeddings, cache)
-        except ValueError as e:  # the request's fault: placeholders, context length
+        except ValueError as e:  # the request's fault (the same on every rank)
             job.finished = True
             job.emit(Event("error", error=str(e), status=400))
             return
@@ -277,6 +474,27 @@ class Worker:
         with self._wakeup:
             self._running[id(row)] = job
         job.emit(Event("start", stats=job.stats))
+
+    def _cached_prefix(self, keys: list) -> tuple[Optional[list], int]:
+        """The KV cache of the longest cached prefix of `keys` (or None) and its length, at
+        least one position short of the whole prompt (its logits are needed). Split across
+        ranks, every rank takes the shortest of the ranks' prefixes."""
+        cache, rest = self.prompt_cache.fetch_nearest_cache(_CACHE_KEY, keys)
+        if cache is not None and not rest:  # all cached: recompute the last position
+            trim_prompt_cache(cache, 1)
+            rest = keys[-1:]
+        start = len(keys) - len(rest)
+        agreed = min(self._gather(start))
+        if agreed < start:
+            trim_prompt_cache(cache, start - agreed)
+        return (cache if agreed > 0 else None), agreed
+
+    def _share_pictures(self, admission: Admission) -> mx.array:
+        """Rank 0's pixel values on every rank (the last one runs the vision tower)."""
+        pixels = admission.pixel_values
+        if pixels is None:
+            pixels = mx.zeros(admission.pixel_shape, dtype=mx.float32)
+        return distributed.broadcast_arrays({"pixel_values": pixels}, self.group)["pixel_values"]
 
     def _emit(self, row: Row) -> None:
         job = self._running.get(id(row))
@@ -289,8 +507,9 @@ class Worker:
         if row.finish_reason is not None:
             self._done(job, row.finish_reason)
 
-    def _stop(self, job: Job) -> None:
-        if job.row is not None and id(job.row) in self._running:
+    def _stop(self, number: int) -> None:
+        job = next((j for j in self._running.values() if j.number == number), None)
+        if job is not None:
             self.engine.remove(job.row)
             self._done(job, "cancelled")
 
@@ -313,8 +532,10 @@ class Worker:
     def _fail_all(self, message: str, status: int) -> None:
         """Give every request an error and start from an empty batch."""
         with self._wakeup:
-            jobs = list(self._running.values()) + list(self._queue)
+            jobs = list(self._running.values()) + list(self._encoded.values())
+            jobs += list(self._queue)
             self._running.clear()
+            self._encoded.clear()
             self._queue.clear()
         self.engine = BatchEngine(self.model, self.engine.prefill_step_size, keep_caches=True)
         for job in jobs:
