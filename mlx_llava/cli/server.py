@@ -1,13 +1,17 @@
 """server.py / `python -m mlx_llava.server`: serve a model over HTTP (OpenAI and Ollama APIs, a
-chat page at /)."""
+chat page at /), from one process or from the ranks of `mlx.launch ... --pipeline`."""
 
 from __future__ import annotations
 
 import argparse
 import ipaddress
 import os
+import signal
+import stat
 import sys
-from typing import Optional
+import threading
+import time
+from typing import Callable, Optional
 
 from ..image_processor import DEFAULT_MAX_IMAGE_PIXELS
 from . import run_cli
@@ -16,6 +20,8 @@ from .args import add_model_args, load_from_args, make_parser
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8080
 API_KEY_ENV = "MLX_LLAVA_API_KEY"
+GRACEFUL_SHUTDOWN_S = 5  # open streams get this long to finish when the server stops
+FOLLOWER_GRACE_S = 15.0  # a signalled rank other than 0 waits this long for rank 0 to stop it
 
 
 def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
@@ -99,6 +105,12 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
         help="memory for kept KV caches, MB",
     )
     p.add_argument(
+        "--pipeline",
+        action="store_true",
+        help="under mlx.launch: split the language model's layers across the ranks, each "
+        "reading only its own weights; rank 0 answers HTTP and the others follow it",
+    )
+    p.add_argument(
         "--log-level", default="info", choices=["debug", "info", "warning", "error", "critical"]
     )
     return p
@@ -138,8 +150,16 @@ def _is_loopback(host: str) -> bool:
 
 
 def serve(args: argparse.Namespace) -> None:
-    """Load the model and serve it until interrupted."""
+    """Load the model and serve it until interrupted (under `mlx.launch --pipeline`: rank 0
+    serves, the other ranks follow it until it stops)."""
+    from .. import distributed
+
     _check(args)
+    if distributed.size() > 1 and not args.pipeline:
+        raise ValueError(
+            "under mlx.launch the server needs --pipeline (each rank then holds a part of the "
+            "model, and rank 0 answers HTTP)"
+        )
     try:
         import fastapi  # noqa: F401
         import uvicorn
@@ -147,10 +167,10 @@ def serve(args: argparse.Namespace) -> None:
         raise RuntimeError(
             f"the server needs FastAPI and uvicorn ({e}): pip install 'mlx-llava[server]'"
         ) from e
-    from ..server import Sampling, ServerConfig, create_app
+    from ..server import Sampling, ServerConfig, create_app, make_worker
 
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
-    if not _is_loopback(args.host) and not api_key:
+    if not _is_loopback(args.host) and not api_key and distributed.is_main():
         print(
             f"warning: listening on {args.host} without --api-key: anyone who can reach this "
             "address can use the model",
@@ -182,11 +202,107 @@ def serve(args: argparse.Namespace) -> None:
             repetition_penalty=args.repetition_penalty,
         ),
     )
+    if not distributed.is_main():
+        follow(make_worker(model, processor, config))
+        return
     app = create_app(model, processor, config)
-    print(f"serving {args.model} on http://{args.host}:{args.port}/", file=sys.stderr)
-    uvicorn.run(
-        app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5
+    worker = app.state.service.worker
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app,
+            host=args.host,
+            port=args.port,
+            log_level=args.log_level,
+            timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
+        )
     )
+
+    def stop() -> None:
+        server.should_exit = True
+
+    worker.on_failure = stop
+    print(f"serving {args.model} on http://{args.host}:{args.port}/", file=sys.stderr)
+    if len(worker.ranks) > 1:
+        print(f"{len(worker.ranks)} ranks: {ranks_line(worker.ranks)}", file=sys.stderr)
+        stop_with_launcher(stop)
+        # A signal stops the server gracefully (and the ranks with it): then exit 0, so that
+        # mlx.launch reports no failed rank. uvicorn raises the signal again after its
+        # shutdown, into these handlers.
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: None)
+    server.run()
+    if worker.failure:
+        raise RuntimeError(worker.failure)
+
+
+def ranks_line(ranks: list[dict]) -> str:
+    """`rank 0: layers 16-31; rank 1: layers 0-15, vision tower` from `Worker.ranks`."""
+    parts = []
+    for r in ranks:
+        first, last = r["layers"]
+        vision = ", vision tower" if r["vision_tower"] else ""
+        parts.append(f"rank {r['rank']}: layers {first}-{last}{vision}")
+    return "; ".join(parts)
+
+
+def follow(worker) -> None:
+    """A rank other than 0: run the worker's turns until rank 0 closes them.
+
+    Ctrl-C reaches every rank of a launch: rank 0 then stops serving (letting open answers
+    finish) and closes the pipeline. A signalled follower therefore goes on until rank 0 closes
+    it, or leaves by itself FOLLOWER_GRACE_S later.
+    """
+    signalled: list[float] = []
+
+    def note(*_) -> None:
+        signalled.append(time.monotonic())
+
+    worker.start()
+    handlers = {sig: signal.signal(sig, note) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        while not worker.wait(0.2):
+            if signalled and time.monotonic() - signalled[0] > FOLLOWER_GRACE_S:
+                from ..distributed import rank_prefix
+
+                print(
+                    f"{rank_prefix()}error: rank 0 did not stop the pipeline within "
+                    f"{FOLLOWER_GRACE_S:g} s of the signal",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                os._exit(1)  # the worker thread may be waiting inside a collective
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    if worker.failure:
+        raise RuntimeError(worker.failure)
+
+
+def stop_with_launcher(stop: Callable[[], None]) -> None:
+    """Call `stop` when mlx.launch goes away (e.g. SIGTERM on it, which ends it alone).
+
+    mlx.launch hands each rank a pipe as its stdin and closes it only when it exits, so the
+    end of stdin means the launcher is gone; nobody reads stdout and stderr any more either.
+    """
+    try:
+        watched = "MLX_RANK" in os.environ and stat.S_ISFIFO(os.fstat(0).st_mode)
+    except OSError:
+        watched = False
+    if not watched:
+        return
+
+    def watch() -> None:
+        try:
+            while os.read(0, 1 << 16):
+                pass  # what is typed into the launcher is forwarded to every rank
+        except OSError:
+            return
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, 1)
+        os.dup2(null, 2)
+        stop()
+
+    threading.Thread(target=watch, name="mlx-llava-launcher-watch", daemon=True).start()
 
 
 if __name__ == "__main__":
