@@ -67,6 +67,13 @@ def serving(model_and_processor, **settings):
         server.stop()
 
 
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def data_url(path_or_image, fmt: str = "PNG") -> str:
     """A picture as a data URL (a path's bytes as they are, a PIL image encoded as `fmt`)."""
     if isinstance(path_or_image, (str, Path)):

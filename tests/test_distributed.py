@@ -8,18 +8,14 @@ Every launch is bounded by a timeout; the single-process references run in this 
 from __future__ import annotations
 
 import json
-import random
 import re
-import shutil
-import socket
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import mlx.core as mx
 import numpy as np
 import pytest
+from launching import launch
 from mlx.utils import tree_flatten
 
 from llava_testing.tokenizer_builder import build_tokenizer, pad_vocab_size
@@ -33,42 +29,6 @@ from mlx_llava.train import TrainArgs, init_model_folder, train
 from mlx_llava.train import trainer as trainer_module
 
 ROOT = Path(__file__).resolve().parents[1]
-LAUNCH_TIMEOUT = 240  # seconds for one mlx.launch run (2 ranks)
-
-
-def _free_port_pair() -> int:
-    """A port P such that P and P + 1 (one per rank) are free on 127.0.0.1."""
-    for _ in range(50):
-        port = random.randrange(20000, 60000)
-        try:
-            with socket.socket() as a, socket.socket() as b:
-                a.bind(("127.0.0.1", port))
-                b.bind(("127.0.0.1", port + 1))
-            return port
-        except OSError:
-            continue
-    raise RuntimeError("no free pair of ports")
-
-
-def launch(*argv: str, ranks: int = 2, stdin: str = "") -> tuple[str, str]:
-    """Run `mlx.launch -n RANKS --backend ring -- python ARGV...`; (stdout, stderr).
-
-    mlx.launch exits 0 even when a rank fails, so its report of a failed rank fails the test.
-    """
-    launcher = shutil.which("mlx.launch") or str(Path(sys.executable).parent / "mlx.launch")
-    command = [launcher, "-n", str(ranks), "--backend", "ring"]
-    command += ["--starting-port", str(_free_port_pair()), "--", sys.executable]
-    done = subprocess.run(
-        command + list(argv),
-        cwd=ROOT,
-        input=stdin,
-        capture_output=True,
-        text=True,
-        timeout=LAUNCH_TIMEOUT,
-    )
-    failed = re.search(r"rank \d+ (exited with code [1-9]|was killed)", done.stderr)
-    assert done.returncode == 0 and not failed, done.stderr
-    return done.stdout, done.stderr
 
 
 def _params(folder: Path) -> dict[str, np.ndarray]:

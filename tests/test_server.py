@@ -23,7 +23,7 @@ from pathlib import Path
 import httpx
 import pytest
 from PIL import Image
-from serving import EXAMPLES, ROOT, data_url, serving, slow_steps, user, wait_until
+from serving import EXAMPLES, ROOT, data_url, free_port, serving, slow_steps, user, wait_until
 
 from mlx_llava import ChatSession, generate, load
 from mlx_llava.chat import session_template
@@ -651,12 +651,6 @@ def test_the_page_and_its_files_are_served(tiny_server):
 
 
 # The command line -------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_command_line_serves_and_stops(tmp_path):
