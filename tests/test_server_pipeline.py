@@ -93,6 +93,7 @@ def both(pipeline, one_process, request, *args):
 def test_under_a_launch_the_server_needs_pipeline(monkeypatch, capsys):
     monkeypatch.delenv("MLX_LLAVA_DEBUG", raising=False)
     monkeypatch.setattr(distributed, "size", lambda group=None: 2)  # as under mlx.launch -n 2
+    monkeypatch.setattr(server_cli, "load_from_args", lambda args: pytest.fail("it went on"))
     with pytest.raises(SystemExit) as exit_:
         server_cli.main(["--model", "demo"])
     lines = capsys.readouterr().err.strip().splitlines()
@@ -136,26 +137,45 @@ class _Following:
         return self.closed.wait(timeout)
 
 
-def test_a_signalled_follower_waits_for_rank_0(monkeypatch, capsys):
+class _Left(Exception):
+    """What SIGINT and SIGTERM raise in the test below, unless `follow` handles them."""
+
+
+@pytest.fixture
+def signals_raise():
+    """SIGINT and SIGTERM raise `_Left` (instead of interrupting or ending pytest)."""
+
+    def leave(*_):
+        raise _Left
+
+    saved = {sig: signal.signal(sig, leave) for sig in (signal.SIGINT, signal.SIGTERM)}
+    yield leave
+    for sig, handler in saved.items():
+        signal.signal(sig, handler)
+
+
+def test_a_signalled_follower_waits_for_rank_0(signals_raise, monkeypatch, capsys):
     """Ctrl-C reaches every rank: the followers go on until rank 0 closes the pipeline (they
     would otherwise leave it mid-step), or leave by themselves after the grace period."""
     worker = _Following()
     threading.Timer(0.3, os.kill, [os.getpid(), signal.SIGINT]).start()
     threading.Timer(1.0, worker.closed.set).start()
     tic = time.monotonic()
-    server_cli.follow(worker)  # no KeyboardInterrupt
+    server_cli.follow(worker)  # (_Left if the signal ended it)
     assert time.monotonic() - tic >= 1.0
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+    assert signal.getsignal(signal.SIGINT) is signals_raise  # the handlers are restored
 
     monkeypatch.setattr(server_cli, "FOLLOWER_GRACE_S", 0.5)
 
-    def leave(code):
+    def exit_now(code):
         raise SystemExit(code)
 
-    monkeypatch.setattr(server_cli.os, "_exit", leave)
+    monkeypatch.setattr(server_cli.os, "_exit", exit_now)
     threading.Timer(0.3, os.kill, [os.getpid(), signal.SIGTERM]).start()
+    late = _Following()
+    threading.Timer(5.0, late.closed.set).start()  # (bounds the test, were it to wait)
     with pytest.raises(SystemExit) as exit_:
-        server_cli.follow(_Following())  # never closed
+        server_cli.follow(late)  # rank 0 does not close it in time
     assert exit_.value.code == 1
     assert "rank 0 did not stop the pipeline within 0.5 s of the signal" in capsys.readouterr().err
 
