@@ -14,6 +14,11 @@ times; the medians are compared (ratio > 1: the ranks are faster):
 - pipeline: generate.py --pipeline on the `deep` random checkpoint (make_checkpoint.py: 16
   decoder layers of width 1024 hold 3/4 of its 1.1 GB), converted to an MLX float32 folder:
   prompt and decode tokens/s of rank 0, and every rank's peak memory against one process's.
+- server: the server (`--pipeline` on the ranks) answering `--server-requests` questions about
+  a picture, one at a time, on the `mid` checkpoint (8 decoder layers of width 512): decode
+  tokens/s from its Ollama timings (`eval_count` / `eval_duration`), against one process's
+  server and against generate.py --pipeline on the same ranks (the pipeline without the
+  server's per-step turn broadcast).
 
 On one machine the ranks share its cores (and its memory bandwidth): the figures show what the
 ring costs, not what N Macs gain; docs/distributed.md turns them into estimates for 2 and 4 Macs.
@@ -22,17 +27,21 @@ ring costs, not what N Macs gain; docs/distributed.md turns them into estimates 
 from __future__ import annotations
 
 import argparse
+import base64
+import contextlib
 import json
 import os
 import platform
 import random
 import re
 import shutil
+import signal
 import socket
 import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -143,6 +152,69 @@ def pipeline_figures(ranks: int, model: Path, max_tokens: int) -> dict:
     }
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def serving(ranks: int, model: Path, timeout: float = 600.0):
+    """The server of `model` as one process (ranks 1) or on `ranks` ranks (--pipeline); its URL.
+    Stopped as Ctrl-C would (SIGINT to the launch)."""
+    import httpx
+
+    port = free_port()
+    argv = ["-m", "mlx_llava.server", "--model", str(model), "--port", str(port)]
+    argv += ["--log-level", "warning"] + (["--pipeline"] if ranks > 1 else [])
+    command = [sys.executable, *argv]
+    if ranks > 1:
+        launcher = shutil.which("mlx.launch") or str(Path(sys.executable).parent / "mlx.launch")
+        command = [launcher, "-n", str(ranks), "--backend", "ring", "--starting-port"]
+        command += [str(free_port_pair()), "--", sys.executable, *argv]
+    process = subprocess.Popen(command, cwd=ROOT, stdin=subprocess.PIPE, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the server on {ranks} rank(s) did not start")
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            time.sleep(0.5)
+        yield url
+    finally:
+        os.killpg(process.pid, signal.SIGINT)
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+def server_decode_tps(ranks: int, model: Path, max_tokens: int, requests: int) -> list[float]:
+    """Decode tokens/s of each of `requests` greedy answers (one at a time, different
+    questions about one picture), from the server's own timings."""
+    import httpx
+
+    picture = base64.b64encode(PICTURE.read_bytes()).decode()
+    speeds = []
+    with serving(ranks, model) as url:
+        for i in range(requests + 1):  # the first one warms up
+            body = {
+                "prompt": f"Question {i}: describe this image.",
+                "images": [picture],
+                "stream": False,
+                "options": {"num_predict": max_tokens, "temperature": 0},
+            }
+            answer = httpx.post(url + "/api/generate", json=body, timeout=600).json()
+            assert answer["eval_count"] == max_tokens, answer
+            if i:  # (eval_duration runs from the first token: max_tokens - 1 steps)
+                speeds.append((answer["eval_count"] - 1) / answer["eval_duration"] * 1e9)
+    return speeds
+
+
 def median_of(runs: list[dict], key: str) -> float:
     return statistics.median(r[key] for r in runs)
 
@@ -157,7 +229,8 @@ def main(argv=None) -> None:
     p.add_argument("--batch-size", type=int, default=16, help="global training batch")
     p.add_argument("--pictures", type=int, default=48, help="pictures to caption")
     p.add_argument("--max-tokens", type=int, default=32, help="pipeline decode length")
-    p.add_argument("--jobs", default="train,caption,pipeline")
+    p.add_argument("--server-requests", type=int, default=4, help="answers per server run")
+    p.add_argument("--jobs", default="train,caption,pipeline,server")
     args = p.parse_args(argv)
     jobs = args.jobs.split(",")
     from mlx_llava.data.shapes import generate_dataset
@@ -222,6 +295,27 @@ def main(argv=None) -> None:
                     str(r): statistics.median(x["ranks"][r]["peak_bytes"] for x in many) / peak_one
                     for r in range(args.ranks)
                 },
+            }
+        if "server" in jobs:
+            from mlx_llava.convert import convert
+
+            model = convert(make_checkpoint(tmp / "mid-hf", "mid"), tmp / "mid", "float32")
+            n = args.ranks
+            runs = {"server 1": [], f"server {n}": [], f"generate.py {n}": []}
+            for _ in range(args.repeats):
+                for ranks in (1, n):
+                    speeds = server_decode_tps(ranks, model, args.max_tokens, args.server_requests)
+                    runs[f"server {ranks}"].append(statistics.median(speeds))
+                figures = pipeline_figures(n, model, args.max_tokens)
+                runs[f"generate.py {n}"].append(figures["decode_tps"])
+                print(f"server: { {k: v[-1] for k, v in runs.items()} }", file=sys.stderr)
+            medians = {k: statistics.median(v) for k, v in runs.items()}
+            results["server"] = {
+                "checkpoint": "mid",
+                "max_tokens": args.max_tokens,
+                "decode_tps": runs,
+                "ratio_to_generate_pipeline": medians[f"server {n}"] / medians[f"generate.py {n}"],
+                "ratio_to_one_process": medians[f"server {n}"] / medians["server 1"],
             }
     text = json.dumps(results, indent=2)
     print(text)
