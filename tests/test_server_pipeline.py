@@ -10,6 +10,7 @@ Every wait is bounded.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -21,6 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
+import mlx.core as mx
 import pytest
 from launching import FAILED_RANK, LAUNCH_TIMEOUT, ROOT, Launch
 from serving import data_url, free_port, serving, user, wait_until
@@ -28,6 +30,7 @@ from serving import data_url, free_port, serving, user, wait_until
 from mlx_llava import distributed, load
 from mlx_llava.cli import server as server_cli
 from mlx_llava.server import GenerationRequest, Sampling, Worker
+from mlx_llava.server.worker import Admission, Turn
 
 openai = pytest.importorskip("openai")
 
@@ -121,6 +124,20 @@ def test_a_failed_rank_stops_the_pipeline(tiny_model, monkeypatch):
     assert [(e.kind, e.status) for e in events] == [("error", 503)]
     with pytest.raises(RuntimeError, match="shutting down"):
         worker.submit(GenerationRequest("USER: Hi ASSISTANT:", [], Sampling()), events.append)
+
+
+def test_a_turn_reaches_the_other_ranks_as_rank_0_holds_it():
+    """What rank 0 broadcasts (JSON) gives the other ranks its turn: the same request numbers,
+    token ids, digests, sampling and LLaVA-NeXT picture sizes; not the pixels, which follow
+    only when the vision tower needs them."""
+    sampling = Sampling(max_tokens=7, temperature=0.5, seed=5, stop=["x", "yz"])
+    pixels = mx.zeros((6, 4, 4, 3))
+    admission = Admission(3, [1, 2, 9, 9, 3], ["d1", "d2"], sampling, pixels, [6, 4, 4, 3])
+    admission.image_sizes = [(20, 15), (90, 90)]
+    turn = Turn(cancels=[1, 2], admissions=[admission])
+    shared = Turn.from_json(json.loads(json.dumps(turn.to_json())))
+    assert shared == Turn([1, 2], [dataclasses.replace(admission, pixel_values=None)], False)
+    assert shared.admissions[0].image_sizes == [(20, 15), (90, 90)]  # tuples, as on rank 0
 
 
 class _Following:
