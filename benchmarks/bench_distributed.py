@@ -152,17 +152,13 @@ def pipeline_figures(ranks: int, model: Path, max_tokens: int) -> dict:
     }
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextlib.contextmanager
 def serving(ranks: int, model: Path, timeout: float = 600.0):
     """The server of `model` as one process (ranks 1) or on `ranks` ranks (--pipeline); its URL.
     Stopped as Ctrl-C would (SIGINT to the launch)."""
     import httpx
+
+    from benchmarks.bench_server import free_port
 
     port = free_port()
     argv = ["-m", "mlx_llava.server", "--model", str(model), "--port", str(port)]
