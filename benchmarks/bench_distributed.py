@@ -32,11 +32,9 @@ import contextlib
 import json
 import os
 import platform
-import random
 import re
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -48,23 +46,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.make_checkpoint import make_checkpoint  # noqa: E402
+from llava_testing.launching import free_port_pair  # noqa: E402
 
 WARMUP = 2
 TRAIN_ITERS = 10
 PICTURE = ROOT / "examples" / "red_circle.png"
-
-
-def free_port_pair() -> int:
-    for _ in range(50):
-        port = random.randrange(20000, 60000)
-        try:
-            with socket.socket() as a, socket.socket() as b:
-                a.bind(("127.0.0.1", port))
-                b.bind(("127.0.0.1", port + 1))
-            return port
-        except OSError:
-            continue
-    raise RuntimeError("no free pair of ports")
 
 
 def run(ranks: int, argv: list[str], stdin: str = "") -> tuple[str, str]:

@@ -27,6 +27,7 @@ from pathlib import Path
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
+from mlx_llava.config import ModelConfig, TextConfig, VisionConfig
 from mlx_llava.conversation import LLAVA_HF_CHAT_TEMPLATE
 from mlx_llava.convert import DTYPES
 from mlx_llava.image_processor import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
@@ -310,3 +311,33 @@ def tiny_llava_hf(
     )  # fmt: skip
     fields = {"vision_feature_layer": [-2, -3], "vision_feature_select_strategy": "full", **fields}
     return write_llava_hf(out, vision, text, seed=seed, init=init, **fields)
+
+
+def tiny_untrained_config(
+    tokenizer, hidden: int = 64, intermediate: int = 128, layers: int = 2
+) -> ModelConfig:
+    """The config of the tests' tiny untrained models (for `mlx_llava.train.init_model_folder`):
+    a 32-pixel CLIP-style tower of 2 layers in 8-pixel patches, padded to squares, and a Llama
+    decoder of `layers` layers of width `hidden`, sized to `tokenizer` (one from
+    `tokenizer_builder.build_tokenizer`)."""
+    return ModelConfig(
+        vision_config=VisionConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=32,
+            patch_size=8,
+        ),
+        text_config=TextConfig(
+            hidden_size=hidden,
+            intermediate_size=intermediate,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            vocab_size=pad_vocab_size(len(tokenizer)),
+            max_position_embeddings=256,
+        ),
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        pad_token_id=tokenizer.pad_token_id,
+        image_aspect_ratio="pad",
+    )

@@ -15,13 +15,13 @@ from types import SimpleNamespace
 import mlx.core as mx
 import numpy as np
 import pytest
-from launching import launch
 from mlx.utils import tree_flatten
 
-from llava_testing.tokenizer_builder import build_tokenizer, pad_vocab_size
+from llava_testing.checkpoints import tiny_untrained_config
+from llava_testing.launching import launch
+from llava_testing.tokenizer_builder import build_tokenizer
 from mlx_llava import ChatSession, distributed, load, load_model
 from mlx_llava.caption import caption_folder
-from mlx_llava.config import ModelConfig, TextConfig, VisionConfig
 from mlx_llava.data.shapes import generate_dataset
 from mlx_llava.evaluation import read_questions
 from mlx_llava.evaluation.runner import work_units
@@ -51,30 +51,6 @@ def _log(folder: Path) -> list[dict]:
 # Fixtures ------------------------------------------------------------------------------------
 
 
-def _tiny_config(tokenizer, hidden: int, intermediate: int, layers: int) -> ModelConfig:
-    return ModelConfig(
-        vision_config=VisionConfig(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            image_size=32,
-            patch_size=8,
-        ),
-        text_config=TextConfig(
-            hidden_size=hidden,
-            intermediate_size=intermediate,
-            num_hidden_layers=layers,
-            num_attention_heads=4,
-            vocab_size=pad_vocab_size(len(tokenizer)),
-            max_position_embeddings=256,
-        ),
-        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
-        pad_token_id=tokenizer.pad_token_id,
-        image_aspect_ratio="pad",
-    )
-
-
 @pytest.fixture(scope="module")
 def tokenizer_dir(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("tokenizer")
@@ -87,7 +63,7 @@ def small_model(tokenizer_dir, tmp_path_factory) -> Path:
     """A tiny random LLaVA for training (2 decoder layers of width 64)."""
     from transformers import AutoTokenizer
 
-    config = _tiny_config(AutoTokenizer.from_pretrained(tokenizer_dir), 64, 128, 2)
+    config = tiny_untrained_config(AutoTokenizer.from_pretrained(tokenizer_dir), 64, 128, 2)
     return init_model_folder(tmp_path_factory.mktemp("small"), config, tokenizer_dir, seed=0)
 
 
@@ -101,7 +77,7 @@ def deep_model(tokenizer_dir, tmp_path_factory) -> Path:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    config = _tiny_config(tokenizer, 256, 1024, 4)
+    config = tiny_untrained_config(tokenizer, 256, 1024, 4)
     folder = init_model_folder(tmp_path_factory.mktemp("deep"), config, tokenizer_dir, seed=1)
     weights = {k: np.array(v) for k, v in mx.load(str(folder / "model.safetensors")).items()}
     for name, value in weights.items():

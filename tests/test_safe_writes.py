@@ -229,33 +229,14 @@ def test_progress_line_counts_and_estimates():
 @pytest.fixture(scope="module")
 def tiny_training(tmp_path_factory):
     """A tiny untrained model (MLX, no torch) and a few shapes-world samples."""
-    from llava_testing.tokenizer_builder import build_tokenizer, pad_vocab_size
-    from mlx_llava.config import ModelConfig, TextConfig, VisionConfig
+    from llava_testing.checkpoints import tiny_untrained_config
+    from llava_testing.tokenizer_builder import build_tokenizer
     from mlx_llava.data.shapes import generate_dataset
     from mlx_llava.train import init_model_folder
 
     root = tmp_path_factory.mktemp("training")
     tokenizer = build_tokenizer(root / "tokenizer")
-    config = ModelConfig(
-        vision_config=VisionConfig(
-            hidden_size=16,
-            intermediate_size=32,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            image_size=16,
-            patch_size=8,
-        ),
-        text_config=TextConfig(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            vocab_size=pad_vocab_size(len(tokenizer)),
-            max_position_embeddings=256,
-        ),
-        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
-        pad_token_id=tokenizer.pad_token_id,
-    )
+    config = tiny_untrained_config(tokenizer, hidden=32, intermediate=64, layers=1)
     model = init_model_folder(root / "model", config, root / "tokenizer", seed=0)
     generate_dataset(root / "shapes", 6, seed=0, min_size=32, max_size=40)
     return model, root / "shapes"

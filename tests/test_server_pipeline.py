@@ -24,9 +24,9 @@ from pathlib import Path
 import httpx
 import mlx.core as mx
 import pytest
-from launching import FAILED_RANK, LAUNCH_TIMEOUT, ROOT, Launch
 from serving import data_url, free_port, serving, user, wait_until
 
+from llava_testing.launching import FAILED_RANK, LAUNCH_TIMEOUT, ROOT, Launch
 from mlx_llava import distributed, load
 from mlx_llava.cli import server as server_cli
 from mlx_llava.server import GenerationRequest, Sampling, Worker

@@ -16,9 +16,9 @@ import pytest
 from mlx.utils import tree_flatten
 from PIL import Image
 
-from llava_testing.tokenizer_builder import build_tokenizer, pad_vocab_size
+from llava_testing.checkpoints import tiny_untrained_config
+from llava_testing.tokenizer_builder import build_tokenizer
 from mlx_llava import load, load_model, stream_generate
-from mlx_llava.config import ModelConfig, TextConfig, VisionConfig
 from mlx_llava.conversation import get_template, render
 from mlx_llava.data.shapes import generate_dataset
 from mlx_llava.train import TrainArgs, init_model_folder, tokenize_conversation, train
@@ -32,27 +32,7 @@ ITERS = 6
 def tiny_model(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("tiny")
     tokenizer = build_tokenizer(root / "tokenizer")
-    config = ModelConfig(
-        vision_config=VisionConfig(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            image_size=32,
-            patch_size=8,
-        ),
-        text_config=TextConfig(
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            vocab_size=pad_vocab_size(len(tokenizer)),
-            max_position_embeddings=256,
-        ),
-        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
-        pad_token_id=tokenizer.pad_token_id,
-        image_aspect_ratio="pad",
-    )
+    config = tiny_untrained_config(tokenizer)
     return init_model_folder(root / "model", config, root / "tokenizer", seed=0)
 
 
