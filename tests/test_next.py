@@ -14,6 +14,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
+from test_cli import run_main
 
 from mlx_llava import PromptCache, batch_generate, convert, load, stream_generate
 from mlx_llava.generate import prepare_prompt
@@ -433,16 +434,6 @@ def test_mistral_window_and_converted_config_round_trip():
 # Command lines -------------------------------------------------------------------------------
 
 
-def _run(main, argv, capsys) -> tuple[int, str, str]:
-    code = 0
-    try:
-        main(argv)
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
 def test_generate_cli_with_pictures_of_different_sizes(capsys, monkeypatch):
     import io
     import sys
@@ -451,12 +442,12 @@ def test_generate_cli_with_pictures_of_different_sizes(capsys, monkeypatch):
 
     argv = ["--model", str(DATA / "next-v5"), "--dtype", "float32", "-m", "4"]
     pictures = ["--image", str(IMAGES["wide"]), "--image", str(IMAGES["tall"])]
-    code, out, err = _run(generate_cli.main, argv + pictures + ["-p", "Compare."], capsys)
+    code, out, err = run_main(generate_cli.main, argv + pictures + ["-p", "Compare."], capsys)
     assert code == 0 and out.strip(), err
     monkeypatch.setattr(sys, "stdin", io.StringIO("What is it?\nAnd now?\n/exit\n"))
-    code, out, err = _run(generate_cli.main, argv + pictures[:2] + ["--chat"], capsys)
+    code, out, err = run_main(generate_cli.main, argv + pictures[:2] + ["--chat"], capsys)
     assert code == 0 and out.strip() and "error" not in err, err
-    code, _, err = _run(generate_cli.main, argv + pictures + ["--pad-to-square"], capsys)
+    code, _, err = run_main(generate_cli.main, argv + pictures + ["--pad-to-square"], capsys)
     assert code == 1 and err.strip().splitlines() == [
         "error: pad to square does not apply to LLaVA-NeXT: it tiles each picture"
     ]
@@ -469,7 +460,7 @@ def test_conv_mode_overrides_the_checkpoints(tmp_path, capsys):
     assert processor.format_prompt("Hi?").endswith("USER: <image>\nHi? ASSISTANT:")
     out = tmp_path / "mlx"
     argv = ["--hf-path", str(DATA / "next-v5"), "--mlx-path", str(out), "--conv-mode", "chatml"]
-    assert _run(convert_cli.main, argv, capsys)[0] == 0
+    assert run_main(convert_cli.main, argv, capsys)[0] == 0
     assert json.loads((out / "config.json").read_text())["conv_mode"] == "chatml"
 
 
@@ -483,7 +474,7 @@ def test_original_release_with_an_unsupported_merge_says_so(tmp_path, capsys):
     config = json.loads((folder / "config.json").read_text())
     (folder / "config.json").write_text(json.dumps({**config, "mm_patch_merge_type": "flat"}))
     argv = ["--hf-path", str(folder), "--mlx-path", str(tmp_path / "out")]
-    code, _, err = _run(
+    code, _, err = run_main(
         convert_cli.main, argv + ["--vision-tower", str(DATA / "next-orig-clip")], capsys
     )
     assert code == 1 and err.strip().splitlines() == [
