@@ -1,8 +1,10 @@
 """Tests for the Shapes world dataset generator."""
 
+import importlib.util
 import itertools
 import json
 import random
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +17,8 @@ from mlx_llava.data.shapes import (
     CATEGORIES,
     CENTER_MARGIN,
     COLORS,
+    EVAL_CHAT_TURNS,
+    FILES,
     GAP,
     IMAGE_TOKEN,
     KINDS,
@@ -29,6 +33,7 @@ from mlx_llava.data.shapes import (
     picture_size,
     questions,
 )
+from mlx_llava.data.wordings import WORDING_CATEGORIES, ask, normalize, wording_split
 
 N = 40
 VAL_FRACTION = 0.25
@@ -154,6 +159,10 @@ def test_caption_groups_left_to_right():
     assert caption(mixed) == "A red circle, a blue square and a yellow triangle."
     same = [shape("square", "blue", x) for x in (10, 50, 90)]
     assert caption(same) == "Three blue squares."
+    assert caption(same[:2]) == "Two blue squares."
+    repeated = [shape("circle", "red", 10), shape("triangle", "green", 50)]
+    repeated.append(shape("triangle", "green", 90))
+    assert caption(repeated) == "A red circle and two green triangles."
 
 
 def test_questions_asked_only_when_answerable():
@@ -181,12 +190,11 @@ def test_questions_asked_only_when_answerable():
 def test_files_and_counts(dataset):
     root, counts = dataset
     n_val = round(N * VAL_FRACTION)
-    assert counts["images"] == N
-    assert (counts["train"], counts["val"]) == (N - n_val, n_val)
+    assert (counts["images"], counts["val"]) == (N, n_val)
     assert len(list((root / "images").glob("*.png"))) == N
     for suffix, size in (("", N - n_val), ("_val", n_val)):
-        assert len(load(root, f"pretrain{suffix}.json")) == size
-        assert len(load(root, f"finetune{suffix}.json")) == size
+        for name in ("pretrain", "finetune", "chat_heldout", "captions_heldout"):
+            assert len(load(root, f"{name}{suffix}.json")) == size
 
     qa = load(root, "qa.json") + load(root, "qa_val.json")
     for category in CATEGORIES:
@@ -201,7 +209,7 @@ def test_no_val_files_without_val_fraction(tmp_path):
     counts = generate_dataset(tmp_path, 3, seed=1, max_size=96)
     assert counts["val"] == 0
     names = sorted(p.name for p in tmp_path.glob("*.json"))
-    assert names == ["finetune.json", "pretrain.json", "qa.json"]
+    assert names == sorted(f"{name}.json" for name in FILES)
 
 
 def test_same_seed_same_bytes_other_seed_other_pictures(dataset, tmp_path):
@@ -216,8 +224,10 @@ def test_same_seed_same_bytes_other_seed_other_pictures(dataset, tmp_path):
         assert (root / name).read_bytes() == (tmp_path / "same" / name).read_bytes()
 
     generate_dataset(tmp_path / "other", N, seed=1, val_fraction=VAL_FRACTION)
-    for name in ("pretrain.json", "finetune.json", "qa.json"):
-        assert (root / name).read_bytes() != (tmp_path / "other" / name).read_bytes()
+    for name in FILES:
+        assert (root / f"{name}.json").read_bytes() != (
+            tmp_path / "other" / f"{name}.json"
+        ).read_bytes()
     pictures = sorted((root / "images").iterdir())
     differ = sum(
         p.read_bytes() != (tmp_path / "other" / "images" / p.name).read_bytes() for p in pictures
@@ -263,23 +273,32 @@ def test_pretrain_schema(dataset):
         assert answer["value"][0].isupper() and answer["value"].endswith(".")
 
 
+def truths(root: Path) -> dict[tuple[str, str], str]:
+    """(image, category) -> answer, from qa.json and the captions of pretrain.json."""
+    qa = load(root, "qa.json") + load(root, "qa_val.json")
+    truth = {(e["image"], e["category"]): e["answer"] for e in qa}
+    for r in load(root, "pretrain.json") + load(root, "pretrain_val.json"):
+        truth[(r["image"], "describe")] = r["conversations"][1]["value"]
+    return truth
+
+
 def test_finetune_schema_and_answers(dataset):
     root, _ = dataset
     records = load(root, "finetune.json") + load(root, "finetune_val.json")
-    qa = load(root, "qa.json") + load(root, "qa_val.json")
-    truth = {(e["image"], e["text"]): e["answer"] for e in qa}
-    available = {image: sum(i == image for i, _ in truth) for image, _ in truth}
+    truth = truths(root)
+    trained = {normalize(w.text): c for c, ws in wording_split()["train"].items() for w in ws}
     for record in records:
         assert set(record) == {"id", "image", "conversations"}
         assert (root / record["image"]).is_file()
         conversations = record["conversations"]
         check_conversation(conversations)
-        turns = len(conversations) // 2
-        assert min(2, available[record["image"]]) <= turns <= 4
+        applicable = {c for image, c in truth if image == record["image"]} - {"describe"}
         asked = [m["value"].removeprefix(f"{IMAGE_TOKEN}\n") for m in conversations[::2]]
-        assert len(set(asked)) == turns
-        for question, answer in zip(asked, conversations[1::2]):
-            assert answer["value"] == truth[(record["image"], question)]
+        assert len(set(asked)) == len(asked) and 1 <= len(asked) <= len(applicable) + 2
+        categories = [trained[normalize(question)] for question in asked]
+        assert set(categories) - {"describe"} <= applicable
+        for question, category, answer in zip(asked, categories, conversations[1::2]):
+            assert answer["value"] == truth[(record["image"], category)], question
 
 
 def test_qa_schema(dataset):
@@ -321,5 +340,122 @@ def test_cli_bad_n_is_one_line_exit_2(tmp_path, capsys, n):
 
 def test_cli_writes_dataset(tmp_path, capsys):
     main(["--out", str(tmp_path), "--n", "4", "--max-size", "96"])
-    assert "4 train" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "wrote 4 pictures to" in out and "train" not in out  # a test set is no training set
+    main(["--out", str(tmp_path / "v"), "--n", "4", "--max-size", "96", "--val-fraction", "0.5"])
+    assert "wrote 4 pictures, the last 2 for validation" in capsys.readouterr().out
     assert len(load(tmp_path, "pretrain.json")) == 4
+
+
+# Wordings: many ways to ask, a fixed part of them held out -----------------------------------
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAINED = {normalize(w.text): c for c, ws in wording_split()["train"].items() for w in ws}
+HELD_OUT = {normalize(w.text): c for c, ws in wording_split()["held_out"].items() for w in ws}
+
+
+def test_wording_split():
+    split = wording_split()
+    assert not set(TRAINED) & set(HELD_OUT)
+    meanings: dict[str, set[str]] = {}  # a wording means one category
+    for side in split.values():
+        for category, ws in side.items():
+            for w in ws:
+                meanings.setdefault(normalize(w.text), set()).add(category)
+    assert all(len(categories) == 1 for categories in meanings.values())
+    for category in WORDING_CATEGORIES:
+        assert len({w.template for w in split["train"][category]}) >= 6
+        assert len(split["held_out"][category]) >= 4
+    # the original questions and those of the web page's test are trained on
+    for category, text in [*QUESTION_TEXT.items(), ("shape", "What shape is in the picture?")]:
+        assert TRAINED[normalize(text)] == category
+    assert TRAINED[normalize("What colour is the shape?")] == "color"
+    # British and US spelling, short forms, imperatives, "it" / "the object" / "the thing"
+    for category, text in [
+        ("color", "What color is it?"),
+        ("color", "What colour is the thing?"),
+        ("shape", "What shape?"),
+        ("count", "How many?"),
+        ("count", "Count the objects."),
+        ("position", "Left or right?"),
+    ]:
+        assert TRAINED[normalize(text)] == category, text
+    # phrasings never trained on, for the evaluation
+    for category, text in [
+        ("color", "Name the colour."),
+        ("shape", "Which shape is it?"),
+        ("count", "How many things can you see?"),
+        ("position", "Which side is the shape on?"),
+        ("position", "On which side of the picture is the shape?"),
+    ]:
+        assert HELD_OUT[normalize(text)] == category, text
+
+
+@pytest.mark.parametrize("num_shapes", [1, 2, 3])
+def test_ask_draws_from_its_side_only(num_shapes):
+    rng = random.Random(num_shapes)
+    for category in WORDING_CATEGORIES:
+        if category == "position" and num_shapes > 1:
+            continue
+        for held_out, side in ((False, TRAINED), (True, HELD_OUT)):
+            drawn = {ask(rng, category, num_shapes, held_out) for _ in range(300)}
+            assert all(side.get(normalize(text)) == category for text in drawn)
+            assert len(drawn) >= 20 if category != "describe" else len(drawn) >= 3
+    plural = {ask(rng, "color", 2) for _ in range(300)}
+    assert any("are" in text.split() for text in plural)
+    lone = {ask(rng, "color", 1) for _ in range(300)}
+    assert not any(word in text.split() for text in lone for word in ("are", "they", "these"))
+
+
+def test_held_out_files(dataset):
+    root, _ = dataset
+    truth = truths(root)
+    entries = load(root, "qa_heldout.json") + load(root, "qa_heldout_val.json")
+    qa = load(root, "qa.json") + load(root, "qa_val.json")
+    assert sorted((e["image"], e["category"]) for e in entries) == sorted(
+        (e["image"], e["category"]) for e in qa
+    )
+    for entry in entries:
+        assert set(entry) == {"question_id", "image", "text", "answer", "category"}
+        assert HELD_OUT[normalize(entry["text"])] == entry["category"]
+        assert entry["answer"] == truth[(entry["image"], entry["category"])]
+    captions = load(root, "captions_heldout.json") + load(root, "captions_heldout_val.json")
+    for entry in captions:
+        assert HELD_OUT[normalize(entry["text"])] == entry["category"] == "describe"
+        assert entry["answer"] == truth[(entry["image"], "describe")]
+    chats = load(root, "chat_heldout.json") + load(root, "chat_heldout_val.json")
+    assert len(chats) == N
+    mixed = 0
+    for record in chats:
+        turns = record["conversations"]
+        assert len(turns) == 2 * EVAL_CHAT_TURNS and turns[0]["value"].startswith(IMAGE_TOKEN)
+        assert all(IMAGE_TOKEN not in t["value"] for t in turns[1:])
+        categories = [t["category"] for t in turns[::2]]
+        mixed += len(set(categories)) > 1
+        asked = [t["value"].removeprefix(f"{IMAGE_TOKEN}\n") for t in turns[::2]]
+        assert len(set(asked)) == len(asked)
+        for question, category, answer in zip(asked, categories, turns[1::2]):
+            assert answer == {"from": "gpt", "value": truth[(record["image"], category)]}
+            assert HELD_OUT[normalize(question)] == category
+    assert mixed >= N / 2  # most chats mix categories
+
+
+def test_held_out_wordings_never_reach_training(dataset, tmp_path):
+    """No held-out wording in the training files nor in the demo's stage-2 mix."""
+    for path in dataset[0].glob("*.json"):
+        shutil.copy(path, tmp_path)
+    root = tmp_path
+    script = ROOT / "scripts" / "prepare_demo.py"
+    spec = importlib.util.spec_from_file_location("prepare_demo", script)
+    prepare_demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(prepare_demo)
+    prepare_demo.write_mix(root)
+    asked = set()
+    for name in ("pretrain", "finetune", "mix"):
+        for record in load(root, f"{name}.json") + load(root, f"{name}_val.json"):
+            for turn in record["conversations"][::2]:
+                text = turn["value"].replace(IMAGE_TOKEN, "")
+                asked.add(normalize(text.replace(prepare_demo.SINGLE_WORD_SUFFIX, "")))
+    assert asked and not asked & set(HELD_OUT)
+    assert asked <= set(TRAINED)
+    assert len(asked) >= 50  # many wordings, from 40 pictures

@@ -4,10 +4,19 @@ Each picture shows 1-3 non-overlapping filled shapes on a light background.
 ``generate_dataset`` writes the pictures to ``DIR/images`` and, beside them:
 
 - ``pretrain.json``: one caption per picture, LLaVA-558K pretraining format;
-- ``finetune.json``: 2-4 one-word QA turns per picture, LLaVA-Instruct format;
-- ``qa.json``: every applicable question, one per entry, for evaluation;
-- with a validation fraction, ``pretrain_val.json``, ``finetune_val.json`` and
-  ``qa_val.json`` for the held-out pictures (the last ones generated).
+- ``finetune.json``: a conversation per picture, LLaVA-Instruct format: 1-4 questions of mixed
+  categories asked in the training wordings (`mlx_llava.data.wordings`), one-word answers, now
+  and then a request for a description answered by the caption;
+- ``qa.json``: every applicable question in the four original wordings (``QUESTION_TEXT``),
+  one per entry, for evaluation;
+- ``qa_heldout.json``: every applicable question once more, each in a held-out wording;
+- ``chat_heldout.json``: a three-turn conversation per picture in held-out wordings, each
+  question turn labelled with its ``category`` (``evaluate.py --format chat``);
+- ``captions_heldout.json``: a request for a description per picture, held-out wordings, the
+  caption as answer;
+- with a validation fraction, the same files with ``_val`` for the last pictures generated.
+
+Held-out wordings never appear in ``pretrain.json`` or ``finetune.json``.
 
 Usage::
 
@@ -25,6 +34,8 @@ from pathlib import Path
 from typing import NoReturn
 
 from PIL import Image, ImageDraw
+
+from .wordings import ask
 
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40),
@@ -58,7 +69,10 @@ CENTER_MARGIN = 0.1  # a lone shape's centre stays this fraction of the width of
 GAP = 2  # free pixels between shapes and along the border
 ORDER_GAP = 4  # pixels between shape centres along x, so left-to-right order is clear
 PLACEMENT_TRIES = 100  # candidate shapes per layout before starting it again
-TURNS_RANGE = (2, 4)  # QA turns per finetuning conversation
+TURNS_RANGE = (1, 4)  # question turns per finetuning conversation
+DESCRIBE_SHARE = 0.2  # of the finetuning conversations, with a request for a description
+EVAL_CHAT_TURNS = 3
+FILES = ("pretrain", "finetune", "qa", "qa_heldout", "chat_heldout", "captions_heldout")
 PROGRESS_EVERY = 1000  # pictures between progress lines, at least
 
 
@@ -167,26 +181,33 @@ def caption(shapes: list[Shape]) -> str:
     return text[0].upper() + text[1:] + "."
 
 
-def questions(shapes: list[Shape], width: int) -> list[tuple[str, str, str]]:
-    """Every question with a one-word answer for these shapes.
+def answers(shapes: list[Shape], width: int) -> dict[str, str]:
+    """The one-word answer of each question category that applies to these shapes.
 
-    Colour and shape are asked when all shapes share them, position only about
-    a lone shape (its centre against the middle of a picture ``width`` wide).
+    Colour and shape apply when all shapes share them, position only to a lone shape (its
+    centre against the middle of a picture ``width`` wide); count always. In ``CATEGORIES``
+    order.
+    """
+    colors = {shape.color for shape in shapes}
+    kinds = {shape.kind for shape in shapes}
+    found: dict[str, str] = {}
+    if len(colors) == 1:
+        found["color"] = colors.pop()
+    if len(kinds) == 1:
+        found["shape"] = kinds.pop()
+    found["count"] = NUMBER_WORDS[len(shapes) - 1]
+    if len(shapes) == 1:
+        found["position"] = "left" if shapes[0].cx < width / 2 else "right"
+    return found
+
+
+def questions(shapes: list[Shape], width: int) -> list[tuple[str, str, str]]:
+    """Every applicable question in its original wording (``QUESTION_TEXT``).
 
     Returns:
         ``(category, question, answer)`` triples in ``CATEGORIES`` order.
     """
-    colors = {shape.color for shape in shapes}
-    kinds = {shape.kind for shape in shapes}
-    answers: dict[str, str] = {}
-    if len(colors) == 1:
-        answers["color"] = colors.pop()
-    if len(kinds) == 1:
-        answers["shape"] = kinds.pop()
-    answers["count"] = NUMBER_WORDS[len(shapes) - 1]
-    if len(shapes) == 1:
-        answers["position"] = "left" if shapes[0].cx < width / 2 else "right"
-    return [(category, QUESTION_TEXT[category], answers[category]) for category in answers]
+    return [(c, QUESTION_TEXT[c], a) for c, a in answers(shapes, width).items()]
 
 
 def pretrain_record(image_id: str, image: str, shapes: list[Shape]) -> dict:
@@ -201,21 +222,56 @@ def pretrain_record(image_id: str, image: str, shapes: list[Shape]) -> dict:
     }
 
 
-def finetune_record(
-    rng: random.Random, image_id: str, image: str, qa: list[tuple[str, str, str]]
-) -> dict:
-    """A LLaVA-Instruct style record: 2-4 of the ``qa`` items in random order.
-
-    Pictures with fewer applicable questions get all of them.
-    """
-    low, high = (min(n, len(qa)) for n in TURNS_RANGE)
-    chosen = rng.sample(qa, rng.randint(low, high))
-    conversations = []
-    for turn, (_, question, answer) in enumerate(chosen):
+def _turns(
+    rng: random.Random, shapes: list[Shape], width: int, categories: list[str], held_out: bool
+) -> list[dict]:
+    """Human/gpt turns asking `categories` in order, no wording twice; the first turn carries
+    the picture, every question its ``category``."""
+    truth = {**answers(shapes, width), "describe": caption(shapes)}
+    conversations, asked = [], set()
+    for turn, category in enumerate(categories):
+        for _ in range(PLACEMENT_TRIES):
+            question = ask(rng, category, len(shapes), held_out)
+            if question not in asked:
+                break
+        asked.add(question)
         prefix = f"{IMAGE_TOKEN}\n" if turn == 0 else ""
-        conversations.append({"from": "human", "value": prefix + question})
-        conversations.append({"from": "gpt", "value": answer})
-    return {"id": image_id, "image": image, "conversations": conversations}
+        conversations.append({"from": "human", "value": prefix + question, "category": category})
+        conversations.append({"from": "gpt", "value": truth[category]})
+    return conversations
+
+
+def _categories(rng: random.Random, applicable: list[str], n: int) -> list[str]:
+    """`n` categories: the applicable ones in random order, then random repeats."""
+    chosen = rng.sample(applicable, min(n, len(applicable)))
+    return chosen + [rng.choice(applicable) for _ in range(n - len(chosen))]
+
+
+def finetune_record(
+    rng: random.Random, image_id: str, image: str, shapes: list[Shape], width: int
+) -> dict:
+    """A LLaVA-Instruct style record in training wordings: 1-4 questions of the applicable
+    categories (one may be asked twice), and in ``DESCRIBE_SHARE`` of the records a request for
+    a description."""
+    applicable = list(answers(shapes, width))
+    turns = min(rng.randint(*TURNS_RANGE), len(applicable) + 1)  # at most one repeat
+    categories = _categories(rng, applicable, turns)
+    if rng.random() < DESCRIBE_SHARE:
+        categories.insert(rng.randint(0, len(categories)), "describe")
+    turns = _turns(rng, shapes, width, categories, held_out=False)
+    for t in turns:
+        t.pop("category", None)
+    return {"id": image_id, "image": image, "conversations": turns}
+
+
+def chat_record(
+    rng: random.Random, image_id: str, image: str, shapes: list[Shape], width: int
+) -> dict:
+    """A three-turn evaluation conversation in held-out wordings (categories repeat when fewer
+    than three apply); each human turn says its ``category``."""
+    categories = _categories(rng, list(answers(shapes, width)), EVAL_CHAT_TURNS)
+    turns = _turns(rng, shapes, width, categories, held_out=True)
+    return {"id": image_id, "image": image, "conversations": turns}
 
 
 def qa_records(image_id: str, image: str, qa: list[tuple[str, str, str]]) -> list[dict]:
@@ -232,6 +288,15 @@ def qa_records(image_id: str, image: str, qa: list[tuple[str, str, str]]) -> lis
     ]
 
 
+def heldout_qa(
+    rng: random.Random, shapes: list[Shape], width: int, categories: list[str]
+) -> list[tuple[str, str, str]]:
+    """`(category, question, answer)` for `categories` (``"describe"``: the caption), each in a
+    held-out wording."""
+    truth = {**answers(shapes, width), "describe": caption(shapes)}
+    return [(c, ask(rng, c, len(shapes), held_out=True), truth[c]) for c in categories]
+
+
 def generate_dataset(
     out_dir: str | Path,
     n: int,
@@ -243,13 +308,14 @@ def generate_dataset(
 ) -> dict[str, int]:
     """Write ``n`` pictures and their annotation files to ``out_dir``.
 
-    The output depends only on the arguments: the same seed gives the same
-    files byte for byte. The last ``round(n * val_fraction)`` pictures go to
-    the ``*_val.json`` files, written only when there are any.
+    The output depends only on the arguments: the same seed gives the same files byte for
+    byte, and the same pictures whatever the wordings (the text has its own random stream).
+    The last ``round(n * val_fraction)`` pictures go to the ``*_val.json`` files, written
+    only when there are any.
 
     Returns:
-        Counts: ``images``, ``train`` and ``val`` pictures, and the ``qa.json``
-        plus ``qa_val.json`` entries of each category in ``CATEGORIES``.
+        Counts: ``images`` (all pictures), ``val`` (those for validation), and the
+        ``qa.json`` plus ``qa_val.json`` entries of each category in ``CATEGORIES``.
 
     Raises:
         ValueError: for ``n < 1``, sizes out of order or below
@@ -268,7 +334,8 @@ def generate_dataset(
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
-    pretrain, finetune, qa = [], [], []
+    text_rng = random.Random(f"text-{seed}")
+    files: dict[str, list[list[dict]]] = {name: [] for name in FILES}
     counts = dict.fromkeys(CATEGORIES, 0)
     for i in range(n):
         width, height = picture_size(rng, min_size, max_size)
@@ -277,23 +344,28 @@ def generate_dataset(
         image = f"images/{image_id}.png"
         picture.save(out / image)
         items = questions(shapes, width)
-        pretrain.append(pretrain_record(image_id, image, shapes))
-        finetune.append(finetune_record(rng, image_id, image, items))
-        qa.append(qa_records(image_id, image, items))
-        for category, _, _ in items:
+        applicable = [category for category, _, _ in items]
+        files["pretrain"].append([pretrain_record(image_id, image, shapes)])
+        files["finetune"].append([finetune_record(text_rng, image_id, image, shapes, width)])
+        files["qa"].append(qa_records(image_id, image, items))
+        heldout = heldout_qa(text_rng, shapes, width, applicable)
+        files["qa_heldout"].append(qa_records(image_id, image, heldout))
+        files["chat_heldout"].append([chat_record(text_rng, image_id, image, shapes, width)])
+        described = heldout_qa(text_rng, shapes, width, ["describe"])
+        files["captions_heldout"].append(qa_records(image_id, image, described))
+        for category in applicable:
             counts[category] += 1
         if verbose and (i + 1) % max(PROGRESS_EVERY, n // 10) == 0 and i + 1 < n:
             print(f"[shapes] {i + 1}/{n} images", flush=True)
 
-    n_train = n - round(n * val_fraction)
-    splits = [("", slice(0, n_train))]
-    if n_train < n:
-        splits.append(("_val", slice(n_train, n)))
+    n_val = round(n * val_fraction)
+    splits = [("", slice(0, n - n_val))]
+    if n_val:
+        splits.append(("_val", slice(n - n_val, n)))
     for suffix, part in splits:
-        _write_json(out / f"pretrain{suffix}.json", pretrain[part])
-        _write_json(out / f"finetune{suffix}.json", finetune[part])
-        _write_json(out / f"qa{suffix}.json", [e for entries in qa[part] for e in entries])
-    return {"images": n, "train": n_train, "val": n - n_train, **counts}
+        for name, records in files.items():
+            _write_json(out / f"{name}{suffix}.json", [r for rs in records[part] for r in rs])
+    return {"images": n, "val": n_val, **counts}
 
 
 def _write_json(path: Path, records: list[dict]) -> None:
@@ -339,9 +411,10 @@ def main(argv: list[str] | None = None) -> None:
     except ValueError as e:
         parser.error(str(e))
     questions_line = ", ".join(f"{c} {counts[c]}" for c in CATEGORIES)
+    val = f", the last {counts['val']} for validation" if counts["val"] else ""
     print(
-        f"[shapes] wrote {counts['train']} train + {counts['val']} val pictures "
-        f"to {args.out} (questions: {questions_line})"
+        f"[shapes] wrote {counts['images']} pictures{val} to {args.out} "
+        f"(questions: {questions_line})"
     )
 
 
