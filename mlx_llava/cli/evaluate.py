@@ -1,4 +1,4 @@
-"""evaluate.py: answer a question file greedily and report accuracy (vqa or ScienceQA)."""
+"""evaluate.py: answer a question file greedily and report accuracy (vqa, ScienceQA or chat)."""
 
 from __future__ import annotations
 
@@ -17,14 +17,16 @@ from .args import add_model_args, load_from_args, make_parser
 def build_parser() -> argparse.ArgumentParser:
     p = make_parser(
         "Evaluate a LLaVA model on a question file: greedy answers, accuracy per "
-        "category (vqa) or ScienceQA multiple-choice accuracy with the image split."
+        "category (vqa), ScienceQA multiple-choice accuracy with the image split, or "
+        "accuracy per category and per turn of multi-turn conversations (chat)."
     )
     add_model_args(p)
     p.add_argument(
         "--data",
         required=True,
         help="questions: a JSON list / JSONL of {question_id, image, text, answer, category}, "
-        "LLaVA's ScienceQA llava_test_CQM-A.json, or ScienceQA's problems.json",
+        "LLaVA's ScienceQA llava_test_CQM-A.json, ScienceQA's problems.json, or LLaVA-format "
+        "conversations {id, image, conversations: [human, gpt, human, gpt, ...]} (chat)",
     )
     p.add_argument(
         "--image-folder",
@@ -32,7 +34,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="folder the image paths are relative to (default: the data file's folder, or "
         "its images/SPLIT for ScienceQA)",
     )
-    p.add_argument("--format", choices=FORMATS, default=None, help="default: from the file")
+    p.add_argument(
+        "--format",
+        choices=FORMATS,
+        default=None,
+        help="default: from the file (conversations with more than one question: chat)",
+    )
     p.add_argument(
         "--split",
         default=DEFAULT_SPLIT,
@@ -42,13 +49,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--single-word-suffix",
         action=argparse.BooleanOptionalAction,
-        default=True,
+        default=None,
         help="append the answer instruction to each question: 'Answer the question using a "
-        "single word or phrase.' (vqa) or 'Answer with the option's letter from the given "
-        "choices directly.' (scienceqa)",
+        "single word or phrase.' (vqa, chat) or 'Answer with the option's letter from the "
+        "given choices directly.' (scienceqa) (default: on, off for chat, where the questions "
+        "are asked as a person types them)",
     )
     p.add_argument("--max-tokens", "-m", type=int, default=DEFAULT_MAX_TOKENS)
-    p.add_argument("--limit", type=int, default=None, help="only the first N questions")
+    p.add_argument(
+        "--limit",
+        type=int,
+        default=None,
+        help="only the first N questions (chat: conversations)",
+    )
     p.add_argument(
         "--skip-missing",
         action="store_true",
@@ -81,7 +94,11 @@ def run(args: argparse.Namespace) -> None:
     if args.limit is not None and args.limit <= 0:
         raise ValueError(f"--limit must be positive, got {args.limit}")
     fmt, questions = read_questions(args.data, args.format, args.split)
-    questions = questions[: args.limit]
+    if fmt == "chat" and args.limit is not None:
+        kept = set(list(dict.fromkeys(q.conversation_id for q in questions))[: args.limit])
+        questions = [q for q in questions if q.conversation_id in kept]
+    else:
+        questions = questions[: args.limit]
     folder = Path(args.image_folder or default_image_folder(args.data, fmt, args.split))
     if any(q.image for q in questions) and not folder.is_dir():
         raise FileNotFoundError(f"image folder not found: {folder}")

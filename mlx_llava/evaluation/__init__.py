@@ -1,7 +1,7 @@
 """Benchmark evaluation, as LLaVA's eval scripts: a question file -> greedy answers -> accuracy.
 
-`questions` reads the formats (LLaVA's VQA question files, ScienceQA), `runner` asks the model,
-`scoring` scores the answers and summarises them per category.
+`questions` reads the formats (LLaVA's VQA question files, ScienceQA, multi-turn chats),
+`runner` asks the model, `scoring` scores the answers and summarises them per category.
 """
 
 from .questions import (
@@ -19,7 +19,9 @@ from .runner import (
     OPTION_LETTER_SUFFIX,
     SINGLE_WORD_SUFFIX,
     answer_questions,
+    default_suffix,
     evaluate,
+    group_by_conversation,
     group_by_image,
     question_prompt,
 )
@@ -44,12 +46,14 @@ __all__ = [
     "EvaluationError",
     "Question",
     "answer_questions",
+    "default_suffix",
     "contains_match",
     "default_image_folder",
     "detect_format",
     "evaluate",
     "exact_match",
     "format_summary",
+    "group_by_conversation",
     "group_by_image",
     "normalize_answer",
     "parse_option_letter",

@@ -6,6 +6,11 @@
 - "scienceqa": the `llava_test_CQM-A.json` conversation file made by LLaVA's
   `scripts/convert_sqa_to_llava.py`, its JSONL variant, or the raw ScienceQA ``problems.json``
   with ``pid_splits.json`` beside it.
+- "chat": multi-turn conversations in LLaVA-Instruct format, ``{"id", "image",
+  "conversations": [{"from": "human", "value", "category"?}, {"from": "gpt", "value"}, ...]}``
+  (such as the shapes world's ``chat_heldout.json``): each human turn is a question, the gpt
+  turn after it its reference answer; the model answers the turns in order, its own answers
+  in the history (see `runner`).
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from ..datafiles import DataFileError, read_records, relative_picture
 from ..processor import IMAGE_PLACEHOLDER
 from .scoring import OPTIONS, parse_option_letter
 
-FORMATS = ("vqa", "scienceqa")
+FORMATS = ("vqa", "scienceqa", "chat")
 DEFAULT_SPLIT = "test"
 
 # A question file that cannot be read or understood (the data-file error of the package).
@@ -38,6 +43,8 @@ class Question:
             the file has none, and the question is then answered but not scored.
         category: a label to break accuracy down by (vqa category, ScienceQA subject).
         num_choices: the number of options of a multiple-choice question.
+        conversation_id: the conversation a chat turn belongs to (None outside chats).
+        turn: the turn's number in its conversation, from 1 (0 outside chats).
     """
 
     question_id: Any
@@ -46,16 +53,27 @@ class Question:
     answers: list[str] = field(default_factory=list)
     category: Optional[str] = None
     num_choices: int = 0
+    conversation_id: Any = None
+    turn: int = 0
 
 
 def detect_format(records: Any) -> Optional[str]:
-    """The format of a file's contents, "vqa" or "scienceqa"; None if neither fits."""
+    """The format of a file's contents, "vqa", "scienceqa" or "chat" (conversations of which
+    one has more than one question); None if none fits."""
     if isinstance(records, dict):
         first = next(iter(records.values()), None)
         return "scienceqa" if isinstance(first, dict) and "choices" in first else None
     if not isinstance(records, list) or not records or not isinstance(records[0], dict):
         return None
-    if "conversations" in records[0] or "instruction" in records[0]:
+    if "conversations" in records[0]:
+        long = any(
+            isinstance(r, dict)
+            and isinstance(r.get("conversations"), list)
+            and len(r["conversations"]) > 2
+            for r in records
+        )
+        return "chat" if long else "scienceqa"
+    if "instruction" in records[0]:
         return "scienceqa"
     return "vqa" if "text" in records[0] else None
 
@@ -89,7 +107,8 @@ def read_questions(
     if fmt is None:
         raise EvaluationError(
             f"cannot tell the format of {path}: expected a list of questions with 'text' "
-            "(vqa), ScienceQA conversations, or ScienceQA's problems.json; see --format"
+            "(vqa), ScienceQA conversations, ScienceQA's problems.json, or multi-turn "
+            "conversations (chat); see --format"
         )
     if fmt == "scienceqa":
         if isinstance(records, dict):
@@ -97,6 +116,9 @@ def read_questions(
         return fmt, [
             _read_scienceqa_entry(r, i, path) for i, r in enumerate(_as_list(records, path))
         ]
+    if fmt == "chat":
+        entries = _as_list(records, path)
+        return fmt, [q for i, r in enumerate(entries) for q in _read_chat_entry(r, i, path)]
     return fmt, [_read_vqa_entry(r, i, path) for i, r in enumerate(_as_list(records, path))]
 
 
@@ -141,6 +163,43 @@ def _read_vqa_entry(entry: Any, index: int, path: Path) -> Question:
         answers=answers,
         category=None if category is None else str(category),
     )
+
+
+def _read_chat_entry(entry: Any, index: int, path: Path) -> list[Question]:
+    """The questions of one conversation, in turn order."""
+    where = f"{path} entry {index + 1}"
+    if not isinstance(entry, dict):
+        raise EvaluationError(f"{where} is not a JSON object")
+    turns = entry.get("conversations")
+    if not isinstance(turns, list) or not turns:
+        raise EvaluationError(f"{where}: 'conversations' should be a list of turns")
+    if len(turns) % 2 or any(
+        not isinstance(t, dict) or t.get("from") != ("human", "gpt")[i % 2]
+        for i, t in enumerate(turns)
+    ):
+        raise EvaluationError(
+            f"{where}: 'conversations' should alternate human and gpt turns, from a human one"
+        )
+    conversation_id = entry.get("id", index)
+    image = _image(entry, where)
+    questions = []
+    for n, (question, answer) in enumerate(zip(turns[::2], turns[1::2]), start=1):
+        reference = answer.get("value")
+        if not isinstance(reference, str):
+            raise EvaluationError(f"{where}: turn {n}'s answer should be a string")
+        category = question.get("category")
+        questions.append(
+            Question(
+                question_id=f"{conversation_id}-{n}",
+                text=_question_text(question.get("value"), where),
+                image=image,
+                answers=[reference],
+                category=None if category is None else str(category),
+                conversation_id=conversation_id,
+                turn=n,
+            )
+        )
+    return questions
 
 
 def _count_options(text: str) -> int:

@@ -5,6 +5,10 @@ rank when `mlx.launch` runs several), so the picture and the system prompt are e
 The LLaVA-1.5 instruction "Answer the question using a single word or phrase." (vqa) or "Answer
 with the option's letter from the given choices directly." (scienceqa) goes on a new line after
 the question.
+
+A chat's turns are asked in order in one `ChatSession`, as a person chats: each turn's history
+holds the model's own earlier answers, not the references. Chat questions get no instruction
+unless asked for.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from pathlib import Path
 from typing import Iterator, Optional, Sequence, Union
 
 from .. import distributed
+from ..chat import ChatSession
 from ..generate import PromptCache, generate
 from ..image_processor import ImageLoadError, load_image
 from ..model import Model
@@ -37,6 +42,11 @@ def question_prompt(question: Question, fmt: str, suffix: bool = True) -> str:
     return f"{text}\n{instruction}"
 
 
+def default_suffix(fmt: str) -> bool:
+    """Whether questions of `fmt` get the answer instruction by default: not in chats."""
+    return fmt != "chat"
+
+
 def group_by_image(questions: Sequence[Question]) -> list[tuple[Optional[str], list[Question]]]:
     """(image, its questions) in order of first appearance; text-only questions form one group."""
     groups: dict[Optional[str], list[Question]] = {}
@@ -45,9 +55,21 @@ def group_by_image(questions: Sequence[Question]) -> list[tuple[Optional[str], l
     return list(groups.items())
 
 
-def work_units(questions: Sequence[Question]) -> list[list[Question]]:
+def group_by_conversation(questions: Sequence[Question]) -> list[list[Question]]:
+    """The questions of each conversation in turn order, conversations in order of first
+    appearance."""
+    groups: dict = {}
+    for q in questions:
+        groups.setdefault(q.conversation_id, []).append(q)
+    return [sorted(group, key=lambda q: q.turn) for group in groups.values()]
+
+
+def work_units(questions: Sequence[Question], fmt: str = "vqa") -> list[list[Question]]:
     """The questions in answering order, cut into the units a rank answers together: all the
-    questions about one picture (they share its prefix), or one text-only question."""
+    questions about one picture (they share its prefix), or one text-only question; in a chat,
+    the turns of one conversation."""
+    if fmt == "chat":
+        return group_by_conversation(questions)
     units = []
     for image, group in group_by_image(questions):
         units.extend([group] if image is not None else [[q] for q in group])
@@ -60,7 +82,7 @@ def answer_questions(
     questions: Sequence[Question],
     fmt: str,
     image_folder: Union[str, Path],
-    suffix: bool = True,
+    suffix: Optional[bool] = None,
     max_tokens: int = DEFAULT_MAX_TOKENS,
     skip_missing: bool = False,
     model_id: Optional[str] = None,
@@ -75,9 +97,10 @@ def answer_questions(
     Args:
         model, processor: from `load`; `processor.format_prompt` applies the template.
         questions: from `read_questions`.
-        fmt: "vqa" or "scienceqa".
+        fmt: "vqa", "scienceqa" or "chat".
         image_folder: the folder the questions' image paths are relative to.
-        suffix: append the format's answer instruction to each question.
+        suffix: append the format's answer instruction to each question (default:
+            `default_suffix(fmt)`).
         max_tokens: the most tokens per answer.
         skip_missing: leave questions whose picture cannot be read out of the scores (else
             they count as wrong).
@@ -85,11 +108,13 @@ def answer_questions(
         group: the ranks to share the questions (default: all of `mlx.launch`'s).
 
     Yields:
-        One record per question, pictures grouped: {"question_id", "prompt", "text",
-        "answer", "category", "correct", ...}; "error" says why a question was not asked and
-        "skipped" that it is not scored.
+        One record per question, pictures (or conversations) grouped: {"question_id",
+        "prompt", "text", "answer", "category", "image", "correct", ...}, chat turns with
+        "conversation_id" and "turn"; "error" says why a question was not asked and "skipped"
+        that it is not scored.
     """
     group = group or distributed.world()
+    suffix = default_suffix(fmt) if suffix is None else suffix
     cache = PromptCache(model)
     ask = partial(
         _answer_unit,
@@ -103,7 +128,7 @@ def answer_questions(
         skip_missing=skip_missing,
         model_id=model_id,
     )
-    units = work_units(questions)
+    units = work_units(questions, fmt)
     step = ROUND_UNITS * group.size()
     for start in range(0, len(units), step):
         mine = distributed.shard(units[start : start + step], group)
@@ -125,7 +150,8 @@ def _answer_unit(
     skip_missing,
     model_id,
 ) -> list[dict]:
-    """The records of questions about one picture (or none), asked with one `PromptCache`."""
+    """The records of questions about one picture (or none), asked with one `PromptCache`, or
+    of the turns of one conversation, asked in one `ChatSession`."""
     image = unit[0].image
     picture, error = None, None
     if image is not None:
@@ -133,32 +159,27 @@ def _answer_unit(
             picture = load_image(folder / image)
         except ImageLoadError as e:
             error = str(e)
+    chat = ChatSession(model, processor, image=picture) if fmt == "chat" else None
+    stopped = None  # why a chat cannot go on
     records = []
     for q in unit:
         user = question_prompt(q, fmt, suffix)
-        text, question_error = "", error
-        if error is None:
-            prompt = processor.format_prompt(user, num_images=0 if picture is None else 1)
+        text, question_error = "", error or stopped
+        if question_error is None:
             try:
-                text = generate(
-                    model,
-                    processor,
-                    prompt,
-                    image=picture,
-                    max_tokens=max_tokens,
-                    temperature=0.0,
-                    prompt_cache=cache,
-                ).strip()
+                text = _answer(model, processor, user, picture, chat, cache, max_tokens)
             except ValueError as e:  # e.g. a prompt longer than the model's context
-                question_error = str(e)
+                question_error = stopped = str(e)
         record = {
             "question_id": q.question_id,
-            "prompt": (IMAGE_PLACEHOLDER + "\n" if image else "") + user,
+            "prompt": (IMAGE_PLACEHOLDER + "\n" if image and q.turn <= 1 else "") + user,
             "text": text,
             "answer": q.answers[0] if len(q.answers) == 1 else (q.answers or None),
             "category": q.category,
             "image": image,
         }
+        if chat is not None:
+            record.update(conversation_id=q.conversation_id, turn=q.turn)
         record.update(score(q, text, fmt))
         if model_id is not None:
             record["model_id"] = model_id
@@ -171,6 +192,22 @@ def _answer_unit(
                 record["correct"] = False if q.answers else None
         records.append(record)
     return records
+
+
+def _answer(model, processor, user, picture, chat, cache, max_tokens) -> str:
+    """The greedy answer to `user`: the chat's next turn, or a one-turn prompt."""
+    if chat is not None:
+        return chat.send(user, max_tokens=max_tokens, temperature=0.0).strip()
+    prompt = processor.format_prompt(user, num_images=0 if picture is None else 1)
+    return generate(
+        model,
+        processor,
+        prompt,
+        image=picture,
+        max_tokens=max_tokens,
+        temperature=0.0,
+        prompt_cache=cache,
+    ).strip()
 
 
 def evaluate(

@@ -1,8 +1,9 @@
 """Scoring answers as LLaVA's eval scripts do, and summarising accuracy per category.
 
-vqa answers are scored by normalised exact match and by whether they contain the reference
-answer; ScienceQA answers by the option letter parsed as `eval_science_qa.py` does, overall and
-for questions with and without a picture (the paper's ScienceQA-IMG figure).
+vqa and chat answers are scored by normalised exact match and by whether they contain the
+reference answer, chats also per turn; ScienceQA answers by the option letter parsed as
+`eval_science_qa.py` does, overall and for questions with and without a picture (the paper's
+ScienceQA-IMG figure).
 """
 
 from __future__ import annotations
@@ -83,7 +84,7 @@ def _row(records: list[dict], fmt: str) -> dict:
     n = len(scored)
     correct = sum(bool(r["correct"]) for r in scored)
     row = {"n": n, "correct": correct, "accuracy": 100.0 * correct / n if n else None}
-    if fmt == "vqa":
+    if fmt != "scienceqa":
         contains = sum(bool(r.get("contains")) for r in scored)
         row["contains"] = contains
         row["contains_accuracy"] = 100.0 * contains / n if n else None
@@ -94,9 +95,10 @@ def summarize(records: Sequence[dict], fmt: str) -> dict:
     """Accuracy overall and per category (in order of appearance), in percent, over the
     scored records.
 
-    vqa rows hold exact-match `correct` / `accuracy` and contains-match `contains` /
-    `contains_accuracy`; scienceqa adds the `image` / `no_image` split of the paper and
-    `unparsed`, the scored answers with no option letter.
+    vqa and chat rows hold exact-match `correct` / `accuracy` and contains-match `contains` /
+    `contains_accuracy`; chat adds `turns`, a row per turn number ("1", "2", ...); scienceqa
+    adds the `image` / `no_image` split of the paper and `unparsed`, the scored answers with no
+    option letter.
     """
     records = list(records)
     categories = list(dict.fromkeys(r["category"] for r in records if r.get("category")))
@@ -111,6 +113,11 @@ def summarize(records: Sequence[dict], fmt: str) -> dict:
             c: _row([r for r in records if r.get("category") == c], fmt) for c in categories
         },
     }
+    if fmt == "chat":
+        turns = sorted({r["turn"] for r in records})
+        summary["turns"] = {
+            str(t): _row([r for r in records if r["turn"] == t], fmt) for t in turns
+        }
     if fmt == "scienceqa":
         summary["image"] = _row([r for r in records if r.get("image")], fmt)
         summary["no_image"] = _row([r for r in records if not r.get("image")], fmt)
@@ -130,9 +137,11 @@ def format_summary(summary: dict) -> str:
     rows: list[tuple[str, dict]] = list(summary["categories"].items())
     if fmt == "scienceqa":
         rows += [("image", summary["image"]), ("no image", summary["no_image"])]
+    if fmt == "chat":
+        rows += [(f"turn {t}", row) for t, row in summary["turns"].items()]
     rows.append(("overall", summary["overall"]))
     width = max(8, *(len(name) for name, _ in rows))
-    if fmt == "vqa":
+    if fmt != "scienceqa":
         lines = [f"{'category':<{width}} {'n':>6} {'exact':>8} {'contains':>9}"]
         for name, row in rows:
             lines.append(
