@@ -131,6 +131,19 @@ def test_draw_scene_shapes_inside_apart_and_visible(seed):
         assert abs(f.cx - d.cx) <= 1 and abs(f.size - d.size) <= 2
 
 
+def test_repeat_share_repeats_shapes():
+    def repeats(share: float) -> float:
+        rng, found, scenes = random.Random(3), 0, 0
+        while scenes < 300:
+            _, shapes = draw_scene(rng, 96, 96, repeat_share=share)
+            if len(shapes) > 1:
+                scenes += 1
+                found += len({(s.color, s.kind) for s in shapes}) < len(shapes)
+        return found / scenes
+
+    assert repeats(0.0) < 0.2 and repeats(0.5) > 0.5  # by chance: 1 in 12 per pair
+
+
 def test_draw_scene_depends_only_on_rng():
     first = draw_scene(random.Random(7), 120, 90)
     second = draw_scene(random.Random(7), 120, 90)
@@ -320,6 +333,8 @@ def test_qa_schema(dataset):
         {"n": 2, "min_size": 200, "max_size": 100},
         {"n": 2, "val_fraction": 1.0},
         {"n": 2, "val_fraction": -0.1},
+        {"n": 2, "repeat_share": 1.0},
+        {"n": 2, "repeat_share": -0.5},
     ],
 )
 def test_generate_dataset_rejects_bad_arguments(tmp_path, kwargs):

@@ -26,6 +26,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import random
@@ -59,6 +60,7 @@ DEFAULT_SEED = 0
 DEFAULT_MIN_SIZE = 64
 DEFAULT_MAX_SIZE = 256
 DEFAULT_VAL_FRACTION = 0.0
+DEFAULT_REPEAT_SHARE = 0.0
 
 MIN_PICTURE_SIZE = 32
 MAX_ASPECT = 1.5
@@ -101,18 +103,23 @@ def picture_size(rng: random.Random, min_size: int, max_size: int) -> tuple[int,
     return width, rng.randint(low, high)
 
 
-def draw_scene(rng: random.Random, width: int, height: int) -> tuple[Image.Image, list[Shape]]:
+def draw_scene(
+    rng: random.Random, width: int, height: int, repeat_share: float = 0.0
+) -> tuple[Image.Image, list[Shape]]:
     """Draw 1-3 random non-overlapping shapes on a light grey or cream background.
 
     Args:
         rng: the only source of randomness, so equal states give equal scenes.
         width, height: picture size in pixels, each at least ``MIN_PICTURE_SIZE``.
+        repeat_share: the chance that a shape after the first takes the colour and kind of
+            one placed before it (beyond the 1 in 12 of chance), so that repeated shapes
+            ("two blue squares") are common; 0 draws every shape independently.
 
     Returns:
         The RGB picture and its shapes in placement order.
     """
     count = rng.choices((1, 2, 3), weights=SHAPE_COUNT_WEIGHTS)[0]
-    shapes = _place_shapes(rng, count, width, height)
+    shapes = _place_shapes(rng, count, width, height, repeat_share)
     level = rng.randint(*BACKGROUND_RANGE)
     warmth = rng.randint(0, level - BACKGROUND_RANGE[0])  # 0: grey, most: cream
     background = (level, level - warmth // 3, level - warmth)
@@ -123,7 +130,9 @@ def draw_scene(rng: random.Random, width: int, height: int) -> tuple[Image.Image
     return image, shapes
 
 
-def _place_shapes(rng: random.Random, count: int, width: int, height: int) -> list[Shape]:
+def _place_shapes(
+    rng: random.Random, count: int, width: int, height: int, repeat_share: float
+) -> list[Shape]:
     """Rejection-sample ``count`` shapes inside the picture and apart from each other."""
     short = min(width, height)
     while True:
@@ -138,6 +147,9 @@ def _place_shapes(rng: random.Random, count: int, width: int, height: int) -> li
                 cy=rng.uniform(reach, height - 1 - reach),
                 size=size,
             )
+            if repeat_share and shapes and rng.random() < repeat_share:
+                twin = rng.choice(shapes)
+                shape = dataclasses.replace(shape, kind=twin.kind, color=twin.color)
             if count == 1 and abs(shape.cx - width / 2) < CENTER_MARGIN * width:
                 continue
             if all(shape.apart_from(other) for other in shapes):
@@ -304,6 +316,7 @@ def generate_dataset(
     min_size: int = DEFAULT_MIN_SIZE,
     max_size: int = DEFAULT_MAX_SIZE,
     val_fraction: float = DEFAULT_VAL_FRACTION,
+    repeat_share: float = DEFAULT_REPEAT_SHARE,
     verbose: bool = False,
 ) -> dict[str, int]:
     """Write ``n`` pictures and their annotation files to ``out_dir``.
@@ -311,7 +324,7 @@ def generate_dataset(
     The output depends only on the arguments: the same seed gives the same files byte for
     byte, and the same pictures whatever the wordings (the text has its own random stream).
     The last ``round(n * val_fraction)`` pictures go to the ``*_val.json`` files, written
-    only when there are any.
+    only when there are any. ``repeat_share`` as for `draw_scene`.
 
     Returns:
         Counts: ``images`` (all pictures), ``val`` (those for validation), and the
@@ -319,7 +332,8 @@ def generate_dataset(
 
     Raises:
         ValueError: for ``n < 1``, sizes out of order or below
-            ``MIN_PICTURE_SIZE``, or ``val_fraction`` outside ``[0, 1)``.
+            ``MIN_PICTURE_SIZE``, or ``val_fraction`` or ``repeat_share`` outside
+            ``[0, 1)``.
     """
     if n < 1:
         raise ValueError(f"n must be at least 1, got {n}")
@@ -330,6 +344,8 @@ def generate_dataset(
         )
     if not 0 <= val_fraction < 1:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    if not 0 <= repeat_share < 1:
+        raise ValueError(f"repeat_share must be in [0, 1), got {repeat_share}")
 
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
@@ -339,7 +355,7 @@ def generate_dataset(
     counts = dict.fromkeys(CATEGORIES, 0)
     for i in range(n):
         width, height = picture_size(rng, min_size, max_size)
-        picture, shapes = draw_scene(rng, width, height)
+        picture, shapes = draw_scene(rng, width, height, repeat_share)
         image_id = f"{i:06d}"
         image = f"images/{image_id}.png"
         picture.save(out / image)
@@ -397,6 +413,13 @@ def main(argv: list[str] | None = None) -> None:
         default=DEFAULT_VAL_FRACTION,
         help="Fraction of pictures held out into the *_val.json files.",
     )
+    parser.add_argument(
+        "--repeat-share",
+        type=float,
+        default=DEFAULT_REPEAT_SHARE,
+        help="Chance that a shape after the first repeats the colour and kind of an earlier "
+        "one (more captions like 'Two blue squares.').",
+    )
     args = parser.parse_args(argv)
     try:
         counts = generate_dataset(
@@ -406,6 +429,7 @@ def main(argv: list[str] | None = None) -> None:
             min_size=args.min_size,
             max_size=args.max_size,
             val_fraction=args.val_fraction,
+            repeat_share=args.repeat_share,
             verbose=True,
         )
     except ValueError as e:
