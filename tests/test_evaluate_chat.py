@@ -97,7 +97,7 @@ def test_chat_history_holds_the_models_own_answers(demo, tmp_path, monkeypatch):
 
     class Spy(ChatSession):
         def send(self, text, **sampling):
-            seen.append((id(self), list(self.messages), text, sampling))
+            seen.append((self, list(self.messages), text, sampling))
             return super().send(text, **sampling)
 
     monkeypatch.setattr(runner, "ChatSession", Spy)
@@ -111,7 +111,7 @@ def test_chat_history_holds_the_models_own_answers(demo, tmp_path, monkeypatch):
     ]
     answers = [r["text"] for r in results]
     assert all(answers) and not {"purple", "star"} & set(answers)
-    assert len({session for session, *_ in seen}) == 2
+    assert len({id(session) for session, *_ in seen}) == 2  # the sessions stay alive in seen
     assert seen[0][1:3] == ([], "What colour is it?")  # the picture goes in front by itself
     assert seen[1][1] == [("user", "<image>\nWhat colour is it?"), ("assistant", answers[0])]
     assert seen[2][1][-2:] == [("user", "What shape?"), ("assistant", answers[1])]
