@@ -2,10 +2,9 @@
 
     python scripts/prepare_demo.py --data SHAPES_DIR --out FOLDER
 
-- `SHAPES_DIR/mix.json` (and `mix_val.json`): the shapes-world conversations, half of the
-  questions followed by LLaVA-1.5's "Answer the question using a single word or phrase.", plus
-  the captions as "Describe the image." conversations (a richer signal for a vision tower that
-  learns from nothing).
+- `SHAPES_DIR/mix.json` (and `mix_val.json`): the shapes-world conversations (many wordings,
+  several turns), half of the one-word questions followed by LLaVA-1.5's "Answer the question
+  using a single word or phrase.", plus each caption as a one-turn request for a description.
 - `FOLDER`: the untrained model, with a tokenizer learned on the shapes-world text and random
   weights, the vision tower's positions starting from 2-D sine-cosine embeddings. The sizes are
   the demo's (see docs/training.md): a 64 px CLIP-style tower with 8 px patches (64 image
@@ -32,11 +31,12 @@ from llava_testing.tokenizer_builder import (
 )  # noqa: E402
 from mlx_llava.config import ModelConfig, TextConfig, VisionConfig
 from mlx_llava.conversation import render
-from mlx_llava.data.shapes import CAPTION_PROMPT, NUMBER_WORDS, QUESTION_TEXT
+from mlx_llava.data.shapes import NUMBER_WORDS
+from mlx_llava.data.wordings import WORDING_CATEGORIES, ask, wording_split
 from mlx_llava.train import init_model_folder
 
 SINGLE_WORD_SUFFIX = "Answer the question using a single word or phrase."
-VOCAB_SIZE = 512
+VOCAB_SIZE = 768
 VISION = dict(
     hidden_size=64,
     intermediate_size=256,
@@ -55,8 +55,9 @@ TEXT = dict(
 
 
 def shapes_corpus(data: Path) -> list[str]:
-    """Captions, rendered conversations and answer words of a shapes-world folder, plus
-    general English from `default_corpus`."""
+    """Captions, rendered conversations, every question asked in training, each training
+    wording and the answer words of a shapes-world folder, plus general English from
+    `default_corpus`. No held-out wording."""
     pretrain = json.loads((data / "pretrain.json").read_text())
     finetune = json.loads((data / "finetune.json").read_text())
     captions = sorted({r["conversations"][1]["value"] for r in pretrain})
@@ -66,9 +67,11 @@ def shapes_corpus(data: Path) -> list[str]:
         )
         for r in finetune[:300]
     ]
+    asked = [t["value"].replace("<image>\n", "") for r in finetune for t in r["conversations"][::2]]
     answers = "red green blue yellow circle square triangle left right " + " ".join(NUMBER_WORDS)
-    prompts = list(QUESTION_TEXT.values()) + [CAPTION_PROMPT]
-    return captions + chats + prompts * 20 + [answers] * 50 + default_corpus(600)
+    split = wording_split()["train"]
+    wordings = [w.text for c in WORDING_CATEGORIES for w in split[c]]
+    return captions + chats + asked + wordings + [answers] * 50 + default_corpus(600)
 
 
 def write_mix(data: Path) -> None:
@@ -78,12 +81,15 @@ def write_mix(data: Path) -> None:
         records = []
         for r in json.loads((data / f"finetune{suffix}.json").read_text()):
             turns = [dict(t) for t in r["conversations"]]
-            for t in turns:
-                if t["from"] == "human" and rng.random() < 0.5:
-                    t["value"] += "\n" + SINGLE_WORD_SUFFIX
+            for question, answer in zip(turns[::2], turns[1::2]):
+                one_word = " " not in answer["value"]
+                if one_word and rng.random() < 0.5:
+                    question["value"] += "\n" + SINGLE_WORD_SUFFIX
             records.append({**r, "conversations": turns})
         for r in json.loads((data / f"pretrain{suffix}.json").read_text()):
-            records.append({**r, "id": r["id"] + "-caption"})
+            request = {"from": "human", "value": "<image>\n" + ask(rng, "describe", 1)}
+            turns = [request, r["conversations"][1]]
+            records.append({**r, "id": r["id"] + "-caption", "conversations": turns})
         with open(data / f"mix{suffix}.json", "w") as f:
             json.dump(records, f, indent=1)
 
