@@ -168,6 +168,7 @@ def serve(args: argparse.Namespace) -> None:
             f"the server needs FastAPI and uvicorn ({e}): pip install 'mlx-llava[server]'"
         ) from e
     from ..server import Sampling, ServerConfig, create_app, make_worker
+    from ..server.signals import Server
 
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
     if not _is_loopback(args.host) and not api_key and distributed.is_main():
@@ -207,7 +208,7 @@ def serve(args: argparse.Namespace) -> None:
         return
     app = create_app(model, processor, config)
     worker = app.state.service.worker
-    server = uvicorn.Server(
+    server = Server(
         uvicorn.Config(
             app,
             host=args.host,
@@ -226,7 +227,7 @@ def serve(args: argparse.Namespace) -> None:
         print(f"{len(worker.ranks)} ranks: {ranks_line(worker.ranks)}", file=sys.stderr)
         stop_with_launcher(stop)
         # A signal stops the server gracefully (and the ranks with it): then exit 0, so that
-        # mlx.launch reports no failed rank. uvicorn raises the signal again after its
+        # mlx.launch reports no failed rank. The server raises the signal again after its
         # shutdown, into these handlers.
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: None)

@@ -353,6 +353,16 @@ class Worker:
 
     def _run(self) -> None:
         try:
+            self._serve()
+        finally:
+            # This thread's MLX streams and compiled functions go now, while Python runs: left
+            # to the thread's exit, they may be freed as the interpreter finalizes (the process
+            # ends as soon as this thread is joined), and freeing a compiled Python function
+            # then aborts the process ("terminate called without an active exception").
+            mx.clear_streams()
+
+    def _serve(self) -> None:
+        try:
             self._lead() if self.rank == 0 else self._follow()
         except Exception as e:  # noqa: BLE001 - pipeline only: the ranks may be out of step
             self.failure = f"the pipeline of ranks failed: {str(e).strip() or type(e).__name__}"
