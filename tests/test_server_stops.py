@@ -14,7 +14,6 @@ from pathlib import Path
 
 import httpx
 import mlx.core as mx
-import pytest
 from serving import ROOT, free_port, user, wait_until
 
 from mlx_llava import load

@@ -330,7 +330,7 @@ def test_bad_sample_stops_the_cli(tiny_model, shapes, tmp_path, capsys):
     assert exit_info.value.code == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [
-        f"error: entry 'missing-image': image file not found: " f"{shapes / 'images' / 'nope.png'}"
+        f"error: entry 'missing-image': image file not found: {shapes / 'images' / 'nope.png'}"
     ]
 
 

@@ -216,8 +216,9 @@ def _read_scienceqa_entry(entry: Any, index: int, path: Path) -> Question:
         turns = entry["conversations"]
         if not isinstance(turns, list) or not turns or not isinstance(turns[0], dict):
             raise EvaluationError(f"{where}: 'conversations' should be a list of turns")
-        question, reference = turns[0].get("value"), (
-            turns[1].get("value") if len(turns) > 1 and isinstance(turns[1], dict) else None
+        question, reference = (
+            turns[0].get("value"),
+            (turns[1].get("value") if len(turns) > 1 and isinstance(turns[1], dict) else None),
         )
     elif "instruction" in entry:
         question, reference = entry["instruction"], entry.get("output")

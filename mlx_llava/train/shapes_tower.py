@@ -223,8 +223,7 @@ def pretrain_tower(args: TowerArgs) -> dict[str, float]:
             shown = " ".join(f"{k} {v:.2f}" for k, v in scores.items())
             elapsed = time.time() - start
             print(
-                f"iter {step}/{args.iters} | loss {loss.item():.3f} | val {shown} | "
-                f"{elapsed:.0f}s",
+                f"iter {step}/{args.iters} | loss {loss.item():.3f} | val {shown} | {elapsed:.0f}s",
                 flush=True,
             )
 
