@@ -325,12 +325,15 @@ def test_dropped_stream_stops_on_every_rank(pipeline, one_process):
 
 def test_concurrent_requests_share_the_pipelines_batch(pipeline, one_process):
     """Requests that arrive together are answered together (each got its first token before
-    any finished), with the answers each gets alone."""
+    any finished), with the answers each gets alone. The answers are long (160-200 tokens, the
+    third ends at its EOS after 172) so that a client thread that starts late on a busy machine
+    still joins the others' batch."""
     requests = [
-        ([user("What is it?", data_url(B))], 40),
-        ([user("Tell me a story.")], 50),
-        ([user("Compare them.", data_url(B), data_url(A))], 60),
+        ([user("What is it?", data_url(B))], 160),
+        ([user("Tell me a story.")], 180),
+        ([user("Compare them.", data_url(B), data_url(A))], 200),
     ]
+    start = threading.Barrier(len(requests))
 
     def body(request):
         messages, max_tokens = request
@@ -340,6 +343,7 @@ def test_concurrent_requests_share_the_pipelines_batch(pipeline, one_process):
         times, text = [], ""
         payload = {**body(request), "stream": True}
         url = pipeline.url + "/v1/chat/completions"
+        start.wait(timeout=30)
         with httpx.stream("POST", url, json=payload, timeout=120) as r:
             for line in r.iter_lines():
                 if line.startswith("data: {"):
