@@ -15,6 +15,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from test_cli import run_main
+from test_parity import assert_logits_close
 
 from mlx_llava import PromptCache, batch_generate, convert, load, stream_generate
 from mlx_llava.generate import prepare_prompt
@@ -27,7 +28,6 @@ CONV_MODES = {"vicuna": "vicuna_v1", "mistral": "mistral_instruct", "yi": "chatm
 
 PIXEL_ATOL = 1e-5
 FEATURE_ATOL = 1e-4
-LOGIT_RTOL = 1e-4  # max |ours - theirs| <= LOGIT_RTOL * max |theirs|
 
 
 def oracle(name: str) -> tuple[dict, dict]:
@@ -38,14 +38,6 @@ def oracle(name: str) -> tuple[dict, dict]:
         hub = np.load(DATA / meta["pixel_values_of"] / "oracle.npz")
         arrays.update({k: hub[k] for k in hub if k.endswith("_pixel_values")})
     return arrays, meta
-
-
-def assert_logits_close(ours, theirs):
-    ours, theirs = np.asarray(ours), np.asarray(theirs)
-    assert ours.shape == theirs.shape
-    scale = np.abs(theirs).max()
-    diff = np.abs(ours - theirs).max()
-    assert diff <= LOGIT_RTOL * scale, f"max diff {diff:.3g} > {LOGIT_RTOL} x {scale:.3g}"
 
 
 def oracle_ids(ids: np.ndarray, meta: dict) -> np.ndarray:

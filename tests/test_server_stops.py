@@ -24,7 +24,7 @@ DATA = Path(__file__).parent / "fixtures" / "data"
 MODEL = DATA / "hf-hub"
 
 
-def _ok(scope, receive, send):  # the smallest ASGI app: the test is about the signals
+def _no_requests(scope, receive, send):  # an ASGI app: the test is about the signals
     raise AssertionError("no request is made")
 
 
@@ -36,7 +36,9 @@ def test_signals_reach_the_server_through_its_event_loop():
 
     seen: list[int] = []
     before = signal.signal(signal.SIGINT, lambda sig, frame: seen.append(sig))
-    server = Server(uvicorn.Config(_ok, host="127.0.0.1", port=free_port(), log_level="error"))
+    server = Server(
+        uvicorn.Config(_no_requests, host="127.0.0.1", port=free_port(), log_level="error")
+    )
     during: list = []
 
     def interrupt() -> None:
