@@ -152,7 +152,7 @@ def caption_folder(
 def _caption_batch(model, processor, root: Path, names, prompt: str, sampling: dict):
     """([file, answer] for each readable picture of `names`, warnings for the others)."""
     from .batch import batch_generate
-    from .image_processor import ImageLoadError, load_image
+    from .image_io import ImageLoadError, load_image
 
     kept, pictures, warnings = [], [], []
     for name in names:

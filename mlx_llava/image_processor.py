@@ -1,211 +1,31 @@
-"""Image loading and preprocessing (CLIP's, and LLaVA-NeXT's tiles), bit-exact with
-transformers' PIL backend."""
+"""Image preprocessing (CLIP's, and LLaVA-NeXT's tiles), bit-exact with transformers' PIL
+backend; pictures are read by `image_io`."""
 
 import json
-import os
-import socket
-import time
-import urllib.error
-import urllib.request
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, fields, replace
-from io import BytesIO
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 
 from .anyres import DEFAULT_PINPOINTS, fit_size, select_best_resolution
 from .config import ModelConfig
 
-ImageSource = Image.Image | str | Path
+# Fetching and decoding live in image_io; these names stay importable from here.
+from .image_io import (  # noqa: F401 - re-exported
+    DEFAULT_MAX_IMAGE_PIXELS,
+    FetchLimits,
+    ImageLoadError,
+    ImageSource,
+    decode_image,
+    load_image,
+)
 
+MAX_ASPECT_RATIO = 200  # longest side / shortest side, as Qwen2-VL's processor bounds it
 OPENAI_CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 OPENAI_CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
-DEFAULT_FETCH_TIMEOUT = 60.0  # seconds for a whole download
-DEFAULT_MAX_IMAGE_BYTES = 50_000_000
-DEFAULT_MAX_IMAGE_PIXELS = 89_478_485  # Pillow's Image.MAX_IMAGE_PIXELS
-READ_CHUNK = 1 << 16
-
-
-class ImageLoadError(ValueError):
-    """An image that cannot be fetched, read or decoded."""
-
-
-def _env_number(name: str, default: float) -> float:
-    value = os.environ.get(name)
-    if not value:
-        return default
-    try:
-        number = float(value)
-    except ValueError:
-        raise ImageLoadError(f"{name} must be a number, got '{value}'") from None
-    if number <= 0:
-        raise ImageLoadError(f"{name} must be positive, got '{value}'")
-    return number
-
-
-@dataclass(frozen=True)
-class FetchLimits:
-    """Bounds on reading one picture.
-
-    Attributes:
-        timeout: seconds for a whole http(s) download, connection included
-            (MLX_LLAVA_FETCH_TIMEOUT, default 60).
-        max_bytes: the largest download (MLX_LLAVA_MAX_IMAGE_MB, default 50 MB).
-        max_pixels: the largest picture, width x height, checked before decoding so that a
-            small file cannot unpack into gigabytes (MLX_LLAVA_MAX_IMAGE_PIXELS, default
-            Pillow's decompression-bomb limit of 89,478,485).
-    """
-
-    timeout: float = DEFAULT_FETCH_TIMEOUT
-    max_bytes: int = DEFAULT_MAX_IMAGE_BYTES
-    max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
-
-    @classmethod
-    def from_env(cls, **overrides) -> "FetchLimits":
-        """The limits the environment sets, then `overrides` that are not None."""
-        limits = cls(
-            timeout=_env_number("MLX_LLAVA_FETCH_TIMEOUT", DEFAULT_FETCH_TIMEOUT),
-            max_bytes=int(
-                _env_number("MLX_LLAVA_MAX_IMAGE_MB", DEFAULT_MAX_IMAGE_BYTES / 1e6) * 1e6
-            ),
-            max_pixels=int(_env_number("MLX_LLAVA_MAX_IMAGE_PIXELS", DEFAULT_MAX_IMAGE_PIXELS)),
-        )
-        return replace(limits, **{k: v for k, v in overrides.items() if v is not None})
-
-
-def _size(n: int) -> str:
-    return f"{n / 1e6:g} MB" if n >= 1e6 else f"{n} bytes"
-
-
-def _fetch(url: str, limits: FetchLimits) -> bytes:
-    """Download `url` within `limits.timeout` seconds in all and `limits.max_bytes` bytes."""
-    deadline = time.monotonic() + limits.timeout
-
-    def fail(reason: str) -> ImageLoadError:
-        return ImageLoadError(f"cannot fetch image URL '{url}': {reason}")
-
-    def remaining() -> float:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise fail(f"took longer than {limits.timeout:g} s")
-        return left
-
-    request = urllib.request.Request(url, headers={"User-Agent": "mlx-llava"})
-    try:
-        with urllib.request.urlopen(request, timeout=remaining()) as response:
-            declared = response.headers.get("Content-Length")
-            if declared and declared.isdigit() and int(declared) > limits.max_bytes:
-                raise fail(
-                    f"{_size(int(declared))}, more than the limit of {_size(limits.max_bytes)}"
-                )
-            # Each read waits at most until the deadline (the socket's timeout is per call).
-            sock = getattr(getattr(response.fp, "raw", None), "_sock", None)
-            chunks, total = [], 0
-            while True:
-                left = remaining()
-                if sock is not None:
-                    sock.settimeout(left)
-                chunk = (
-                    response.read1(READ_CHUNK)
-                    if hasattr(response, "read1")
-                    else response.read(READ_CHUNK)
-                )
-                if not chunk:
-                    break
-                total += len(chunk)
-                if total > limits.max_bytes:
-                    raise fail(f"more than the limit of {_size(limits.max_bytes)}")
-                chunks.append(chunk)
-            return b"".join(chunks)
-    except ImageLoadError:
-        raise
-    except (TimeoutError, socket.timeout):
-        raise fail(f"took longer than {limits.timeout:g} s") from None
-    except Exception as e:  # noqa: BLE001 - DNS, refused connections, HTTP errors: one message
-        reason = e if isinstance(e, urllib.error.HTTPError) else getattr(e, "reason", e)
-        if isinstance(reason, (TimeoutError, socket.timeout)):
-            raise fail(f"took longer than {limits.timeout:g} s") from None
-        raise fail(str(reason)) from None
-
-
-def _read_error(name: str, e: Exception) -> ImageLoadError:
-    if isinstance(e, FileNotFoundError):
-        reason = "file not found"
-    elif isinstance(e, IsADirectoryError):
-        reason = "is a directory"
-    elif isinstance(e, PermissionError):
-        reason = "permission denied"
-    elif isinstance(e, UnidentifiedImageError):
-        reason = "not an image"
-    else:
-        reason = f"invalid image data ({e})"
-    return ImageLoadError(f"cannot read image '{name}': {reason}")
-
-
-def load_image(
-    source: ImageSource,
-    timeout: float | None = None,
-    max_bytes: int | None = None,
-    max_pixels: int | None = None,
-) -> Image.Image:
-    """Load an image from a PIL image, a file path or an http(s) URL.
-
-    Files and URLs are fully decoded and turned upright by their EXIF orientation; a PIL
-    image is returned as is. The mode is kept: convert with `to_rgb`.
-
-    Args:
-        source: a PIL image, a path, or an http(s) URL.
-        timeout, max_bytes, max_pixels: the bounds of `FetchLimits` (None: the environment's,
-            else the defaults: 60 s and 50 MB for a download, Pillow's pixel limit).
-
-    Raises:
-        ImageLoadError: the source cannot be fetched, read or decoded, or is over a bound.
-    """
-    if isinstance(source, Image.Image):
-        return source
-    limits = FetchLimits.from_env(timeout=timeout, max_bytes=max_bytes, max_pixels=max_pixels)
-    name = str(source)
-    if name.startswith(("http://", "https://")):
-        data = _fetch(name, limits)
-    else:
-        try:
-            data = Path(name).read_bytes()
-        except OSError as e:
-            raise _read_error(name, e) from e
-    return decode_image(data, name, limits.max_pixels)
-
-
-def decode_image(data: bytes, name: str, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
-    """Decode an encoded picture (PNG, JPEG, ...) whose size is at most `max_pixels`.
-
-    Raises:
-        ImageLoadError: not a picture, damaged, or larger than `max_pixels` (`name` says which).
-    """
-    try:
-        img = Image.open(BytesIO(data))
-    except Image.DecompressionBombError as e:
-        raise _bomb_error(name, str(e), max_pixels) from None
-    except Exception as e:  # PIL raises many types: OSError, SyntaxError, ...
-        raise _read_error(name, e) from e
-    width, height = img.size
-    if width * height > max_pixels:
-        raise _bomb_error(name, f"{width} x {height} pixels", max_pixels)
-    try:
-        img.load()
-        return ImageOps.exif_transpose(img)
-    # PIL raises many types here: OSError, SyntaxError, zlib.error, struct.error...
-    except Exception as e:
-        raise _read_error(name, e) from e
-
-
-def _bomb_error(name: str, size: str, max_pixels: int) -> ImageLoadError:
-    return ImageLoadError(
-        f"cannot read image '{name}': {size} is more than the limit of {max_pixels:,} pixels "
-        "(a decompression bomb?)"
-    )
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -262,6 +82,9 @@ class CLIPImageProcessor:
     image_std: list[float] = field(default_factory=lambda: list(OPENAI_CLIP_STD))
     do_convert_rgb: bool = True
     pad_to_square: bool = False
+    # Not a preprocessor_config.json key: the most pixels preprocessing may allocate for one
+    # picture (after padding and resizing), checked before it allocates any.
+    max_pixels: int = field(default_factory=lambda: FetchLimits.from_env().max_pixels, repr=False)
 
     def __post_init__(self):
         self.size = _size_dict(self.size, square=False)
@@ -285,7 +108,8 @@ class CLIPImageProcessor:
 
     def to_dict(self) -> dict[str, Any]:
         """The config to save; `image_processor_type` lets transformers read it too."""
-        return {"image_processor_type": "CLIPImageProcessor", **asdict(self)}
+        settings = {k: v for k, v in asdict(self).items() if k != "max_pixels"}
+        return {"image_processor_type": "CLIPImageProcessor", **settings}
 
     def _resized_size(self, width: int, height: int) -> tuple[int, int]:
         if "height" in self.size:
@@ -296,9 +120,41 @@ class CLIPImageProcessor:
         new_long = int(new_short * long / short)
         return (new_short, new_long) if width <= height else (new_long, new_short)
 
+    def working_pixels(self, width: int, height: int) -> int:
+        """The largest picture, in pixels, that preprocessing makes of a width x height one."""
+        if self.pad_to_square:
+            width = height = max(width, height)
+        pixels = width * height
+        if self.do_resize:
+            resized_width, resized_height = self._resized_size(width, height)
+            pixels = max(pixels, resized_width * resized_height)
+        return pixels
+
+    def check_size(self, width: int, height: int) -> None:
+        """Refuse a picture whose preprocessing would allocate more than `max_pixels` pixels,
+        or whose sides differ by more than `MAX_ASPECT_RATIO` times.
+
+        Raises:
+            ImageLoadError: with the picture's size and the bound it breaks.
+        """
+        if min(width, height) < 1 or max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+            raise ImageLoadError(
+                f"a picture of {width} x {height} pixels is too elongated: its sides may differ "
+                f"at most {MAX_ASPECT_RATIO} times"
+            )
+        pixels = self.working_pixels(width, height)
+        if pixels > self.max_pixels:
+            raise ImageLoadError(
+                f"a picture of {width} x {height} pixels becomes {pixels:,} pixels when "
+                f"{'padded and ' if self.pad_to_square else ''}resized, more than the limit of "
+                f"{self.max_pixels:,}"
+            )
+
     def load(self, source: ImageSource) -> Image.Image:
-        """Load and convert one image (and pad it to a square if `pad_to_square`)."""
+        """Load and convert one image (and pad it to a square if `pad_to_square`), its size
+        checked first (`check_size`)."""
         img = load_image(source)
+        self.check_size(*img.size)
         if self.do_convert_rgb:
             img = to_rgb(img)
         elif img.mode != "RGB":
@@ -370,6 +226,19 @@ class LlavaNextImageProcessor(CLIPImageProcessor):
     def to_dict(self) -> dict[str, Any]:
         return {**super().to_dict(), "image_processor_type": "LlavaNextImageProcessor"}
 
+    def working_pixels(self, width: int, height: int) -> int:
+        """The largest picture preprocessing makes: the canvas of the best resolution, the
+        base picture, or the picture itself."""
+        best_height, best_width = select_best_resolution((height, width), self.image_grid_pinpoints)
+        base_width, base_height = self._base_size()
+        return max(width * height, best_width * best_height, base_width * base_height)
+
+    def _base_size(self) -> tuple[int, int]:
+        """(width, height) of the whole picture squashed, the first tile."""
+        if "shortest_edge" in self.size:
+            return (self.size["shortest_edge"],) * 2
+        return self.size["width"], self.size["height"]
+
     def tiles(self, img: Image.Image) -> list[Image.Image]:
         """The base picture, then the tiles of its best resolution, row by row."""
         best_height, best_width = select_best_resolution(
@@ -385,11 +254,7 @@ class LlavaNextImageProcessor(CLIPImageProcessor):
             for top in range(0, best_height, tile)
             for left in range(0, best_width, tile)
         ]
-        if "shortest_edge" in self.size:
-            side = (self.size["shortest_edge"],) * 2
-        else:
-            side = (self.size["width"], self.size["height"])
-        return [img.resize(side, resample=self.resample)] + grid
+        return [img.resize(self._base_size(), resample=self.resample)] + grid
 
     def preprocess(
         self, images: ImageSource | Sequence[ImageSource]

@@ -14,7 +14,7 @@ import time
 import pytest
 from PIL import Image
 
-from mlx_llava.image_processor import FetchLimits, ImageLoadError, load_image
+from mlx_llava.image_io import FetchLimits, ImageLoadError, load_image
 
 SERVER_LIMIT_S = 8.0  # no response loop runs longer than this
 
@@ -62,6 +62,12 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 self._headers(1000)
                 self.wfile.flush()
                 time.sleep(min(3.0, SERVER_LIMIT_S))
+            elif self.path == "/trickle-headers":  # a header byte every 50 ms, never done
+                self.wfile.write(b"HTTP/1.1 200 OK\r\nX-Slow: ")
+                while time.monotonic() < stop:
+                    self.wfile.write(b"x")
+                    self.wfile.flush()
+                    time.sleep(0.05)
             elif self.path == "/not-a-picture":
                 body = b"<html>hello</html>"
                 self._headers(len(body), "text/html")
@@ -88,7 +94,7 @@ def test_a_picture_downloads(server):
     assert img.size == (12, 9) and img.getpixel((0, 0)) == (200, 30, 30)
 
 
-@pytest.mark.parametrize("path", ["/trickle", "/stall"])
+@pytest.mark.parametrize("path", ["/trickle", "/stall", "/trickle-headers"])
 def test_a_slow_download_stops_at_the_deadline(server, path):
     tic = time.monotonic()
     with pytest.raises(ImageLoadError, match=r"cannot fetch image URL .*took longer than 1 s"):

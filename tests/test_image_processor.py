@@ -255,3 +255,43 @@ def test_unreachable_url():
         load_image("http://127.0.0.1:9/x.png")
     _assert_one_line(e, "cannot fetch image URL 'http://127.0.0.1:9/x.png'")
     assert time.monotonic() - start < 5
+
+
+def _png(width: int, height: int) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("L", (width, height), 7).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("size", [(1, 20000), (20000, 1), (1, 100000), (3, 1000)])
+def test_elongated_pictures_are_refused_before_any_pixel_is_allocated(tmp_path, size):
+    """A tiny PNG of 1 x 20000 pixels passes the pixel cap, but padding it to a square (or
+    resizing its shortest edge to 336) would make hundreds of millions of pixels."""
+    path = tmp_path / "long.png"
+    path.write_bytes(_png(*size))
+    assert path.stat().st_size < 1000
+    for pad in (True, False):
+        processor = CLIPImageProcessor(**LLAVA_336, pad_to_square=pad)
+        with pytest.raises(ImageLoadError, match="too elongated: its sides may differ at most"):
+            processor(str(path))
+
+
+def test_the_working_size_after_padding_is_bounded():
+    processor = CLIPImageProcessor(**LLAVA_336, pad_to_square=True, max_pixels=1_000_000)
+    processor.check_size(1000, 999)  # padded to 1000 x 1000: at the limit
+    with pytest.raises(ImageLoadError, match="becomes 1,002,001 pixels when padded and resized"):
+        processor.check_size(1001, 1000)
+    resizing = CLIPImageProcessor(**LLAVA_336, max_pixels=336 * 336 * 100)
+    resizing.check_size(336, 336 * 100)  # a 1:100 strip resized to 336 x 33600
+    with pytest.raises(ImageLoadError, match="when resized"):
+        resizing.check_size(300, 336 * 100)  # resized to 336 x 37632
+
+
+def test_next_tiles_of_an_elongated_picture_are_refused():
+    from mlx_llava.image_processor import LlavaNextImageProcessor
+
+    processor = LlavaNextImageProcessor(**LLAVA_336)
+    with pytest.raises(ImageLoadError, match="too elongated"):
+        processor.preprocess([Image.new("RGB", (2, 1000))])
+    pixels, sizes = processor.preprocess([Image.new("RGB", (4, 200))])  # 1:50 still works
+    assert sizes == [(200, 4)] and pixels.shape[1:] == (336, 336, 3)

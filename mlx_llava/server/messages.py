@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import binascii
 import dataclasses
+import logging
 import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,9 +23,18 @@ from PIL import Image
 
 from ..chat import session_template
 from ..conversation import IMAGE_TOKEN, render
-from ..image_processor import DEFAULT_MAX_IMAGE_PIXELS, ImageLoadError, decode_image, load_image
+from ..image_io import (
+    DEFAULT_MAX_IMAGE_PIXELS,
+    FetchPolicy,
+    ImageFetchError,
+    ImageLoadError,
+    decode_image,
+    load_image,
+)
 from ..processor import Processor
 from .schemas import RequestError
+
+log = logging.getLogger("mlx_llava.server")
 
 
 @dataclass
@@ -42,7 +52,11 @@ class PicturePolicy:
 
     Attributes:
         allow_remote: fetch http(s) URLs (off by default: the server would fetch whatever a
-            client names).
+            client names). Hosts that resolve to a loopback, private, link-local or other
+            non-public address are refused, redirects (at most 3) are checked the same way, and
+            a client is told only "not reachable or not allowed" (the reason goes to the log).
+        allow_private_hosts: also fetch from non-public addresses (this machine, its network,
+            cloud metadata services): only for a server that its clients may not misuse.
         image_dir: local paths and file:// URLs are read only inside this folder (none without).
         timeout: seconds a remote picture may take to arrive, in all.
         max_bytes: the most bytes of an encoded picture from a URL or a file (data URLs are
@@ -51,6 +65,7 @@ class PicturePolicy:
     """
 
     allow_remote: bool = False
+    allow_private_hosts: bool = False
     image_dir: Optional[Path] = None
     timeout: float = 10.0
     max_bytes: int = 20 << 20
@@ -74,13 +89,17 @@ class PicturePolicy:
                         param,
                         "image_url_refused",
                     )
-                return load_image(source, self.timeout, self.max_bytes, self.max_pixels)
+                fetch = FetchPolicy(public_only=not self.allow_private_hosts, uniform_errors=True)
+                return load_image(source, self.timeout, self.max_bytes, self.max_pixels, fetch)
             path = self._local_path(source, param)
             if path.is_file() and path.stat().st_size > self.max_bytes:
                 raise ImageLoadError(
                     f"cannot read image '{source}': more than the limit of {self.max_bytes} bytes"
                 )
             return load_image(str(path), max_pixels=self.max_pixels)
+        except ImageFetchError as e:
+            log.info("image URL '%s' not fetched: %s", source, e.detail)
+            raise RequestError(str(e), param, "invalid_image") from None
         except ImageLoadError as e:
             raise RequestError(str(e), param, "invalid_image") from e
 
