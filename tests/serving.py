@@ -14,13 +14,15 @@ from pathlib import Path
 import uvicorn
 
 from mlx_llava.server import ServerConfig, create_app
+from mlx_llava.server.connections import uvicorn_config
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
 
 
 class LiveServer:
-    """`create_app(...)` served by uvicorn on 127.0.0.1 in a background thread."""
+    """`create_app(...)` served by uvicorn on 127.0.0.1 in a background thread, configured as
+    the command line does (`uvicorn_config`: the app's deadlines and connection cap)."""
 
     def __init__(self, app):
         self.app = app
@@ -28,8 +30,12 @@ class LiveServer:
         self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.socket.bind(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self.socket.getsockname()[1]}"
-        config = uvicorn.Config(
-            app, log_level="warning", lifespan="on", timeout_graceful_shutdown=5
+        config = uvicorn_config(
+            app,
+            app.state.service.config,
+            log_level="warning",
+            lifespan="on",
+            timeout_graceful_shutdown=5,
         )
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(

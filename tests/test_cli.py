@@ -59,6 +59,25 @@ def test_generate_streams_an_answer_from_a_converted_checkpoint(mlx_folder, caps
     assert "time to first token" in err and "tokens/s" in err and "peak memory" in err
 
 
+def test_a_prompt_without_a_picture_gets_a_note(mlx_folder, capsys):
+    argv = ["--model", str(mlx_folder), "-p", "Hello", "-m", "2"]
+    code, out, err = run_main(generate_cli.main, argv, capsys)
+    assert code == 0 and out.strip()
+    assert err.splitlines() == ["note: no --image: the model answers from the text alone"]
+    argv += ["--image", str(IMAGE)]
+    code, out, err = run_main(generate_cli.main, argv, capsys)
+    assert code == 0 and err == ""
+
+
+def test_kv_bits_on_heads_64_does_not_divide(capsys):
+    """The demo's heads are 32 wide: its KV cache is quantized in groups of 32, not refused
+    with MLX's raw message (mlx-lm's default group of 64 does not divide 32)."""
+    image = ROOT / "examples" / "red_circle.png"
+    argv = ["--model", "demo", "--image", str(image), "-p", "What shape is this?", "--kv-bits"]
+    code, out, err = run_main(generate_cli.main, argv + ["8"], capsys)
+    assert (code, out, err) == (0, "circle\n", "")
+
+
 def test_cli_scripts_run_as_a_user_types_them(mlx_folder, tmp_path):
     """The real scripts: an answer on stdout, and a bad image as one stderr line, exit 1."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
@@ -101,7 +120,23 @@ def corrupt_image(tmp_path):
         (["--image", str(IMAGE), "-p", "<image> and <image>: same?"], ["2 <image>", "1 image"]),
         (["-p", "<image>\nWhat is it?"], ["1 <image>", "0 image"]),
         (["--image", str(IMAGE), "-p", "word " * 400], ["context is 256"]),
-        (["--image", str(IMAGE), "--max-tokens", "0"], ["--max-tokens must be positive"]),
+        (["--image", str(IMAGE), "--max-tokens", "0"], ["--max-tokens must be >= 1, got 0"]),
+        (["--image", str(IMAGE), "--temp", "-1"], ["--temp must be in [0, 2], got -1"]),
+        (["--image", str(IMAGE), "--top-p", "1.5"], ["--top-p must be in [0, 1], got 1.5"]),
+        (["--image", str(IMAGE), "--top-k", "-3"], ["--top-k must be >= 0, got -3"]),
+        (["--image", str(IMAGE), "--min-p", "2"], ["--min-p must be in [0, 1], got 2"]),
+        (
+            ["--image", str(IMAGE), "--repetition-penalty", "0"],
+            ["--repetition-penalty must be > 0"],
+        ),
+        (["--image", str(IMAGE), "--repetition-context-size", "0"], ["--repetition-context-size"]),
+        (
+            ["--image", str(IMAGE), "--seed", "-5"],
+            ["--seed must be in [0, 2**64) or -1 for random, got -5"],
+        ),
+        (["--image", str(IMAGE), "--kv-bits", "5"], ["--kv-bits must be one of 2, 3, 4, 6, 8"]),
+        (["--image", str(IMAGE), "--kv-bits", "8"], ["attention heads are 8 wide: too small"]),
+        (["--image", str(IMAGE), "-p", " "], ["--prompt is empty"]),
         (["--image", str(IMAGE), "--conv-mode", "nope"], ["unknown conversation template 'nope'"]),
     ],
 )

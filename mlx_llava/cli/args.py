@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
+from ..decoding import KV_BITS
 from ..loader import DEFAULT_MODEL
+from ..sampling import SamplingError, SamplingParams
 
 DEFAULT_MAX_TOKENS = 256
 DTYPE_CHOICES = ["float16", "bfloat16", "float32"]
@@ -98,26 +101,52 @@ def add_sampling_args(p: argparse.ArgumentParser, kv_bits: bool = True) -> None:
     p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     if kv_bits:
         p.add_argument(
-            "--kv-bits", type=int, default=None, help="quantize the KV cache, e.g. 8 (default: off)"
+            "--kv-bits",
+            type=int,
+            default=None,
+            help="quantize the KV cache to 2, 3, 4, 6 or 8 bits (default: off)",
         )
 
 
+# SamplingParams field -> (flag, argparse attribute)
+SAMPLING_FLAGS = {
+    "max_tokens": ("--max-tokens", "max_tokens"),
+    "temperature": ("--temp", "temp"),
+    "top_p": ("--top-p", "top_p"),
+    "min_p": ("--min-p", "min_p"),
+    "top_k": ("--top-k", "top_k"),
+    "repetition_penalty": ("--repetition-penalty", "repetition_penalty"),
+    "repetition_context_size": ("--repetition-context-size", "repetition_context_size"),
+    "seed": ("--seed", "seed"),
+    "stop": ("--stop", "stop"),
+}
+
+
+def sampling_params(args: argparse.Namespace, **defaults) -> SamplingParams:
+    """The sampling flags a command has, as a `SamplingParams` (over `defaults`).
+
+    Raises:
+        ValueError: a value out of range, naming its flag.
+    """
+    fields = {
+        f: getattr(args, attr) for f, (_, attr) in SAMPLING_FLAGS.items() if hasattr(args, attr)
+    }
+    try:
+        return SamplingParams(**{**defaults, **fields})
+    except SamplingError as e:
+        raise ValueError(f"{SAMPLING_FLAGS[e.field][0]} {e.reason}") from None
+
+
 def sampling_kwargs(args: argparse.Namespace) -> dict:
-    """The keyword arguments of `stream_generate` / `batch_generate` for the sampling flags."""
-    if args.max_tokens <= 0:
-        raise ValueError(f"--max-tokens must be positive, got {args.max_tokens}")
-    out = dict(
-        max_tokens=args.max_tokens,
-        temperature=args.temp,
-        top_p=args.top_p,
-        min_p=args.min_p,
-        top_k=args.top_k,
-        repetition_penalty=args.repetition_penalty,
-        repetition_context_size=args.repetition_context_size,
-        seed=args.seed,
-        stop=args.stop,
-    )
+    """The keyword arguments of `stream_generate` / `batch_generate` for the sampling flags
+    (checked: a value out of range is a ValueError naming its flag)."""
+    out = dataclasses.asdict(sampling_params(args))
+    out["stop"] = list(out["stop"])
     if hasattr(args, "kv_bits"):
+        if args.kv_bits is not None and args.kv_bits not in KV_BITS:
+            raise ValueError(
+                f"--kv-bits must be one of {', '.join(map(str, KV_BITS))}, got {args.kv_bits}"
+            )
         out["kv_bits"] = args.kv_bits
     return out
 

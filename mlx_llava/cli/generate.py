@@ -83,11 +83,22 @@ def run(args: argparse.Namespace) -> None:
             "under mlx.launch generate.py needs --pipeline (or --image-dir, which splits the "
             "pictures across the ranks)"
         )
+    if args.prompt is not None and not args.prompt.strip():
+        raise ValueError(
+            "--prompt is empty: ask a question (or leave --prompt out to get a description)"
+        )
     sampling = sampling_kwargs(args)
     if args.pipeline and sampling.get("kv_bits") is not None:
         raise ValueError("--kv-bits does not go with --pipeline")
     images = [load_image(i) for i in args.image]
     model, processor = load_from_args(args)
+    asks_for_picture = "<image>" in (args.prompt or "")
+    if not (images or args.image_dir or asks_for_picture) and distributed.is_main():
+        print(
+            "note: no --image: the model answers from the text alone",
+            file=sys.stderr,
+            flush=True,
+        )
     if args.image_dir:
         from .caption import caption_with_args
 

@@ -7,21 +7,17 @@ import argparse
 import ipaddress
 import os
 import signal
-import stat
 import sys
-import threading
-import time
-from typing import Callable, Optional
+from typing import Optional
 
 from ..image_processor import DEFAULT_MAX_IMAGE_PIXELS
 from . import run_cli
-from .args import add_model_args, load_from_args, make_parser
+from .args import add_model_args, load_from_args, make_parser, sampling_params
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8080
 API_KEY_ENV = "MLX_LLAVA_API_KEY"
 GRACEFUL_SHUTDOWN_S = 5  # open streams get this long to finish when the server stops
-FOLLOWER_GRACE_S = 15.0  # a signalled rank other than 0 waits this long for rank 0 to stop it
 
 
 def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
@@ -47,6 +43,13 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     )
     p.add_argument("--allow-remote-images", action="store_true", help="fetch http(s) picture URLs")
     p.add_argument(
+        "--allow-private-image-hosts",
+        action="store_true",
+        help="with --allow-remote-images, also fetch from loopback, private and link-local "
+        "addresses: any client could then reach this machine's and its network's services "
+        "(cloud metadata, admin pages) through the server",
+    )
+    p.add_argument(
         "--image-dir", default=None, help="allow local picture paths and file:// URLs inside DIR"
     )
     p.add_argument(
@@ -63,6 +66,30 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
         "bomb limit by default)",
     )
     p.add_argument("--max-body-mb", type=float, default=50.0, help="largest request body, MB")
+    p.add_argument(
+        "--header-timeout",
+        type=float,
+        default=10.0,
+        help="seconds a request's headers may take to arrive (then the connection is closed)",
+    )
+    p.add_argument(
+        "--body-timeout",
+        type=float,
+        default=30.0,
+        help="seconds a request's body may take, from the end of its headers (then 408)",
+    )
+    p.add_argument(
+        "--keep-alive-timeout",
+        type=float,
+        default=5.0,
+        help="seconds an idle kept-alive connection is kept open",
+    )
+    p.add_argument(
+        "--max-connections",
+        type=int,
+        default=256,
+        help="open connections at once; more are answered 503",
+    )
     p.add_argument(
         "--max-tokens",
         "-m",
@@ -132,12 +159,17 @@ def _check(args: argparse.Namespace) -> None:
         "--max-image-mb": args.max_image_mb,
         "--max-body-mb": args.max_body_mb,
         "--max-image-pixels": args.max_image_pixels,
+        "--header-timeout": args.header_timeout,
+        "--body-timeout": args.body_timeout,
+        "--keep-alive-timeout": args.keep_alive_timeout,
+        "--max-connections": args.max_connections,
     }
     for flag, value in positive.items():
         if value <= 0:
             raise ValueError(f"{flag} must be positive, got {value}")
     if args.max_queue < 0 or args.prompt_cache_size < 0 or args.prompt_cache_mb < 0:
         raise ValueError("--max-queue, --prompt-cache-size and --prompt-cache-mb must be >= 0")
+    sampling_params(args)  # the defaults' ranges, named by flag
     if args.image_dir and not os.path.isdir(args.image_dir):
         raise FileNotFoundError(f"--image-dir: no such folder: {args.image_dir}")
 
@@ -162,13 +194,14 @@ def serve(args: argparse.Namespace) -> None:
         )
     try:
         import fastapi  # noqa: F401
-        import uvicorn
+        import uvicorn  # noqa: F401
     except ImportError as e:
         raise RuntimeError(
             f"the server needs FastAPI and uvicorn ({e}): pip install 'mlx-llava[server]'"
         ) from e
-    from ..server import Sampling, ServerConfig, create_app, make_worker
-    from ..server.signals import Server
+    from ..server import ServerConfig, create_app, make_worker
+    from ..server.connections import uvicorn_config
+    from ..server.lifecycle import Server, follow, stop_with_launcher
 
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
     if not _is_loopback(args.host) and not api_key and distributed.is_main():
@@ -183,25 +216,23 @@ def serve(args: argparse.Namespace) -> None:
         api_key=api_key,
         cors_origins=args.cors_origin,
         allow_remote_images=args.allow_remote_images,
+        allow_private_image_hosts=args.allow_private_image_hosts,
         image_dir=args.image_dir,
         image_timeout=args.image_timeout,
         max_image_mb=args.max_image_mb,
         max_image_pixels=args.max_image_pixels,
         max_body_mb=args.max_body_mb,
+        header_timeout=args.header_timeout,
+        body_timeout=args.body_timeout,
+        keep_alive_timeout=args.keep_alive_timeout,
+        max_connections=args.max_connections,
         max_batch=args.max_batch,
         max_queue=args.max_queue,
         max_prefill=args.prefill_batch_size,
         prompt_cache_size=args.prompt_cache_size,
         prompt_cache_mb=args.prompt_cache_mb,
         prefill_step_size=args.prefill_step_size,
-        defaults=Sampling(
-            max_tokens=args.max_tokens,
-            temperature=args.temp,
-            top_p=args.top_p,
-            top_k=args.top_k,
-            min_p=args.min_p,
-            repetition_penalty=args.repetition_penalty,
-        ),
+        defaults=sampling_params(args),
     )
     if not distributed.is_main():
         follow(make_worker(model, processor, config))
@@ -209,10 +240,11 @@ def serve(args: argparse.Namespace) -> None:
     app = create_app(model, processor, config)
     worker = app.state.service.worker
     server = Server(
-        uvicorn.Config(
+        uvicorn_config(
             app,
-            host=args.host,
-            port=args.port,
+            config,
+            args.host,
+            args.port,
             log_level=args.log_level,
             timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
         )
@@ -244,66 +276,6 @@ def ranks_line(ranks: list[dict]) -> str:
         vision = ", vision tower" if r["vision_tower"] else ""
         parts.append(f"rank {r['rank']}: layers {first}-{last}{vision}")
     return "; ".join(parts)
-
-
-def follow(worker) -> None:
-    """A rank other than 0: run the worker's turns until rank 0 closes them.
-
-    Ctrl-C reaches every rank of a launch: rank 0 then stops serving (letting open answers
-    finish) and closes the pipeline. A signalled follower therefore goes on until rank 0 closes
-    it, or leaves by itself FOLLOWER_GRACE_S later.
-    """
-    signalled: list[float] = []
-
-    def note(*_) -> None:
-        signalled.append(time.monotonic())
-
-    worker.start()
-    handlers = {sig: signal.signal(sig, note) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        while not worker.wait(0.2):
-            if signalled and time.monotonic() - signalled[0] > FOLLOWER_GRACE_S:
-                from ..distributed import rank_prefix
-
-                print(
-                    f"{rank_prefix()}error: rank 0 did not stop the pipeline within "
-                    f"{FOLLOWER_GRACE_S:g} s of the signal",
-                    file=sys.stderr,
-                    flush=True,
-                )
-                os._exit(1)  # the worker thread may be waiting inside a collective
-    finally:
-        for sig, handler in handlers.items():
-            signal.signal(sig, handler)
-    if worker.failure:
-        raise RuntimeError(worker.failure)
-
-
-def stop_with_launcher(stop: Callable[[], None]) -> None:
-    """Call `stop` when mlx.launch goes away (e.g. SIGTERM on it, which ends it alone).
-
-    mlx.launch hands each rank a pipe as its stdin and closes it only when it exits, so the
-    end of stdin means the launcher is gone; nobody reads stdout and stderr any more either.
-    """
-    try:
-        watched = "MLX_RANK" in os.environ and stat.S_ISFIFO(os.fstat(0).st_mode)
-    except OSError:
-        watched = False
-    if not watched:
-        return
-
-    def watch() -> None:
-        try:
-            while os.read(0, 1 << 16):
-                pass  # what is typed into the launcher is forwarded to every rank
-        except OSError:
-            return
-        null = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(null, 1)
-        os.dup2(null, 2)
-        stop()
-
-    threading.Thread(target=watch, name="mlx-llava-launcher-watch", daemon=True).start()
 
 
 if __name__ == "__main__":

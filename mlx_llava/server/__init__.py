@@ -9,6 +9,6 @@ the same turns on every rank), `ollama.py` the Ollama routes, `static/` the page
 """
 
 from .app import ServerConfig, create_app, make_worker
-from .worker import GenerationRequest, Sampling, Worker
+from .worker import GenerationRequest, Worker
 
-__all__ = ["GenerationRequest", "Sampling", "ServerConfig", "Worker", "create_app", "make_worker"]
+__all__ = ["GenerationRequest", "ServerConfig", "Worker", "create_app", "make_worker"]

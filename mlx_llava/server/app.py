@@ -9,11 +9,13 @@ code runs here: requests become plain data (a rendered prompt and decoded pictur
 from __future__ import annotations
 
 import asyncio
+import functools
 import hmac
 import json
 import logging
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import AsyncIterator, Optional, Sequence
@@ -28,6 +30,8 @@ from starlette.exceptions import HTTPException
 from ..image_processor import DEFAULT_MAX_IMAGE_PIXELS
 from ..model import Model
 from ..processor import Processor
+from ..prompt import EncodedPrompt, encode_on_host
+from ..sampling import SamplingError, SamplingParams
 from .messages import Message, PicturePolicy, render_conversation
 from .ollama import ollama_router
 from .schemas import (
@@ -44,11 +48,12 @@ from .schemas import (
     ModelList,
     PromptTokensDetails,
     RequestError,
+    Schema,
     Usage,
     parse_body,
 )
 from .schemas import Model as ModelCard
-from .worker import Event, GenerationRequest, QueueFull, Sampling, Stats, Worker
+from .worker import Event, GenerationRequest, QueueFull, Stats, Worker
 
 log = logging.getLogger("mlx_llava.server")
 STATIC = Path(__file__).parent / "static"
@@ -63,18 +68,27 @@ class ServerConfig:
     api_key: Optional[str] = None
     cors_origins: Sequence[str] = ()
     allow_remote_images: bool = False
+    allow_private_image_hosts: bool = False
     image_dir: Optional[str] = None
     image_timeout: float = 10.0
     max_image_mb: float = 20.0
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
     max_body_mb: float = 50.0
+    header_timeout: float = 10.0  # seconds for a request's headers to arrive
+    body_timeout: float = 30.0  # seconds for its body, from the end of the headers
+    keep_alive_timeout: float = 5.0  # an idle kept-alive connection is closed after this
+    max_connections: int = 256  # open connections; more are answered 503
     max_batch: int = 8
     max_queue: int = 32
     max_prefill: int = 1
     prompt_cache_size: int = 16
     prompt_cache_mb: float = 2048.0
     prefill_step_size: int = 2048
-    defaults: Sampling = field(default_factory=Sampling)  # for fields a request leaves out
+    max_prompt_chars: Optional[int] = None  # None: 32 characters per position of the context
+    prepare_threads: int = 2  # tokenizing and picture preprocessing, off the model's thread
+    defaults: SamplingParams = field(  # for fields a request leaves out
+        default_factory=lambda: SamplingParams(max_tokens=512)
+    )
 
 
 def make_worker(model: Model, processor: Processor, config: ServerConfig) -> Worker:
@@ -163,12 +177,20 @@ class Service:
         self.created = int(time.time())
         self.policy = PicturePolicy(
             allow_remote=config.allow_remote_images,
+            allow_private_hosts=config.allow_private_image_hosts,
             image_dir=Path(config.image_dir) if config.image_dir else None,
             timeout=config.image_timeout,
             max_bytes=int(config.max_image_mb * (1 << 20)),
             max_pixels=config.max_image_pixels,
         )
         self.worker = make_worker(model, processor, config)
+        # What preprocessing may allocate for a picture (after padding and resizing) is
+        # bounded like what is sent.
+        processor.image_processor.max_pixels = config.max_image_pixels
+        self.model = model
+        self.context_length = model.config.text_config.max_position_embeddings
+        self.max_prompt_chars = config.max_prompt_chars or 32 * self.context_length
+        self.pool = ThreadPoolExecutor(config.prepare_threads, "mlx-llava-prepare")
 
     def check_model(self, name: Optional[str], param: str = "model") -> None:
         """Requests name the served model (or leave it out)."""
@@ -181,25 +203,62 @@ class Service:
             404,
         )
 
+    async def parse(self, schema: type[Schema], request: Request) -> Schema:
+        """The request's body as `schema` (parsed in a thread: a body may be megabytes)."""
+        return await run_in_threadpool(parse_body, schema, await request.body())
+
+    def check_length(self, texts: Sequence[str], param: str = "messages") -> None:
+        """Refuse text longer than the prompt may be, before any work is done on it."""
+        length = sum(len(t) for t in texts)
+        if length > self.max_prompt_chars:
+            raise RequestError(
+                f"the prompt is {length:,} characters, more than the limit of "
+                f"{self.max_prompt_chars:,} (the model's context is "
+                f"{self.context_length:,} tokens)",
+                param,
+                "context_length_exceeded",
+            )
+
     async def prompt(self, messages: list[Message], param: str = "messages") -> tuple[str, list]:
+        self.check_length([m.text for m in messages], param)
         return await run_in_threadpool(render_conversation, self.processor, messages, param)
 
     async def generate(
-        self, request: Request, prompt: str, pictures: list, sampling: Sampling
+        self, request: Request, prompt: str, pictures: list, sampling: SamplingParams
     ) -> Generation:
-        """Submit and wait until the worker has taken the request (RequestError otherwise)."""
-        generation = Generation(self.worker, GenerationRequest(prompt, pictures, sampling))
+        """Tokenize and preprocess (in the preparation pool), submit, and wait until the
+        worker has taken the request (RequestError otherwise)."""
+        encoded = await self.encode(prompt, pictures)
+        generation = Generation(self.worker, GenerationRequest(encoded, sampling))
         await generation.start(request)
         return generation
 
-    def sampling(self, **fields) -> Sampling:
-        """The request's sampling fields, the server's defaults for those left out (None)."""
-        d = self.config.defaults
-        values = {k: v for k, v in fields.items() if v is not None}
-        stop = values.pop("stop", d.stop)
-        return Sampling(
-            **{**d.__dict__, "stop": [stop] if isinstance(stop, str) else list(stop), **values}
+    async def encode(self, prompt: str, pictures: list) -> EncodedPrompt:
+        """The prompt's token ids and pixels, computed by the small preparation pool so that a
+        big request delays nobody's decoding. A request at fault gets a 400; anything else
+        that fails here (ours) a 500 for this request alone."""
+        loop = asyncio.get_running_loop()
+        work = functools.partial(
+            encode_on_host, self.model, self.processor, prompt, pictures, self.max_prompt_chars
         )
+        try:
+            return await loop.run_in_executor(self.pool, work)
+        except ValueError as e:
+            raise RequestError(str(e), code="invalid_prompt") from None
+        except Exception as e:  # noqa: BLE001 - the request fails, the server goes on
+            log.exception("preparing a request failed")
+            raise RequestError(
+                "the request could not be prepared; see the server log", status=500
+            ) from e
+
+    def sampling(self, names: dict[str, str], **fields) -> SamplingParams:
+        """The request's sampling fields over the server's defaults (those left out: None);
+        `names` maps a `SamplingParams` field to the request's name for it."""
+        try:
+            return self.config.defaults.replace(**fields)
+        except SamplingError as e:
+            param = names.get(e.field, e.field)
+            raise RequestError(f"{param} {e.reason}", param, "invalid_value") from None
 
 
 # OpenAI ----------------------------------------------------------------------------------------
@@ -243,14 +302,15 @@ def finish_reason(reason: Optional[str]) -> Optional[str]:
 def chat_routes(app: FastAPI, service: Service) -> None:
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        body = parse_body(ChatCompletionRequest, await request.body())
+        body = await service.parse(ChatCompletionRequest, request)
         service.check_model(body.model)
         if body.logprobs:
             raise RequestError("logprobs are not supported", "logprobs", "unsupported")
-        messages = await openai_messages(service, body.messages)
-        prompt, pictures = await service.prompt(messages)
+        service.check_length([text for m in body.messages for text in m.texts()])
+        max_tokens = body.max_completion_tokens
         sampling = service.sampling(
-            max_tokens=body.max_completion_tokens or body.max_tokens,
+            {"max_tokens": "max_completion_tokens" if max_tokens is not None else "max_tokens"},
+            max_tokens=max_tokens if max_tokens is not None else body.max_tokens,
             temperature=body.temperature,
             top_p=body.top_p,
             top_k=body.top_k,
@@ -259,6 +319,8 @@ def chat_routes(app: FastAPI, service: Service) -> None:
             seed=body.seed,
             stop=body.stop,
         )
+        messages = await openai_messages(service, body.messages)
+        prompt, pictures = await service.prompt(messages)
         generation = await service.generate(request, prompt, pictures, sampling)
         ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if body.stream:
@@ -348,12 +410,16 @@ class BodyTooLarge(RequestError):
 
 
 class Guard:
-    """ASGI middleware run before any route: the API key and the body-size limit."""
+    """ASGI middleware run before any route: the API key, the body-size limit and the body's
+    deadline (`body_timeout` seconds from the end of the headers: 408, and the connection is
+    closed). Once the body is in, `receive` is not bounded: it waits for a streaming answer's
+    client to go away."""
 
-    def __init__(self, app, api_key: Optional[str], max_body: int):
+    def __init__(self, app, api_key: Optional[str], max_body: int, body_timeout: float = 30.0):
         self.app = app
         self.api_key = api_key
         self.max_body = max_body
+        self.body_timeout = body_timeout
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -362,9 +428,12 @@ class Guard:
         headers = dict(scope["headers"])
         public = path in PUBLIC_PATHS or path.startswith("/static/")
         if self.api_key and not public and scope["method"] != "OPTIONS":
-            given = headers.get(b"authorization", b"").decode("latin-1")
-            expected = f"Bearer {self.api_key}"
-            if not hmac.compare_digest(given.encode(), expected.encode()):
+            # RFC 7235: the scheme is case-insensitive ("bearer KEY" is as good).
+            scheme, _, given = headers.get(b"authorization", b"").partition(b" ")
+            valid = scheme.lower() == b"bearer" and hmac.compare_digest(
+                given.strip(), self.api_key.encode()
+            )
+            if not valid:
                 error = RequestError(
                     "a valid API key is needed: send the header 'Authorization: Bearer KEY'",
                     code="invalid_api_key",
@@ -379,17 +448,37 @@ class Guard:
         length = headers.get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.max_body:
             return await error_response(path, too_large)(scope, receive, send)
-        received = 0
+        late = RequestError(
+            f"the request body did not arrive within {self.body_timeout:g} s (--body-timeout)",
+            code="body_timeout",
+            status=408,
+        )
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.body_timeout
+        received, complete, timed_out = 0, False, False
 
         async def counted():
-            nonlocal received
-            message = await receive()
+            nonlocal received, complete, timed_out
+            if complete:
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), max(deadline - loop.time(), 0.0))
+            except asyncio.TimeoutError:
+                timed_out = True
+                raise late from None
+            complete = message["type"] != "http.request" or not message.get("more_body", False)
             received += len(message.get("body", b""))
             if received > self.max_body:
                 raise too_large
             return message
 
-        return await self.app(scope, counted, send)
+        async def closing(message):
+            if timed_out and message["type"] == "http.response.start":
+                close = (b"connection", b"close")
+                message = {**message, "headers": [*message.get("headers", []), close]}
+            await send(message)
+
+        return await self.app(scope, counted, closing)
 
 
 def create_app(model: Model, processor: Processor, config: ServerConfig) -> FastAPI:
@@ -400,6 +489,7 @@ def create_app(model: Model, processor: Processor, config: ServerConfig) -> Fast
         service.worker.start()
         yield
         await run_in_threadpool(service.worker.close)
+        service.pool.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="mlx-llava", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.service = service
@@ -437,5 +527,10 @@ def create_app(model: Model, processor: Processor, config: ServerConfig) -> Fast
             allow_methods=["GET", "POST", "OPTIONS"],
             allow_headers=["Authorization", "Content-Type"],
         )
-    app.add_middleware(Guard, api_key=config.api_key, max_body=int(config.max_body_mb * (1 << 20)))
+    app.add_middleware(
+        Guard,
+        api_key=config.api_key,
+        max_body=int(config.max_body_mb * (1 << 20)),
+        body_timeout=config.body_timeout,
+    )
     return app

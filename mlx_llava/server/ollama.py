@@ -7,6 +7,7 @@ Errors are `{"error": "..."}`.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from datetime import datetime, timezone
@@ -16,6 +17,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
+from ..sampling import SamplingParams
 from .messages import Message
 from .schemas import (
     OllamaChatRequest,
@@ -26,9 +28,8 @@ from .schemas import (
     OllamaTags,
     OllamaTimings,
     RequestError,
-    parse_body,
 )
-from .worker import Event, Sampling
+from .worker import Event
 
 OLLAMA_VERSION = "0.5.0"  # the API generation the routes follow
 
@@ -37,21 +38,46 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat().replace("+00:00", "Z")
 
 
-def _sampling(service, options: OllamaOptions | None) -> Sampling:
+OPTION_NAMES = {
+    "max_tokens": "options.num_predict",
+    "repetition_penalty": "options.repeat_penalty",
+    "repetition_context_size": "options.repeat_last_n",
+}
+
+
+def _sampling(service, options: OllamaOptions | None) -> SamplingParams:
+    """Ollama's options -> `SamplingParams` (num_predict < 0: as long as the context allows;
+    repeat_last_n 0: no repetition penalty, -1: the whole context)."""
     o = options or OllamaOptions()
-    if o.num_predict is not None and o.num_predict == 0:
+    if o.num_predict == 0:
         raise RequestError("options.num_predict must not be 0", "options.num_predict")
-    return service.sampling(
-        max_tokens=o.num_predict if o.num_predict and o.num_predict > 0 else None,
+    last_n = o.repeat_last_n
+    if last_n is not None and last_n < -1:
+        raise RequestError(
+            f"options.repeat_last_n must be >= -1, got {last_n}", "options.repeat_last_n"
+        )
+    if last_n == 0:
+        last_n = None
+    elif last_n == -1:
+        last_n = service.context_length
+    names = {f: OPTION_NAMES.get(f, f"options.{f}") for f in SamplingParams.__dataclass_fields__}
+    sampling = service.sampling(
+        names,
+        max_tokens=o.num_predict if o.num_predict is not None and o.num_predict > 0 else None,
         temperature=o.temperature,
         top_p=o.top_p,
         top_k=o.top_k,
         min_p=o.min_p,
         repetition_penalty=o.repeat_penalty,
-        repetition_context_size=o.repeat_last_n or None,
+        repetition_context_size=last_n,
         seed=o.seed,
         stop=o.stop,
     )
+    if o.num_predict is not None and o.num_predict < 0:
+        sampling = sampling.replace(max_tokens=service.context_length)
+    if o.repeat_last_n == 0:
+        sampling = dataclasses.replace(sampling, repetition_penalty=None)
+    return sampling
 
 
 def _timings(event: Event) -> dict:
@@ -105,7 +131,7 @@ def ollama_router(service) -> APIRouter:
 
     @router.post("/api/chat")
     async def chat(request: Request):
-        body = parse_body(OllamaChatRequest, await request.body())
+        body = await service.parse(OllamaChatRequest, request)
         service.check_model(body.model)
         if not body.messages:  # Ollama answers an empty chat by loading the model
             return {
@@ -115,14 +141,14 @@ def ollama_router(service) -> APIRouter:
                 "done_reason": "load",
                 "message": {"role": "assistant", "content": ""},
             }
+        service.check_length([m.content for m in body.messages])
+        sampling = _sampling(service, body.options)
         messages = [
             Message(m.role, m.content, await pictures(m.images, f"messages[{i}].images"))
             for i, m in enumerate(body.messages)
         ]
         prompt, images = await service.prompt(messages)
-        generation = await service.generate(
-            request, prompt, images, _sampling(service, body.options)
-        )
+        generation = await service.generate(request, prompt, images, sampling)
 
         def piece(text: str) -> dict:
             return {"message": {"role": "assistant", "content": text}}
@@ -131,7 +157,7 @@ def ollama_router(service) -> APIRouter:
 
     @router.post("/api/generate")
     async def generate(request: Request):
-        body = parse_body(OllamaGenerateRequest, await request.body())
+        body = await service.parse(OllamaGenerateRequest, request)
         service.check_model(body.model)
         if not body.prompt and not body.images:
             return {
@@ -141,12 +167,12 @@ def ollama_router(service) -> APIRouter:
                 "done": True,
                 "done_reason": "load",
             }
+        service.check_length([body.prompt, body.system or ""], "prompt")
+        sampling = _sampling(service, body.options)
         messages = [Message("system", body.system)] if body.system else []
         messages.append(Message("user", body.prompt, await pictures(body.images, "images")))
         prompt, images = await service.prompt(messages, "prompt")
-        generation = await service.generate(
-            request, prompt, images, _sampling(service, body.options)
-        )
+        generation = await service.generate(request, prompt, images, sampling)
         return await _answer(
             request, generation, body.stream, lambda text: {"response": text}, service.model_id
         )

@@ -4,6 +4,7 @@ APIs' own objects. Fields the server does not use are ignored, as the APIs' clie
 from __future__ import annotations
 
 import json
+import math
 from typing import Annotated, Literal, Optional, TypeVar, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -25,20 +26,74 @@ class RequestError(ValueError):
         self.message, self.param, self.code, self.status = message, param, code, status
 
 
+MAX_JSON_DEPTH = 64  # objects and arrays nested in a request body
+
+
 def parse_body(schema: type[Schema], body: bytes) -> Schema:
-    """A request body as `schema`; RequestError (naming the field) for anything else."""
+    """A request body as `schema`; RequestError (naming the field) for anything else: not
+    JSON, nested deeper than `MAX_JSON_DEPTH`, numbers out of range (`1e999`, NaN, integers of
+    thousands of digits), strings that are not Unicode text (a lone surrogate such as
+    `"\\ud800"`, which JSON allows), a value of the wrong type."""
     try:
-        data = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise RequestError(f"the body is not valid JSON: {e}", code="invalid_json") from e
+        data = json.loads(body, parse_float=_finite_float, parse_constant=_no_constant)
+    except RecursionError:
+        raise _too_deep() from None
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, too many digits, inf
+        raise RequestError(f"the body is not valid JSON: {e}", code="invalid_json") from None
     if not isinstance(data, dict):
         raise RequestError("the body must be a JSON object", code="invalid_json")
+    _check_json_values(data)
     try:
         return schema.model_validate(data)
     except ValidationError as e:
         first = e.errors()[0]
         param = ".".join(str(p) for p in first["loc"]) or None
-        raise RequestError(f"{param or 'body'}: {first['msg']}", param, "invalid_value") from e
+        raise RequestError(f"{param or 'body'}: {first['msg']}", param, "invalid_value") from None
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"the number {text[:20]} is out of range")
+    return value
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _too_deep() -> RequestError:
+    return RequestError(
+        f"the body is nested more than {MAX_JSON_DEPTH} levels deep", code="invalid_json"
+    )
+
+
+def _check_json_values(data: dict) -> None:
+    """Depth and text of every value, without recursion."""
+    stack = [(data, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise _too_deep()
+        if isinstance(value, dict):
+            for key, item in value.items():
+                _check_text(key)
+                stack.append((item, depth + 1))
+        elif isinstance(value, list):
+            stack.extend((item, depth + 1) for item in value)
+        elif isinstance(value, str):
+            _check_text(value)
+
+
+def _check_text(text: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise RequestError(
+            f"the body holds a string that is not Unicode text (a lone surrogate "
+            f"{text[e.start]!a}, half of a UTF-16 pair)",
+            code="invalid_json",
+        ) from None
 
 
 class _Request(BaseModel):
@@ -74,6 +129,12 @@ class ChatMessage(_Request):
     role: Literal["system", "developer", "user", "assistant"]
     content: Union[str, list[ContentPart], None] = None
 
+    def texts(self) -> list[str]:
+        """The message's text parts."""
+        if self.content is None or isinstance(self.content, str):
+            return [self.content or ""]
+        return [part.text for part in self.content if part.type == "text"]
+
 
 class StreamOptions(_Request):
     include_usage: bool = False
@@ -84,13 +145,14 @@ class ChatCompletionRequest(_Request):
     messages: list[ChatMessage] = Field(min_length=1)
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
-    max_tokens: Optional[int] = Field(None, ge=1)
-    max_completion_tokens: Optional[int] = Field(None, ge=1)
-    temperature: Optional[float] = Field(None, ge=0.0, le=2.0)
-    top_p: Optional[float] = Field(None, ge=0.0, le=1.0)
-    top_k: Optional[int] = Field(None, ge=0)
-    min_p: Optional[float] = Field(None, ge=0.0, le=1.0)
-    repetition_penalty: Optional[float] = Field(None, gt=0.0)
+    # Sampling: the ranges are checked by `SamplingParams` (one place for every API).
+    max_tokens: Optional[int] = None
+    max_completion_tokens: Optional[int] = None
+    temperature: Optional[float] = None
+    top_p: Optional[float] = None
+    top_k: Optional[int] = None
+    min_p: Optional[float] = None
+    repetition_penalty: Optional[float] = None
     seed: Optional[int] = None
     stop: Union[str, list[str], None] = None
     n: int = Field(1, ge=1, le=1)
@@ -177,13 +239,15 @@ class ErrorResponse(BaseModel):
 
 
 class OllamaOptions(_Request):
+    """Ollama's sampling options; their ranges are checked by `SamplingParams`."""
+
     num_predict: Optional[int] = None
-    temperature: Optional[float] = Field(None, ge=0.0)
-    top_p: Optional[float] = Field(None, ge=0.0, le=1.0)
-    top_k: Optional[int] = Field(None, ge=0)
-    min_p: Optional[float] = Field(None, ge=0.0, le=1.0)
-    repeat_penalty: Optional[float] = Field(None, gt=0.0)
-    repeat_last_n: Optional[int] = Field(None, ge=0)
+    temperature: Optional[float] = None
+    top_p: Optional[float] = None
+    top_k: Optional[int] = None
+    min_p: Optional[float] = None
+    repeat_penalty: Optional[float] = None
+    repeat_last_n: Optional[int] = None
     seed: Optional[int] = None
     stop: Optional[list[str]] = None
 
