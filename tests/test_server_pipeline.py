@@ -29,7 +29,10 @@ from serving import data_url, free_port, serving, user, wait_until
 from llava_testing.launching import FAILED_RANK, LAUNCH_TIMEOUT, ROOT, Launch
 from mlx_llava import distributed, load
 from mlx_llava.cli import server as server_cli
-from mlx_llava.server import GenerationRequest, Sampling, Worker
+from mlx_llava.server import lifecycle
+from mlx_llava.prompt import encode_on_host
+from mlx_llava.sampling import SamplingParams
+from mlx_llava.server import GenerationRequest, Worker
 from mlx_llava.server.worker import Admission, Turn
 
 openai = pytest.importorskip("openai")
@@ -109,6 +112,9 @@ def test_a_failed_rank_stops_the_pipeline(tiny_model, monkeypatch):
     are refused, and the command line is told (it stops the server)."""
     worker = Worker(*tiny_model)
     worker.group = "a pipeline"  # as if split across ranks
+    request = GenerationRequest(
+        encode_on_host(*tiny_model, "USER: Hi ASSISTANT:", []), SamplingParams()
+    )
 
     def lost(*args, **kwargs):
         raise RuntimeError("[ring] connection to a peer was lost")
@@ -117,20 +123,20 @@ def test_a_failed_rank_stops_the_pipeline(tiny_model, monkeypatch):
     told = threading.Event()
     worker.on_failure = told.set
     events = []
-    worker.submit(GenerationRequest("USER: Hi ASSISTANT:", [], Sampling()), events.append)
+    worker.submit(request, events.append)
     worker.start()
     assert worker.wait(30) and told.is_set()
     assert worker.failure == "the pipeline of ranks failed: [ring] connection to a peer was lost"
     assert [(e.kind, e.status) for e in events] == [("error", 503)]
     with pytest.raises(RuntimeError, match="shutting down"):
-        worker.submit(GenerationRequest("USER: Hi ASSISTANT:", [], Sampling()), events.append)
+        worker.submit(request, events.append)
 
 
 def test_a_turn_reaches_the_other_ranks_as_rank_0_holds_it():
     """What rank 0 broadcasts (JSON) gives the other ranks its turn: the same request numbers,
     token ids, digests, sampling and LLaVA-NeXT picture sizes; not the pixels, which follow
     only when the vision tower needs them."""
-    sampling = Sampling(max_tokens=7, temperature=0.5, seed=5, stop=["x", "yz"])
+    sampling = SamplingParams(max_tokens=7, temperature=0.5, seed=5, stop=["x", "yz"])
     pixels = mx.zeros((6, 4, 4, 3))
     admission = Admission(3, [1, 2, 9, 9, 3], ["d1", "d2"], sampling, pixels, [6, 4, 4, 3])
     admission.image_sizes = [(20, 15), (90, 90)]
@@ -178,21 +184,21 @@ def test_a_signalled_follower_waits_for_rank_0(signals_raise, monkeypatch, capsy
     threading.Timer(0.3, os.kill, [os.getpid(), signal.SIGINT]).start()
     threading.Timer(1.0, worker.closed.set).start()
     tic = time.monotonic()
-    server_cli.follow(worker)  # (_Left if the signal ended it)
+    lifecycle.follow(worker)  # (_Left if the signal ended it)
     assert time.monotonic() - tic >= 1.0
     assert signal.getsignal(signal.SIGINT) is signals_raise  # the handlers are restored
 
-    monkeypatch.setattr(server_cli, "FOLLOWER_GRACE_S", 0.5)
+    monkeypatch.setattr(lifecycle, "FOLLOWER_GRACE_S", 0.5)
 
     def exit_now(code):
         raise SystemExit(code)
 
-    monkeypatch.setattr(server_cli.os, "_exit", exit_now)
+    monkeypatch.setattr(lifecycle.os, "_exit", exit_now)
     threading.Timer(0.3, os.kill, [os.getpid(), signal.SIGTERM]).start()
     late = _Following()
     threading.Timer(5.0, late.closed.set).start()  # (bounds the test, were it to wait)
     with pytest.raises(SystemExit) as exit_:
-        server_cli.follow(late)  # rank 0 does not close it in time
+        lifecycle.follow(late)  # rank 0 does not close it in time
     assert exit_.value.code == 1
     assert "rank 0 did not stop the pipeline within 0.5 s of the signal" in capsys.readouterr().err
 
@@ -386,7 +392,7 @@ def test_ctrl_c_lets_open_answers_finish_then_stops_every_rank(pipeline):
 
 WATCH = """
 import sys, threading
-from mlx_llava.cli.server import stop_with_launcher
+from mlx_llava.server.lifecycle import stop_with_launcher
 stopped = threading.Event()
 stop_with_launcher(stopped.set)
 print("watching", flush=True)

@@ -17,8 +17,10 @@ import mlx.core as mx
 from serving import ROOT, free_port, user, wait_until
 
 from mlx_llava import load
-from mlx_llava.server import GenerationRequest, Sampling, ServerConfig, make_worker
-from mlx_llava.server.signals import Server
+from mlx_llava.prompt import encode_on_host
+from mlx_llava.sampling import SamplingParams
+from mlx_llava.server import GenerationRequest, ServerConfig, make_worker
+from mlx_llava.server.lifecycle import Server
 
 DATA = Path(__file__).parent / "fixtures" / "data"
 MODEL = DATA / "hf-hub"
@@ -71,7 +73,8 @@ def test_the_worker_thread_frees_its_mlx_state_before_it_ends(monkeypatch):
     worker = make_worker(model, processor, ServerConfig(model_id="tiny"))
     worker.start()
     done = threading.Event()
-    request = GenerationRequest("USER: Hi. ASSISTANT:", [], Sampling(max_tokens=3))
+    encoded = encode_on_host(model, processor, "USER: Hi. ASSISTANT:", [])
+    request = GenerationRequest(encoded, SamplingParams(max_tokens=3))
     worker.submit(request, lambda event: done.set() if event.kind == "done" else None)
     assert done.wait(60)
     worker.close()

@@ -29,22 +29,15 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import mlx.core as mx
-import numpy as np
 from mlx.utils import tree_flatten
 from mlx_lm.models.cache import LRUPromptCache, trim_prompt_cache
 
 from .. import distributed
-from ..batch import BatchEngine, Row
-from ..generate import (
-    context_room,
-    encode_prompt,
-    make_sampling,
-    position_keys,
-    preprocess_pictures,
-    prompt_embeddings,
-)
+from ..decoding import BatchEngine, Row, make_row
 from ..model import Model
 from ..processor import Processor
+from ..prompt import EncodedPrompt, position_keys, prompt_embeddings
+from ..sampling import SamplingParams
 
 log = logging.getLogger("mlx_llava.server")
 
@@ -53,27 +46,12 @@ IDLE_TURN_S = 0.1  # pipeline: an idle rank 0 shares an empty turn this often (s
 
 
 @dataclass
-class Sampling:
-    """How to answer: mlx-lm's sampling settings, a token limit and stop strings."""
-
-    max_tokens: int = 512
-    temperature: float = 0.0
-    top_p: float = 0.0
-    min_p: float = 0.0
-    top_k: int = 0
-    repetition_penalty: Optional[float] = None
-    repetition_context_size: int = 20
-    seed: Optional[int] = None
-    stop: list[str] = field(default_factory=list)
-
-
-@dataclass
 class GenerationRequest:
-    """A rendered prompt (one `<image>` per picture), its decoded pictures, and the sampling."""
+    """A prompt tokenized and its pictures preprocessed (off the worker thread, see
+    `prompt.encode_on_host`), and how to answer it (validated already)."""
 
-    prompt: str
-    pictures: list
-    sampling: Sampling
+    encoded: EncodedPrompt
+    sampling: SamplingParams
 
 
 @dataclass
@@ -109,7 +87,7 @@ class Admission:
     Attributes:
         number: the request's number (`Job.number`), the same on every rank.
         input_ids: the prompt's token ids [L] (each `<image>` expanded).
-        digests: the pictures' digests (`generate.picture_digests`): with the ids, the
+        digests: the pictures' digests (`generate.image_digests`): with the ids, the
             prompt's position keys.
         sampling: how to answer.
         pixel_values: [n, H, W, 3] on rank 0 (None without pictures; LLaVA-NeXT: every
@@ -122,14 +100,14 @@ class Admission:
     number: int
     input_ids: list[int]
     digests: list[str]
-    sampling: Sampling
+    sampling: SamplingParams
     pixel_values: Optional[mx.array] = None
     pixel_shape: Optional[list[int]] = None
     image_sizes: Optional[list[tuple[int, int]]] = None
 
     def to_json(self) -> dict:
         fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        fields["sampling"] = dataclasses.asdict(self.sampling)
+        fields["sampling"] = self.sampling.to_json()
         fields["pixel_values"] = None
         return fields
 
@@ -137,7 +115,8 @@ class Admission:
     def from_json(cls, fields: dict) -> "Admission":
         sizes = fields["image_sizes"]
         sizes = None if sizes is None else [tuple(size) for size in sizes]
-        return cls(**{**fields, "sampling": Sampling(**fields["sampling"]), "image_sizes": sizes})
+        sampling = SamplingParams.from_json(fields["sampling"])
+        return cls(**{**fields, "sampling": sampling, "image_sizes": sizes})
 
 
 @dataclass
@@ -258,6 +237,7 @@ class Worker:
         self._wakeup = threading.Condition()
         self._closing = False
         self._thread = threading.Thread(target=self._run, name="mlx-llava-worker", daemon=True)
+        self._observers: list[Callable[[str, dict], None]] = []
 
     def _gather(self, value) -> list:
         """Every rank's `value` (JSON), in rank order: [value] for one process."""
@@ -299,6 +279,18 @@ class Worker:
         """Wait up to `timeout` seconds for the thread to end; True once it has."""
         self._thread.join(timeout)
         return not self._thread.is_alive()
+
+    def observe(self, callback: Callable[[str, dict], None]) -> None:
+        """Call `callback(moment, details)` from the worker thread at each of its moments:
+        "admitted" (a request joined the batch: `number`), "step" (a decoding step ended:
+        `rows` in the batch after it, `joined` rows that joined at it), "finished" (a request
+        ended: `number`, `reason`). What tests wait on, rather than the clock; a callback that
+        blocks holds the worker there."""
+        self._observers.append(callback)
+
+    def _notify(self, moment: str, **details) -> None:
+        for callback in self._observers:
+            callback(moment, details)
 
     def submit(self, request: GenerationRequest, on_event: Callable[[Event], None]) -> Job:
         """Queue a request; `on_event` is called from the worker thread.
@@ -412,8 +404,10 @@ class Worker:
             for admission in turn.admissions:
                 self._start(admission)
             if self.engine:
+                joined = len(self.engine.waiting)
                 for row in self.engine.step():
                     self._emit(row)
+                self._notify("step", rows=len(self.engine.rows), joined=joined)
         except Exception:  # noqa: BLE001 - fail the batch, keep serving
             if self.group is not None:
                 raise  # a rank's failure may be its own: the ranks could part ways
@@ -422,68 +416,71 @@ class Worker:
         return True
 
     def _encode(self, job: Job) -> Optional[Admission]:
-        """Rank 0: tokenize a request's prompt and preprocess its pictures. A request at fault
-        (placeholders, context length) gets its 400 here, before any other rank hears of it."""
+        """Rank 0: a request as every rank starts it (tokenized and preprocessed already, off
+        this thread)."""
         if job.cancelled:
             return None
         job.admitted = time.perf_counter()
-        request = job.request
-        try:
-            pictures = preprocess_pictures(self.processor, request.pictures)
-            input_ids, pixel_values, _, sizes = encode_prompt(
-                self.model, self.processor, request.prompt, request.pictures, pictures, False
-            )
-        except ValueError as e:
-            job.finished = True
-            job.emit(Event("error", error=str(e), status=400))
-            return None
+        encoded = job.request.encoded
+        pixels = encoded.pixel_values
         self._encoded[job.number] = job
-        shape = None if pixel_values is None else list(pixel_values.shape)
-        ids = np.asarray(input_ids[0]).tolist()
-        return Admission(job.number, ids, pictures[1], request.sampling, pixel_values, shape, sizes)
+        return Admission(
+            job.number,
+            encoded.input_ids,
+            encoded.digests,
+            job.request.sampling,
+            None if pixels is None else mx.array(pixels),
+            None if pixels is None else list(pixels.shape),
+            encoded.image_sizes,
+        )
 
     def _start(self, admission: Admission) -> None:
         """Every rank: find the prompt's longest cached prefix and add the request to the
-        batch (rank 0 then tells its client)."""
+        batch (rank 0 then tells its client). A failure fails this request alone: a 400 for
+        its own fault, a 500 for anything else (split across ranks, an unexpected failure may
+        leave the ranks out of step: it stops the pipeline)."""
         job = self._encoded.pop(admission.number, None)
         if job is None:  # a rank other than 0: nobody to tell
             job = Job(self, None, _ignore, admission.number)
-        s = admission.sampling
         try:
-            if s.seed is not None:
-                mx.random.seed(s.seed)
-            image_token = self.model.config.image_token_index
-            input_ids = mx.array([admission.input_ids])
-            keys = position_keys(admission.input_ids, admission.digests, image_token)
-            room = context_room(self.model, len(keys))
-            cache, start = self._cached_prefix(keys)
-            pixel_values = admission.pixel_values
-            if self.group is not None and image_token in admission.input_ids[start:]:
-                pixel_values = self._share_pictures(admission)
-            sizes = admission.image_sizes
-            embeddings = prompt_embeddings(self.model, input_ids, pixel_values, start, sizes)
-            history = mx.where(input_ids[0] == image_token, 0, input_ids[0])
-            sampler, processors = make_sampling(
-                s.temperature,
-                s.top_p,
-                s.min_p,
-                s.top_k,
-                s.repetition_penalty,
-                s.repetition_context_size,
-            )
-            max_tokens = min(s.max_tokens, room)
-            row = Row(self.processor, max_tokens, sampler, processors, s.stop, history, keys)
-            self.engine.add(row, embeddings, cache)
+            row, cached = self._admit(admission)
         except ValueError as e:  # the request's fault (the same on every rank)
             job.finished = True
             job.emit(Event("error", error=str(e), status=400))
             return
+        except Exception:  # noqa: BLE001 - ours, but this request's alone
+            if self.group is not None:
+                raise
+            log.exception("a request failed as it joined the batch")
+            job.finished = True
+            job.emit(Event("error", error="the request failed; see the server log", status=500))
+            return
         job.row = row
-        job.stats.prompt_tokens, job.stats.cached_tokens = len(keys), start
+        job.stats.prompt_tokens, job.stats.cached_tokens = len(row.keys), cached
         job.stats.queued_s = job.admitted - job.submitted
         with self._wakeup:
             self._running[id(row)] = job
         job.emit(Event("start", stats=job.stats))
+        self._notify("admitted", number=job.number)
+
+    def _admit(self, admission: Admission) -> tuple[Row, int]:
+        """The request's row, added to the engine (the last step: nothing is half-added), and
+        the number of its prompt positions found in the prompt cache."""
+        s = admission.sampling
+        if s.seed is not None:
+            mx.random.seed(s.seed)
+        image_token = self.model.config.image_token_index
+        input_ids = mx.array([admission.input_ids])
+        keys = position_keys(admission.input_ids, admission.digests, image_token)
+        row = make_row(self.model, self.processor, input_ids[0], s, keys)
+        cache, start = self._cached_prefix(keys)
+        pixel_values = admission.pixel_values
+        if self.group is not None and image_token in admission.input_ids[start:]:
+            pixel_values = self._share_pictures(admission)
+        sizes = admission.image_sizes
+        embeddings = prompt_embeddings(self.model, input_ids, pixel_values, start, sizes)
+        self.engine.add(row, embeddings, cache)
+        return row, start
 
     def _cached_prefix(self, keys: list) -> tuple[Optional[list], int]:
         """The KV cache of the longest cached prefix of `keys` (or None) and its length, at
@@ -538,6 +535,7 @@ class Worker:
             self._running.pop(id(row), None)
             job.finished = True
         job.emit(Event("done", finish_reason=reason, stats=stats))
+        self._notify("finished", number=job.number, reason=reason)
 
     def _fail_all(self, message: str, status: int) -> None:
         """Give every request an error and start from an empty batch."""
