@@ -45,7 +45,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mlx_llava.convert import DTYPES, quantized_paths
-from mlx_llava.generate import PromptCache, stream_generate
+from mlx_llava import PromptCache, stream_generate
 from mlx_llava.loader import is_mlx_folder, load
 
 DEFAULT_RUNS = 3

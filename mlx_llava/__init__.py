@@ -4,10 +4,12 @@ from .batch import BatchResult, batch_generate
 from .chat import ChatSession
 from .config import ModelConfig, TextConfig, VisionConfig
 from .convert import QuantizeSpec, convert
-from .generate import GenerationResponse, PromptCache, generate, stream_generate
+from .generate import GenerationResponse, generate, stream_generate
 from .loader import load, load_model
 from .model import Model
 from .processor import Processor
+from .prompt import PromptCache
+from .sampling import SamplingParams
 
 __version__ = "0.1.0"
 
@@ -20,6 +22,7 @@ __all__ = [
     "Processor",
     "PromptCache",
     "QuantizeSpec",
+    "SamplingParams",
     "TextConfig",
     "VisionConfig",
     "batch_generate",

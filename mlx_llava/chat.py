@@ -12,16 +12,11 @@ import dataclasses
 from typing import Iterator, Optional, Sequence, Union
 
 from .conversation import IMAGE_TOKEN, Template, get_template, render, template_for_jinja
-from .generate import (
-    GenerationResponse,
-    PromptCache,
-    context_room,
-    image_list,
-    stream_generate,
-)
-from .image_processor import load_image
+from .generate import GenerationResponse, stream_generate
+from .image_io import load_image
 from .model import Model
 from .processor import ImageInput, Processor
+from .prompt import PromptCache, context_room, image_list
 
 
 def session_template(

@@ -1,5 +1,5 @@
-"""The continuous-batching engine (`mlx_llava.batch.BatchEngine`) that `batch_generate` and the
-server share: rows that join a running batch, leave it early, or start from a cached prefix
+"""The decoding core's engine (`mlx_llava.decoding.BatchEngine`) that `stream_generate`,
+`batch_generate` and the server share: rows that join a running batch, leave it early, or start from a cached prefix
 generate exactly what `stream_generate` generates for them alone (greedy, float32).
 
 Runs on the committed tiny llava-hf checkpoint (no torch needed).
@@ -14,8 +14,10 @@ import pytest
 from mlx_lm.models.cache import trim_prompt_cache
 
 from mlx_llava import load, stream_generate
-from mlx_llava.batch import BatchEngine, Row
-from mlx_llava.generate import encode_prompt, image_runs, make_sampling, prompt_embeddings
+from mlx_llava.decoding import BatchEngine
+from mlx_llava.decoding import make_row
+from mlx_llava.prompt import encode_prompt, image_runs, prompt_embeddings
+from mlx_llava.sampling import SamplingParams
 
 DATA = Path(__file__).parent / "fixtures" / "data"
 PICTURES = [DATA / "images" / "a.png", DATA / "images" / "b.png"]
@@ -32,11 +34,10 @@ def alone(model, processor, prompt, images, max_tokens):
     return [r.token for r in responses]
 
 
-def make_row(model, processor, prompt, images, max_tokens, cache=None, start=0, **sampling):
+def row_for(model, processor, prompt, images, max_tokens, cache=None, start=0, **sampling):
     input_ids, pixel_values, keys, _ = encode_prompt(model, processor, prompt, images)
-    sampler, processors = make_sampling(**sampling)
-    history = mx.where(input_ids[0] == model.config.image_token_index, 0, input_ids[0])
-    row = Row(processor, max_tokens, sampler, processors, history=history, keys=keys)
+    params = SamplingParams(max_tokens=max_tokens, **sampling)
+    row = make_row(model, processor, input_ids[0], params, keys)
     return row, prompt_embeddings(model, input_ids, pixel_values, start), cache
 
 
@@ -67,7 +68,7 @@ def run(engine, joins: dict, rows: list) -> None:
 def test_rows_joining_a_running_batch_generate_what_they_would_alone(tiny, cases):
     model, processor = tiny
     inputs, expected = cases
-    rows = [make_row(model, processor, *c) for c in inputs]
+    rows = [row_for(model, processor, *c) for c in inputs]
     engine = BatchEngine(model)
     run(engine, {0: 0, 1: 3, 2: 5}, rows)
     assert [r[0].tokens for r in rows] == expected
@@ -79,7 +80,7 @@ def test_rows_joining_a_running_batch_generate_what_they_would_alone(tiny, cases
 def test_all_rows_joining_at_once_and_removing_one(tiny, cases):
     model, processor = tiny
     inputs, expected = cases
-    rows = [make_row(model, processor, *c) for c in inputs]
+    rows = [row_for(model, processor, *c) for c in inputs]
     engine = BatchEngine(model)
     for r in rows:
         engine.add(*r)
@@ -100,7 +101,7 @@ def test_kept_cache_continues_a_longer_prompt(tiny, cases):
     model, processor = tiny
     (prompt, images, max_tokens), expected = cases[0][0], cases[1][0]
     engine = BatchEngine(model, keep_caches=True)
-    row = make_row(model, processor, prompt, images, max_tokens)
+    row = row_for(model, processor, prompt, images, max_tokens)
     engine.add(*row)
     while engine:
         engine.step()
@@ -116,9 +117,9 @@ def test_kept_cache_continues_a_longer_prompt(tiny, cases):
     assert shared >= len(first.keys)  # the picture and the whole first prompt are reused
     cache = first.cache
     trim_prompt_cache(cache, cache[0].offset - shared)
-    second = make_row(model, processor, follow_up, images, 10, cache=cache, start=shared)
+    second = row_for(model, processor, follow_up, images, 10, cache=cache, start=shared)
     assert second[1].shape[0] == len(keys) - shared
-    other = make_row(model, processor, *cases[0][2])  # joins with no cache at the same step
+    other = row_for(model, processor, *cases[0][2])  # joins with no cache at the same step
     engine.add(*second)
     engine.add(*other)
     while engine:
@@ -139,9 +140,9 @@ def test_rows_with_their_own_sampling(tiny, cases):
     penalized_alone = [r.token for r in responses]
     assert penalized_alone != expected[1]
     rows = [
-        make_row(model, processor, *inputs[0]),
-        make_row(model, processor, *inputs[1], **penalty),
-        make_row(model, processor, *inputs[2]),
+        row_for(model, processor, *inputs[0]),
+        row_for(model, processor, *inputs[1], **penalty),
+        row_for(model, processor, *inputs[2]),
     ]
     engine = BatchEngine(model)
     run(engine, {0: 0, 1: 2, 2: 2}, rows)
@@ -189,7 +190,7 @@ def test_a_joining_row_has_its_first_token_at_the_step_it_joins(tiny, cases):
     another request's prefill)."""
     model, processor = tiny
     inputs, expected = cases
-    rows = [make_row(model, processor, *c) for c in inputs]
+    rows = [row_for(model, processor, *c) for c in inputs]
     engine = BatchEngine(model)
     engine.add(*rows[0])
     assert engine.step() == [rows[0][0]] and rows[0][0].tokens == expected[0][:1]

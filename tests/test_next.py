@@ -18,7 +18,7 @@ from test_cli import run_main
 from test_parity import assert_logits_close
 
 from mlx_llava import PromptCache, batch_generate, convert, load, stream_generate
-from mlx_llava.generate import prepare_prompt
+from mlx_llava.prompt import prepare_prompt
 
 DATA = Path(__file__).parent / "fixtures" / "data"
 PICTURES = ("wide", "tall", "square", "small")
@@ -181,11 +181,12 @@ def test_prompt_cache_keeps_each_pictures_tokens(hub_folder):
         assert tokens == arrays[f"{picture}_greedy_tokens"].tolist()
     again = greedy(model, processor, prompt, [IMAGES["small"]], 24, prompt_cache=cache)
     assert again == arrays["small_greedy_tokens"].tolist()
-    history, _, keys = prepare_prompt(model, processor, prompt, [IMAGES["small"]], cache)
-    assert history.size == 1 and len(keys) == arrays["small_input_ids"].shape[1]
+    prepared = prepare_prompt(model, processor, prompt, [IMAGES["small"]], cache)
+    assert prepared.embeddings.shape[0] == 1
+    assert len(prepared.keys) == arrays["small_input_ids"].shape[1]
     # The keys name each picture's own positions: (its digest, 0..n-1) for each of two pictures.
     two = prompt_for(meta, "<image>\n<image>\nCompare.")
-    _, _, keys = prepare_prompt(model, processor, two, [IMAGES["wide"], IMAGES["small"]], cache)
+    keys = prepare_prompt(model, processor, two, [IMAGES["wide"], IMAGES["small"]], cache).keys
     image_keys = [k for k in keys if isinstance(k, tuple)]
     counts = [meta["image_tokens"][p] for p in ("wide", "small")]
     assert [k[1] for k in image_keys] == [*range(counts[0]), *range(counts[1])]
@@ -568,7 +569,7 @@ def meta_tokens(picture: str) -> int:
 def test_prompt_embeddings_encode_only_the_uncached_pictures_tiles(hub_folder, monkeypatch):
     """Two pictures of different sizes, the first in a cached prefix: only the second one's
     tiles go through the tower, and the embeddings are those of the whole prompt."""
-    from mlx_llava.generate import encode_prompt, image_runs, prompt_embeddings
+    from mlx_llava.prompt import encode_prompt, image_runs, prompt_embeddings
 
     model, processor = load(hub_folder)
     _, meta = oracle("next-hub")

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from mlx_llava import PromptCache, convert, load, stream_generate
-from mlx_llava.generate import prepare_prompt
+from mlx_llava.prompt import prepare_prompt
 
 DATA = Path(__file__).parent / "fixtures" / "data"
 IMAGES = {name: DATA / "images" / f"{name}.png" for name in ("a", "b")}
@@ -168,8 +168,8 @@ def test_prompt_cache_reuse_gives_the_same_answers(hf):
     again = greedy_tokens(model, processor, meta["prompt"], [IMAGES["a"]], 24, prompt_cache=cache)
     assert first == again == arrays["greedy_tokens"].tolist()
     # The second call computed only the last prompt position.
-    history, _, _ = prepare_prompt(model, processor, meta["prompt"], [IMAGES["a"]], cache)
-    assert history.size == 1 and cache.length == prefix
+    prepared = prepare_prompt(model, processor, meta["prompt"], [IMAGES["a"]], cache)
+    assert prepared.embeddings.shape[0] == 1 and cache.length == prefix
 
 
 @pytest.mark.parametrize("name, clip", [("orig-v15", "orig-v15-clip"), ("orig-v1", "orig-v1-clip")])

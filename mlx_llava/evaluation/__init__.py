@@ -4,6 +4,7 @@
 `runner` asks the model, `scoring` scores the answers and summarises them per category.
 """
 
+from .options import OPTIONS, parse_option_letter
 from .questions import (
     DEFAULT_SPLIT,
     FORMATS,
@@ -26,12 +27,10 @@ from .runner import (
     question_prompt,
 )
 from .scoring import (
-    OPTIONS,
     contains_match,
     exact_match,
     format_summary,
     normalize_answer,
-    parse_option_letter,
     score,
     summarize,
 )

@@ -22,7 +22,7 @@ from typing import Any, Optional, Union
 
 from ..datafiles import DataFileError, read_records, relative_picture
 from ..processor import IMAGE_PLACEHOLDER
-from .scoring import OPTIONS, parse_option_letter
+from .options import OPTIONS, parse_option_letter
 
 FORMATS = ("vqa", "scienceqa", "chat")
 DEFAULT_SPLIT = "test"

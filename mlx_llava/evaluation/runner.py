@@ -19,10 +19,11 @@ from typing import Iterator, Optional, Sequence, Union
 
 from .. import distributed
 from ..chat import ChatSession
-from ..generate import PromptCache, generate
-from ..image_processor import ImageLoadError, load_image
+from ..generate import generate
+from ..image_io import ImageLoadError, load_image
 from ..model import Model
 from ..processor import IMAGE_PLACEHOLDER, Processor
+from ..prompt import PromptCache
 from .questions import Question
 from .scoring import score, summarize
 

@@ -8,14 +8,12 @@ ScienceQA-IMG figure).
 
 from __future__ import annotations
 
-import re
 import unicodedata
-from typing import TYPE_CHECKING, Any, Optional, Sequence
+from typing import Any, Optional, Sequence
 
-if TYPE_CHECKING:
-    from .questions import Question
+from .options import OPTIONS, parse_option_letter
+from .questions import Question
 
-OPTIONS = ("A", "B", "C", "D", "E")  # eval_science_qa.py's --options
 ARTICLES = frozenset({"a", "an", "the"})
 
 
@@ -44,27 +42,7 @@ def contains_match(prediction: str, answers: Sequence[str]) -> bool:
     return False
 
 
-def parse_option_letter(prediction: str, num_choices: int = len(OPTIONS)) -> Optional[str]:
-    """The option letter of an answer, parsed as LLaVA's `eval_science_qa.py` does.
-
-    Accepted: the bare letter ("B"), a letter and ". " first ("B. the moon"), or "The answer is
-    B" anywhere. None when nothing matches or the letter is beyond the question's options.
-    """
-    text = prediction.replace("\n", ". ")
-    letter = None
-    if text.strip() in OPTIONS:
-        letter = text.strip()
-    elif len(text) >= 3 and text[0] in OPTIONS and text[1:3] == ". ":
-        letter = text[0]
-    elif "The answer is " in text:
-        match = re.search(r"The answer is ([A-E])\.", text) or re.search(
-            r"The answer is ([A-E])", text
-        )
-        letter = match.group(1) if match else None
-    return letter if letter in OPTIONS[:num_choices] else None
-
-
-def score(question: "Question", text: str, fmt: str) -> dict:
+def score(question: Question, text: str, fmt: str) -> dict:
     """The scoring fields of one answer: `correct` (None when unscored) and per format
     `contains` (vqa) or `parsed`, the letter read from the answer (scienceqa)."""
     if fmt == "scienceqa":

@@ -1,0 +1,425 @@
+"""The one decoding core: a `Row` per answer and the `BatchEngine` step that every caller uses.
+
+`stream_generate` (and so `generate`, `ChatSession`, evaluation), `batch_generate` (and so
+captioning) and the server's worker all answer through `make_row` + `BatchEngine`: a row holds
+one answer's state (its whole prompt as history for the logits processors, its sampling
+settings, stop strings, detokenizer and token budget), and `BatchEngine.step` decodes one token
+for every row of the batch. A feature of decoding is added here once.
+
+The engine is mlx-lm's continuous batching: rows join between steps (their uncached prompt
+positions prefilled right-padded into a new `BatchKVCache`, merged into the running one) and
+leave at their EOS, stop string or budget; `BatchKVCache` gives each row its own RoPE offset
+and masks the padding, so each row computes what it would alone. A `solo` engine holds one row
+in a plain per-layer cache instead (the caller's, e.g. a `PromptCache`'s, which may be
+quantized as mlx-lm does with `kv_bits`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence
+
+import mlx.core as mx
+from mlx_lm.generate import maybe_quantize_kv_cache
+from mlx_lm.models.cache import BatchKVCache, KVCache, TokenBuffer
+
+from .model import Model
+from .processor import Processor
+from .prompt import context_room
+from .sampling import BatchSampler, SamplingParams, logits_processors
+
+KV_BITS = (2, 3, 4, 6, 8)  # what MLX's quantize takes
+
+
+class LastPositionLM:
+    """The language model with logits only at the last position: decoding reads nothing
+    else, and the lm_head is the widest matmul."""
+
+    def __init__(self, model: Model):
+        self.model = model
+
+    @property
+    def layers(self):
+        return self.model.layers
+
+    def __call__(
+        self, inputs: mx.array, cache: Optional[list] = None, input_embeddings=None
+    ) -> mx.array:
+        hidden = self.model.language_model.model(inputs, cache, input_embeddings)
+        return self.model.lm_head(hidden[:, -1:])
+
+
+class StopMatcher:
+    """Holds back text that could be the start of a stop string; cuts at the first match."""
+
+    def __init__(self, stops: Sequence[str]):
+        self.stops = [s for s in stops if s]
+        self.pending = ""
+
+    def feed(self, segment: str, final: bool = False) -> tuple[str, bool]:
+        """Text safe to emit now, and whether a stop string was found."""
+        self.pending += segment
+        if not self.stops:
+            out, self.pending = self.pending, ""
+            return out, False
+        cut = min(
+            (i for i in (self.pending.find(s) for s in self.stops) if i >= 0),
+            default=-1,
+        )
+        if cut >= 0:
+            out, self.pending = self.pending[:cut], ""
+            return out, True
+        if final:
+            out, self.pending = self.pending, ""
+            return out, False
+        keep = max(
+            (
+                k
+                for s in self.stops
+                for k in range(1, min(len(s), len(self.pending) + 1))
+                if self.pending.endswith(s[:k])
+            ),
+            default=0,
+        )
+        out = self.pending[: len(self.pending) - keep]
+        self.pending = self.pending[len(out) :]
+        return out, False
+
+
+class Row:
+    """One answer being decoded (made by `make_row`).
+
+    Its text is built token by token: EOS ends it without text, ids of the padded vocabulary
+    have no text, stop strings cut it, `max_tokens` bounds it.
+
+    Attributes:
+        params: its sampling settings.
+        keys: the prompt's position keys (see `prompt.position_keys`), for prompt caching.
+        tokens: the tokens generated so far.
+        text: the answer so far; `segment` is what the last token added to it.
+        finish_reason: None while generating, then "stop" or "length".
+        cache: when the engine keeps caches, the row's KV cache once it has left the batch (a
+            list of mlx-lm `KVCache`, one per layer) and `cache_keys` the keys of its positions.
+    """
+
+    def __init__(
+        self,
+        processor: Processor,
+        params: SamplingParams,
+        max_tokens: int,
+        history: mx.array,
+        keys: Optional[list] = None,
+    ):
+        tokenizer = processor.tokenizer
+        self.eos = tokenizer.eos_token_ids
+        self.known_tokens = len(tokenizer)
+        self.detokenizer = tokenizer.detokenizer  # a fresh copy
+        self.params = params
+        self.stops = StopMatcher(params.stop)
+        self.max_tokens = max_tokens
+        self.logits_processors = logits_processors(params)
+        self.context = TokenBuffer(history)
+        self.keys = keys or []
+        self.tokens: list[int] = []
+        self.text = ""
+        self.segment = ""
+        self.finish_reason: Optional[str] = None
+        self.cache: Optional[list[Any]] = None
+        self.cache_keys: list = []
+        self.read_ahead = False  # its token of the last step was handed over already
+
+    def add(self, token: int) -> None:
+        """Take the next token: sets `segment` and, when the row is done, `finish_reason`."""
+        self.tokens.append(token)
+        if token in self.eos:
+            return self._finish("stop")
+        if token < self.known_tokens:
+            self.detokenizer.add_token(token)
+        if len(self.tokens) == self.max_tokens:
+            return self._finish("length")
+        self.segment, hit = self.stops.feed(self.detokenizer.last_segment)
+        self.text += self.segment
+        if hit:
+            self.finish_reason = "stop"
+
+    def _finish(self, reason: str) -> None:
+        self.detokenizer.finalize()
+        self.segment, hit = self.stops.feed(self.detokenizer.last_segment, final=True)
+        self.text += self.segment
+        self.finish_reason = "stop" if hit else reason
+
+    @property
+    def last_token_known(self) -> bool:
+        """True when the token now being computed will be the row's last by count."""
+        return len(self.tokens) + 1 >= self.max_tokens
+
+
+def make_row(
+    model: Model,
+    processor: Processor,
+    input_ids: mx.array,
+    params: SamplingParams,
+    keys: Optional[list] = None,
+) -> Row:
+    """The row that answers a prompt: the one factory, for every caller.
+
+    Args:
+        input_ids: token ids [L] of the WHOLE prompt (cached prefix included): the logits
+            processors see it all, image tokens as 0.
+        params: how to answer; its `max_tokens` is capped by the room the context leaves.
+        keys: the prompt's position keys, when its KV cache is to be kept.
+
+    Raises:
+        ValueError: the prompt leaves no room in the model's context.
+    """
+    room = context_room(model, input_ids.shape[0])
+    history = mx.where(input_ids == model.config.image_token_index, 0, input_ids)
+    return Row(processor, params, min(params.max_tokens, room), history, keys)
+
+
+@dataclass(frozen=True)
+class KVQuantization:
+    """Quantize a solo engine's KV cache as mlx-lm does (`maybe_quantize_kv_cache`)."""
+
+    bits: int
+    group_size: int = 64
+    start: int = 0
+
+
+def kv_quantization(
+    model: Model, kv_bits: Optional[int], group_size: int = 64, start: int = 0
+) -> Optional[KVQuantization]:
+    """The KV-cache quantization for `kv_bits` (None: none), with `group_size` when it
+    divides the attention heads' size, else the largest of 64 and 32 that does.
+
+    Raises:
+        ValueError: `kv_bits` is not one of 2, 3, 4, 6, 8, or the heads are too small to
+            quantize (a size that 32 does not divide).
+    """
+    if kv_bits is None:
+        return None
+    if kv_bits not in KV_BITS:
+        raise ValueError(f"kv_bits must be one of {', '.join(map(str, KV_BITS))}, got {kv_bits}")
+    head_dim = model.config.text_config.head_dim
+    for size in (group_size, 64, 32):
+        if head_dim % size == 0:
+            return KVQuantization(kv_bits, size, start)
+    raise ValueError(
+        f"this model's attention heads are {head_dim} wide: too small a size to quantize the "
+        "KV cache (MLX quantizes groups of 32 or 64 values); leave the KV cache unquantized"
+    )
+
+
+class BatchEngine:
+    """Continuous batching over one model: `add` rows at any time, `step` decodes one token
+    for every row in the batch.
+
+    Each `step` first prefills the rows added since the last one (all but their last
+    position, in chunks of `prefill_step_size`), merges them into the running batch, then runs
+    one forward pass for the whole batch: the last prompt position of the new rows and the
+    token sampled last step for the others. Decoding is pipelined as in mlx-lm: the tokens
+    of step n are read while step n + 1 is computed.
+
+    Args:
+        keep_caches: a row that leaves keeps its KV cache (`Row.cache`).
+        solo: one row only, decoded in the cache it brings (or a new plain one) rather than a
+            `BatchKVCache`; `kv_quantization` quantizes that cache as mlx-lm does.
+    """
+
+    def __init__(
+        self,
+        model: Model,
+        prefill_step_size: int = 2048,
+        keep_caches: bool = False,
+        solo: bool = False,
+        kv_quantization: Optional[KVQuantization] = None,
+    ):
+        if kv_quantization is not None and not solo:
+            raise ValueError("a batched KV cache is not quantized: leave kv_bits unset")
+        self.model = model
+        self.lm = LastPositionLM(model)
+        self.prefill_step_size = prefill_step_size
+        self.keep_caches = keep_caches
+        self.solo = solo
+        self.kv_quantization = kv_quantization
+        self.rows: list[Row] = []  # in the batch, in cache order
+        self.cache: Optional[list] = None
+        self.y: Optional[mx.array] = None  # [len(rows)] sampled last step, not read yet
+        self.waiting: list[tuple[Row, mx.array, Optional[list]]] = []
+        self.sampler: Optional[BatchSampler] = None  # for `rows`, made when they change
+
+    def __len__(self) -> int:
+        return len(self.rows) + len(self.waiting)
+
+    def add(self, row: Row, embeddings: mx.array, cache: Optional[list] = None) -> None:
+        """Queue a row to join the batch at the next step.
+
+        Args:
+            row: the row (see `make_row`).
+            embeddings: [L', D] of the prompt positions not in `cache` (L' >= 1).
+            cache: per-layer mlx-lm `KVCache`s holding the prompt's first positions, or None.
+                A solo engine decodes in this very cache (it grows with the answer).
+        """
+        if embeddings.shape[0] < 1:
+            raise ValueError("a row needs at least one prompt position to compute")
+        if self.solo and len(self):
+            raise ValueError("a solo engine holds one row")
+        self.waiting.append((row, embeddings, cache))
+
+    def remove(self, row: Row) -> None:
+        """Take a row out (a cancelled request); its cache is kept in `row.cache` if wanted."""
+        self.waiting = [w for w in self.waiting if w[0] is not row]
+        if row in self.rows:
+            self._drop([self.rows.index(row)])
+
+    def step(self) -> list[Row]:
+        """One decoding step. Returns the rows that got a token (read `segment` and
+        `finish_reason`); finished rows have left the batch."""
+        joining = self._prefill() if self.waiting else []
+        read = [r for r in self.rows if not r.read_ahead]
+        for r in self.rows:
+            r.read_ahead = False
+        if read and len(read) == len(self.rows) and not joining:
+            if all(r.last_token_known for r in read):
+                # Every row ends with the token being read: no need to compute another step.
+                self._read(read, None)
+                return read
+        next_y = self._forward(joining)
+        self._read(read, next_y)
+        if joining:
+            # The joining rows' first tokens now rather than a step later (that step may be
+            # another request's prefill): their time to first token is their own prefill.
+            first = next_y[len(self.rows) - len(joining) :].tolist()
+            for (row, _), token in zip(joining, first):
+                row.add(token)
+                row.read_ahead = True
+            read = read + [row for row, _ in joining]
+        self.y = next_y
+        done = [i for i, r in enumerate(self.rows) if r.finish_reason is not None]
+        if done:
+            self._drop(done)
+        return read
+
+    def finish(self) -> None:
+        """Wait for the step computed ahead (nothing of it may still run, nor, split across
+        ranks, still talk to them, when the caller goes on)."""
+        mx.synchronize()
+
+    def _read(self, rows: list[Row], next_y: Optional[mx.array]) -> None:
+        """Hand `rows` their token of the previous step (`self.y`, in batch order)."""
+        if not rows:
+            return
+        tokens = self.y.tolist()
+        position = {id(r): i for i, r in enumerate(self.rows)}
+        for row in rows:
+            row.add(tokens[position[id(row)]])
+        if next_y is None:
+            self.y = None
+            self._drop([i for i, r in enumerate(self.rows) if r.finish_reason is not None])
+
+    def _prefill(self) -> list[tuple[Row, mx.array]]:
+        """Compute the waiting rows' positions but their last into the batch's cache; return
+        (row, last position embedding [1, D]) for each."""
+        if self.solo:
+            return self._prefill_solo()
+        waiting, self.waiting = self.waiting, []
+        layers = len(self.model.layers)
+        caches = [c if c is not None else [KVCache() for _ in range(layers)] for _, _, c in waiting]
+        cache = [BatchKVCache.merge([c[i] for c in caches]) for i in range(layers)]
+        heads = [e[:-1] for _, e, _ in waiting]
+        width = max(h.shape[0] for h in heads)
+        if width > 0:
+            padding = [width - h.shape[0] for h in heads]
+            x = mx.stack([mx.pad(h, [(0, p), (0, 0)]) for h, p in zip(heads, padding)])
+            for c in cache:
+                c.prepare(right_padding=padding)
+            self._prefill_chunks(x, cache)
+            for c in cache:  # the right padding becomes left padding
+                c.finalize()
+            mx.eval([c.state for c in cache])
+            mx.clear_cache()
+        if self.cache is None:
+            self.cache = cache
+        else:
+            for mine, theirs in zip(self.cache, cache):
+                mine.extend(theirs)
+        return [(row, e[-1:]) for row, e, _ in waiting]
+
+    def _prefill_solo(self) -> list[tuple[Row, mx.array]]:
+        (row, embeddings, cache), = self.waiting  # fmt: skip
+        self.waiting = []
+        self.cache = cache if cache is not None else self.model.make_cache()
+        if embeddings.shape[0] > 1:
+            self._prefill_chunks(embeddings[None, :-1], self.cache)
+            mx.clear_cache()
+        return [(row, embeddings[-1:])]
+
+    def _prefill_chunks(self, x: mx.array, cache: list) -> None:
+        """Positions x [B, L, D] into `cache`, `prefill_step_size` at a time."""
+        for start in range(0, x.shape[1], self.prefill_step_size):
+            chunk = x[:, start : start + self.prefill_step_size]
+            self.model.language_model.model(None, cache, input_embeddings=chunk)
+            self._quantize_cache()
+            mx.eval([c.state for c in cache])
+
+    def _quantize_cache(self) -> None:
+        q = self.kv_quantization
+        if q is not None:
+            maybe_quantize_kv_cache(self.cache, q.start, q.group_size, q.bits)
+
+    def _forward(self, joining: list[tuple[Row, mx.array]]) -> mx.array:
+        """One step for every row (the read rows first, then the joining ones): next tokens."""
+        inputs, fed = [], None
+        if self.rows:
+            fed = self.y
+            inputs.append(self.model.language_model.model.embed_tokens(fed)[:, None])
+        if joining:
+            inputs.append(mx.stack([e for _, e in joining]))
+            self.rows = self.rows + [row for row, _ in joining]
+            self.sampler = None
+        x = inputs[0] if len(inputs) == 1 else mx.concatenate(inputs)
+        logits = self.lm(None, self.cache, input_embeddings=x)[:, -1]
+        self._quantize_cache()
+        next_y = self._sample(logits, fed)
+        mx.async_eval(next_y)
+        return next_y
+
+    def _sample(self, logits: mx.array, fed: Optional[mx.array]) -> mx.array:
+        """Logits [B, V] -> tokens [B]; `fed` [b] are the tokens just fed for the first b rows
+        (each row's history grows by its own)."""
+        if any(r.logits_processors for r in self.rows):
+            rows = []
+            for i, r in enumerate(self.rows):
+                row_logits = logits[i : i + 1]
+                if r.logits_processors:
+                    if fed is not None and i < fed.shape[0]:
+                        context = r.context.update_and_fetch(fed[i : i + 1])
+                    else:
+                        context = r.context.tokens
+                    for processor_fn in r.logits_processors:
+                        row_logits = processor_fn(context, row_logits)
+                rows.append(row_logits)
+            logits = mx.concatenate(rows, axis=0)
+        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        if self.sampler is None:
+            vocab = logits.shape[-1]
+            self.sampler = BatchSampler([r.params for r in self.rows], vocab)
+        return self.sampler(logprobs)
+
+    def _drop(self, indices: list[int]) -> None:
+        """Take rows out of the batch (their caches kept first, if wanted)."""
+        if self.keep_caches:
+            for i in indices:
+                row = self.rows[i]
+                row.cache = self.cache if self.solo else [c.extract(i) for c in self.cache]
+                row.cache_keys = (row.keys + row.tokens)[: row.cache[0].offset]
+        keep = [i for i in range(len(self.rows)) if i not in set(indices)]
+        self.rows = [self.rows[i] for i in keep]
+        self.sampler = None
+        if not keep:
+            self.cache, self.y = None, None
+            return
+        for c in self.cache:
+            c.filter(keep)
+        if self.y is not None:
+            self.y = self.y[mx.array(keep)]

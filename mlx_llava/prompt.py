@@ -1,0 +1,308 @@
+"""The prompt pipeline: a prompt and its pictures -> token ids, pixels, position keys and the
+embeddings the language model is fed (image features spliced in), and the `PromptCache` that
+lets a prompt which begins like the last one compute only the rest.
+
+Everything up to `EncodedPrompt` runs on the host without MLX (`encode_on_host`), so that a
+server can tokenize and preprocess on other threads than the model's.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import mlx.core as mx
+import numpy as np
+from mlx_lm.models.cache import trim_prompt_cache
+
+from .model import Model
+from .processor import IMAGE_PLACEHOLDER, ImageInput, Processor
+
+
+def image_list(image, images) -> list:
+    """The pictures of a call that takes `image=` or `images=`, as a list."""
+    if image is not None and images is not None:
+        raise ValueError("pass either image or images, not both")
+    if images is not None:
+        return list(images)
+    return [] if image is None else [image]
+
+
+def context_room(model: Model, length: int, what: str = "the prompt") -> int:
+    """Positions the model's context (`max_position_embeddings`) leaves after `length` tokens.
+
+    Raises:
+        ValueError: none are left, so not even one token could be answered.
+    """
+    limit = model.config.text_config.max_position_embeddings
+    if length >= limit:
+        raise ValueError(
+            f"{what} is {length} tokens (image tokens included) but the model's context is "
+            f"{limit}: no room for an answer"
+        )
+    return limit - length
+
+
+def image_digests(pixel_values: np.ndarray, tiles: Optional[Sequence[int]] = None) -> list[str]:
+    """A digest of each preprocessed picture [n, H, W, 3] (LLaVA-NeXT: of each picture's
+    `tiles` consecutive rows): its identity in prompt caches."""
+    tiles = [1] * len(pixel_values) if tiles is None else tiles
+    starts = np.cumsum([0, *tiles]).tolist()
+    return [
+        hashlib.sha1(np.ascontiguousarray(pixel_values[a:b]).tobytes()).hexdigest()
+        for a, b in zip(starts, starts[1:])
+    ]
+
+
+def preprocess_images(
+    processor: Processor, images: Sequence[ImageInput]
+) -> tuple[Optional[mx.array], list[str], Optional[list]]:
+    """Pixel values [n, H, W, 3] (None without pictures; LLaVA-NeXT: every picture's tiles),
+    the pictures' digests, and their (height, width) where the model needs them (LLaVA-NeXT;
+    else None)."""
+    pixels, digests, sizes = _preprocess_on_host(processor, images)
+    return (None if pixels is None else mx.array(pixels)), digests, sizes
+
+
+def _preprocess_on_host(
+    processor: Processor, images: Sequence[ImageInput]
+) -> tuple[Optional[np.ndarray], list[str], Optional[list]]:
+    if not images:
+        return None, [], None
+    pixels, sizes = processor.image_processor.preprocess(list(images))
+    tiles = None if sizes is None else [processor.config.image_tiles(s) for s in sizes]
+    return pixels, image_digests(pixels, tiles), sizes
+
+
+@dataclass
+class EncodedPrompt:
+    """A prompt tokenized and its pictures preprocessed, on the host (nothing of MLX): what a
+    thread other than the model's can prepare.
+
+    Attributes:
+        input_ids: the token ids [L] (each `<image>` expanded).
+        pixel_values: float32 [n, H, W, 3] (LLaVA-NeXT: every picture's tiles), or None.
+        digests: the pictures' digests (see `image_digests`).
+        image_sizes: the pictures' (height, width) for LLaVA-NeXT, else None.
+    """
+
+    input_ids: list[int]
+    pixel_values: Optional[np.ndarray]
+    digests: list[str]
+    image_sizes: Optional[list[tuple[int, int]]]
+
+
+def encode_on_host(
+    model: Model,
+    processor: Processor,
+    prompt: str,
+    images: Sequence[ImageInput],
+    max_chars: Optional[int] = None,
+) -> EncodedPrompt:
+    """Tokenize a prompt and preprocess its pictures without touching MLX.
+
+    Args:
+        max_chars: refuse longer prompts before tokenizing them (bounded work).
+
+    Raises:
+        ValueError: the prompt is longer than `max_chars`, its placeholders and pictures differ
+            in number, or it leaves no room in the model's context (see `context_room`).
+    """
+    if max_chars is not None and len(prompt) > max_chars:
+        raise ValueError(
+            f"the prompt is {len(prompt):,} characters, more than the limit of {max_chars:,}"
+        )
+    found = prompt.count(IMAGE_PLACEHOLDER)
+    if found != len(images):
+        raise ValueError(
+            f"the prompt has {found} <image> placeholder(s) but {len(images)} image(s) were given"
+        )
+    pixels, digests, sizes = _preprocess_on_host(processor, images)
+    input_ids = processor.tokenize(prompt, image_sizes=sizes)
+    context_room(model, len(input_ids))
+    sizes = None if sizes is None else [tuple(s) for s in sizes]
+    return EncodedPrompt(input_ids, pixels, digests, sizes)
+
+
+class PromptCache:
+    """A KV cache that remembers what it holds, so a prompt that begins the same way computes
+    only the rest: the picture and system prompt are encoded once for many questions, and a
+    chat turn costs only its new tokens.
+
+    Positions are compared by token id, and image tokens by a digest of their picture's
+    pixels; the cache is rewound (mlx-lm's `trim`) to the longest common prefix. The pictures of
+    the last call are remembered too: the same picture objects again (a chat's next turn) are
+    not preprocessed and hashed again, so pass new objects for pictures changed in place.
+    """
+
+    def __init__(self, model: Model):
+        self.cache = model.make_cache()
+        self.keys: list = []
+        self._images: tuple = ()
+        self._preprocessed: tuple = (None, [], None)
+
+    def preprocessed(
+        self, images: Sequence[ImageInput], processor: Processor
+    ) -> tuple[Optional[mx.array], list[str], Optional[list]]:
+        """`preprocess_images` of `images`: pixel values, digests and image sizes."""
+        same = len(images) == len(self._images)
+        if not (same and all(a is b for a, b in zip(images, self._images))):
+            self._preprocessed = preprocess_images(processor, images)
+            self._images = tuple(images)
+        return self._preprocessed
+
+    @property
+    def length(self) -> int:
+        return self.cache[0].offset
+
+    def reusable(self, keys: list) -> int:
+        """How many leading positions of `keys` the cache already holds."""
+        n = 0
+        for a, b in zip(self.keys, keys):
+            if a != b:
+                break
+            n += 1
+        return n
+
+    def rewind(self, length: int) -> None:
+        trim_prompt_cache(self.cache, self.length - length)
+        self.keys = self.keys[:length]
+
+
+def image_runs(ids: Sequence[int], image_token: int) -> list[tuple[int, int]]:
+    """[start, end) of each run of image tokens in one prompt's ids: a run per picture (its
+    length is that picture's token count) when no two placeholders touch."""
+    runs, start = [], None
+    for i, t in enumerate(list(ids) + [None]):
+        if t == image_token and start is None:
+            start = i
+        elif t != image_token and start is not None:
+            runs.append((start, i))
+            start = None
+    return runs
+
+
+def position_keys(input_ids: np.ndarray, digests: Sequence[str], image_token: int) -> list:
+    """One hashable key per position of a single prompt: the token id, or (picture digest, k)
+    for the k-th token of a picture. Pictures are told apart by their runs of image tokens;
+    when placeholders touch (fewer runs than pictures) every image position is keyed by all the
+    prompt's digests instead."""
+    keys = np.asarray(input_ids).tolist()
+    if not digests:
+        return keys
+    runs = image_runs(keys, image_token)
+    if len(runs) == len(digests):
+        for (start, end), digest in zip(runs, digests):
+            keys[start:end] = [(digest, k) for k in range(end - start)]
+        return keys
+    whole = tuple(digests)
+    image_positions = [i for start, end in runs for i in range(start, end)]
+    for k, i in enumerate(image_positions):
+        keys[i] = (whole, k)
+    return keys
+
+
+def encode_prompt(
+    model: Model,
+    processor: Processor,
+    prompt: str,
+    images: Sequence[ImageInput],
+    preprocessed: Optional[tuple[Optional[mx.array], list[str], Optional[list]]] = None,
+    keyed: bool = True,
+) -> tuple[mx.array, Optional[mx.array], list, Optional[list]]:
+    """Tokenize a prompt and preprocess its pictures.
+
+    Args:
+        preprocessed: `(pixel_values, digests, image_sizes)` of `images` already computed (see
+            `preprocess_images`), or None to compute them here.
+        keyed: compute position keys (else the keys are the token ids and pictures are not
+            hashed).
+
+    Returns:
+        input_ids [1, L] (each `<image>` expanded), pixel_values [n, H, W, 3] or None, one
+        key per position (see `position_keys`), and the pictures' (height, width) for
+        LLaVA-NeXT (else None): pass them on to `prompt_embeddings`.
+
+    Raises:
+        ValueError: placeholders and pictures differ in number, or the prompt leaves no room
+            in the model's context for an answer (see `context_room`).
+    """
+    if preprocessed is None and keyed:
+        preprocessed = preprocess_images(processor, images)
+    pixel_values, digests, sizes = preprocessed or (None, [], None)
+    inputs = processor(prompt, list(images) or None, pixel_values=pixel_values, image_sizes=sizes)
+    input_ids = inputs["input_ids"]
+    context_room(model, input_ids.shape[1])
+    ids = np.asarray(input_ids[0])
+    keys = position_keys(ids, digests, model.config.image_token_index) if keyed else ids.tolist()
+    return input_ids, inputs["pixel_values"], keys, inputs["image_sizes"]
+
+
+def prompt_embeddings(
+    model: Model,
+    input_ids: mx.array,
+    pixel_values: Optional[mx.array],
+    start: int = 0,
+    image_sizes: Optional[Sequence[tuple[int, int]]] = None,
+) -> mx.array:
+    """Embeddings [L - start, D] of positions `start:` of one prompt, input_ids [1, L]
+    (`image_sizes`: LLaVA-NeXT's, from `encode_prompt`).
+
+    Only the pictures whose tokens lie after `start` go through the vision tower: a picture
+    already in a cached prefix is not encoded again.
+    """
+    new_ids = input_ids[:, start:]
+    image_token = model.config.image_token_index
+    if pixel_values is None or not bool((new_ids == image_token).any()):
+        return model.get_input_embeddings(new_ids)[0]
+    runs = image_runs(np.asarray(input_ids[0]).tolist(), image_token)
+    pictures = pixel_values.shape[0] if image_sizes is None else len(image_sizes)
+    if len(runs) == pictures and not any(s < start < e for s, e in runs):
+        first = sum(e <= start for _, e in runs)  # pictures wholly before `start`
+        if image_sizes is not None:  # LLaVA-NeXT: the first pictures' tiles
+            tiles = sum(model.config.image_tiles(s) for s in image_sizes[:first])
+            pixels, sizes = pixel_values[tiles:], image_sizes[first:]
+        else:
+            pixels, sizes = pixel_values[first:], None
+        return model.get_input_embeddings(new_ids, pixels, sizes)[0]
+    return model.get_input_embeddings(input_ids, pixel_values, image_sizes)[0, start:]
+
+
+@dataclass
+class PreparedPrompt:
+    """What generation feeds the model for one prompt.
+
+    Attributes:
+        input_ids: token ids [L] of the whole prompt (each `<image>` expanded).
+        embeddings: [L - start, D] of the positions after the cached prefix.
+        keys: one key per position of the whole prompt (see `position_keys`; without a
+            prompt cache, simply the token ids).
+        start: positions already in the prompt cache (0 without one).
+    """
+
+    input_ids: mx.array
+    embeddings: mx.array
+    keys: list
+    start: int = 0
+
+
+def prepare_prompt(
+    model: Model,
+    processor: Processor,
+    prompt: str,
+    images: Sequence[ImageInput],
+    prompt_cache: Optional[PromptCache] = None,
+) -> PreparedPrompt:
+    """Tokenize, preprocess, rewind `prompt_cache` to the longest prefix it holds (at least
+    one position short of the whole prompt: its logits are needed) and embed the rest."""
+    preprocessed = None if prompt_cache is None else prompt_cache.preprocessed(images, processor)
+    input_ids, pixel_values, keys, image_sizes = encode_prompt(
+        model, processor, prompt, images, preprocessed, keyed=prompt_cache is not None
+    )
+    start = 0
+    if prompt_cache is not None:
+        start = min(prompt_cache.reusable(keys), len(keys) - 1)
+        prompt_cache.rewind(start)
+    embeddings = prompt_embeddings(model, input_ids, pixel_values, start, image_sizes)
+    return PreparedPrompt(input_ids[0], embeddings, keys, start)
