@@ -85,6 +85,7 @@ def batch_generate(
     prefill_step_size: int = 2048,
     kv_bits: Optional[int] = None,
     return_results: bool = False,
+    sampling: Optional[SamplingParams] = None,
 ) -> Union[list[str], list[BatchResult]]:
     """Answer several prompts together; greedy answers equal `generate`'s one by one.
 
@@ -99,6 +100,7 @@ def batch_generate(
         kv_bits: not supported (a batched KV cache is not quantized); must be None.
         return_results: return a `BatchResult` per prompt (text, token ids, prompt size,
             finish reason) instead of the text alone.
+        sampling: a `SamplingParams` instead of the keyword settings.
 
     Returns:
         The answers (or their `BatchResult`s), in prompt order.
@@ -107,7 +109,7 @@ def batch_generate(
         ValueError: a prompt's placeholders differ from its pictures, a prompt exceeds the
             model's context, or `max_tokens` is not positive.
     """
-    params = SamplingParams(
+    params = sampling or SamplingParams(
         max_tokens=max_tokens,
         temperature=temperature,
         top_p=top_p,

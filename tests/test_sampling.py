@@ -70,3 +70,38 @@ def test_cli_errors_name_the_flag():
     args = generate_cli.build_parser().parse_args(["--top-p", "1.5"])
     with pytest.raises(ValueError, match=r"^--top-p must be in \[0, 1\], got 1.5$"):
         generate_cli.sampling_kwargs(args)
+
+
+def test_a_batch_of_mixed_settings_samples_each_row_by_its_own():
+    """One draw for the whole batch, each row filtered by its own settings: a row whose
+    filters leave one token (top-k 1, a tiny top-p, min-p 1) answers as greedy decoding does,
+    beside a greedy row and a hot one that does not."""
+    from pathlib import Path
+
+    import mlx.core as mx
+
+    from mlx_llava import load, stream_generate
+    from mlx_llava.decoding import BatchEngine, make_row
+    from mlx_llava.prompt import encode_prompt, prompt_embeddings
+
+    model, processor = load(Path(__file__).parent / "fixtures" / "data" / "hf-hub", "float32")
+    prompt = processor.format_prompt("Tell me a story.", num_images=0)
+    greedy = [r.token for r in stream_generate(model, processor, prompt, max_tokens=16)]
+    settings = [
+        SamplingParams(max_tokens=16, temperature=1.0, top_k=1),
+        SamplingParams(max_tokens=16),
+        SamplingParams(max_tokens=16, temperature=1.5, top_p=1e-6),
+        SamplingParams(max_tokens=16, temperature=1.0, min_p=1.0),
+        SamplingParams(max_tokens=16, temperature=2.0),
+    ]
+    input_ids, _, _, _ = encode_prompt(model, processor, prompt, [])
+    embeddings = prompt_embeddings(model, input_ids, None)
+    mx.random.seed(0)
+    engine = BatchEngine(model)
+    rows = [make_row(model, processor, input_ids[0], params) for params in settings]
+    for row in rows:
+        engine.add(row, embeddings)
+    while engine:
+        engine.step()
+    assert [row.tokens for row in rows[:4]] == [greedy] * 4
+    assert rows[4].tokens != greedy

@@ -88,15 +88,22 @@ def add_model_args(p: argparse.ArgumentParser, default_model: bool = True) -> No
     )
 
 
-def add_sampling_args(p: argparse.ArgumentParser, kv_bits: bool = True) -> None:
-    """The sampling flags shared by generate.py, its chat mode and captioning."""
-    p.add_argument("--max-tokens", "-m", type=int, default=DEFAULT_MAX_TOKENS)
+def add_sampling_args(
+    p: argparse.ArgumentParser, kv_bits: bool = True, max_tokens: int = DEFAULT_MAX_TOKENS
+) -> None:
+    """The sampling flags (one per `SamplingParams` field) shared by generate.py, its chat
+    mode, captioning and the server (whose values are the defaults of requests)."""
+    p.add_argument(
+        "--max-tokens", "-m", type=int, default=max_tokens, help="the most tokens to answer"
+    )
     p.add_argument("--temp", type=float, default=0.0, help="sampling temperature (0: greedy)")
     p.add_argument("--top-p", type=float, default=0.0, help="nucleus sampling (0: off)")
     p.add_argument("--min-p", type=float, default=0.0, help="min-p sampling (0: off)")
     p.add_argument("--top-k", type=int, default=0, help="top-k sampling (0: off)")
     p.add_argument("--repetition-penalty", type=float, default=None, help="(default: off)")
-    p.add_argument("--repetition-context-size", type=int, default=20)
+    p.add_argument(
+        "--repetition-context-size", type=int, default=20, help="tokens the penalty looks back on"
+    )
     p.add_argument("--seed", type=int, default=None, help="random seed (default: unseeded)")
     p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     if kv_bits:

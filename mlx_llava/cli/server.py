@@ -12,7 +12,7 @@ from typing import Optional
 
 from ..image_processor import DEFAULT_MAX_IMAGE_PIXELS
 from . import run_cli
-from .args import add_model_args, load_from_args, make_parser, sampling_params
+from .args import add_model_args, add_sampling_args, load_from_args, make_parser, sampling_params
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8080
@@ -90,18 +90,12 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
         default=256,
         help="open connections at once; more are answered 503",
     )
-    p.add_argument(
-        "--max-tokens",
-        "-m",
-        type=int,
-        default=512,
-        help="answer length when a request does not say (capped by the context)",
+    requests = p.add_argument_group(
+        "sampling",
+        "defaults for the requests that leave a setting out (--max-tokens is capped "
+        "by the context)",
     )
-    p.add_argument("--temp", type=float, default=0.0, help="default temperature (0: greedy)")
-    p.add_argument("--top-p", type=float, default=0.0, help="default top-p (0: off)")
-    p.add_argument("--top-k", type=int, default=0, help="default top-k (0: off)")
-    p.add_argument("--min-p", type=float, default=0.0, help="default min-p (0: off)")
-    p.add_argument("--repetition-penalty", type=float, default=None)
+    add_sampling_args(requests, kv_bits=False, max_tokens=512)
     p.add_argument("--max-batch", type=int, default=8, help="requests generating together")
     p.add_argument(
         "--max-queue",
@@ -151,7 +145,6 @@ def main(argv=None, prog: Optional[str] = None) -> None:
 def _check(args: argparse.Namespace) -> None:
     positive = {
         "--port": args.port,
-        "--max-tokens": args.max_tokens,
         "--max-batch": args.max_batch,
         "--prefill-batch-size": args.prefill_batch_size,
         "--prefill-step-size": args.prefill_step_size,
