@@ -247,6 +247,7 @@ class BatchEngine:
         self.y: Optional[mx.array] = None  # [len(rows)] sampled last step, not read yet
         self.waiting: list[tuple[Row, mx.array, Optional[list]]] = []
         self.sampler: Optional[BatchSampler] = None  # for `rows`, made when they change
+        self.joined: list[Row] = []  # the rows that joined at the last step
 
     def __len__(self) -> int:
         return len(self.rows) + len(self.waiting)
@@ -276,6 +277,7 @@ class BatchEngine:
         """One decoding step. Returns the rows that got a token (read `segment` and
         `finish_reason`); finished rows have left the batch."""
         joining = self._prefill() if self.waiting else []
+        self.joined = [row for row, _ in joining]
         read = [r for r in self.rows if not r.read_ahead]
         for r in self.rows:
             r.read_ahead = False
@@ -299,6 +301,14 @@ class BatchEngine:
         if done:
             self._drop(done)
         return read
+
+    def row_cache(self, row: Row) -> list:
+        """A copy of `row`'s KV cache as it stands, one mlx-lm `KVCache` per layer: right
+        after the row joined, its whole prompt."""
+        i = self.rows.index(row)
+        cache = [c.extract(i) for c in self.cache]
+        mx.eval([c.state for c in cache])
+        return cache
 
     def finish(self) -> None:
         """Wait for the step computed ahead (nothing of it may still run, nor, split across

@@ -379,10 +379,28 @@ class Worker:
                 closing = self._closing
                 cancels, self._cancels = self._cancels, []
                 room = 0 if closing else min(self.max_batch - len(self._running), self.max_prefill)
-                admitted = [self._queue.popleft() for _ in range(min(room, len(self._queue)))]
+                admitted = self._take(room)
             admissions = [a for a in map(self._encode, admitted) if a is not None]
             if not self._turn(Turn([job.number for job in cancels], admissions, closing)):
                 return
+
+    def _take(self, room: int) -> list[Job]:
+        """Up to `room` waiting requests, in order. One that shows a picture another request
+        taken now shows too waits a turn: it then starts from that request's prompt, in the
+        prompt cache as soon as it is prefilled, rather than encode and prefill the picture
+        again."""
+        taken, pictures = [], set()
+        for job in self._queue:
+            if len(taken) == room:
+                break
+            digests = set(job.request.encoded.digests)
+            if digests & pictures:
+                continue
+            pictures |= digests
+            taken.append(job)
+        for job in taken:
+            self._queue.remove(job)
+        return taken
 
     def _follow(self) -> None:
         """The ranks other than 0: do rank 0's turns until it closes. Between idle turns they
@@ -404,10 +422,10 @@ class Worker:
             for admission in turn.admissions:
                 self._start(admission)
             if self.engine:
-                joined = len(self.engine.waiting)
                 for row in self.engine.step():
                     self._emit(row)
-                self._notify("step", rows=len(self.engine.rows), joined=joined)
+                self._keep_prompts(self.engine.joined)
+                self._notify("step", rows=len(self.engine.rows), joined=len(self.engine.joined))
         except Exception:  # noqa: BLE001 - fail the batch, keep serving
             if self.group is not None:
                 raise  # a rank's failure may be its own: the ranks could part ways
@@ -481,6 +499,14 @@ class Worker:
         embeddings = prompt_embeddings(self.model, input_ids, pixel_values, start, sizes)
         self.engine.add(row, embeddings, cache)
         return row, start
+
+    def _keep_prompts(self, rows: list[Row]) -> None:
+        """Put the prompts just prefilled into the prompt cache now, not when their answers
+        end: a request that arrives meanwhile with the same picture starts from them."""
+        for row in rows:
+            if row.finish_reason is None and row.keys:
+                cache = self.engine.row_cache(row)
+                self.prompt_cache.insert_cache(_CACHE_KEY, row.keys, cache)
 
     def _cached_prefix(self, keys: list) -> tuple[Optional[list], int]:
         """The KV cache of the longest cached prefix of `keys` (or None) and its length, at
