@@ -18,7 +18,7 @@ from .decoding import BatchEngine, make_row
 from .model import Model
 from .processor import IMAGE_PLACEHOLDER, ImageInput, Processor
 from .prompt import context_room
-from .sampling import SamplingParams
+from .sampling import ResponseFormat, SamplingParams
 
 PromptImages = Optional[Union[ImageInput, Sequence[ImageInput]]]
 
@@ -60,12 +60,14 @@ class BatchResult:
             EOS or the token that completed a stop string when the answer ended there).
         prompt_tokens: tokens in the prompt, image tokens included (padding excluded).
         finish_reason: "stop" (EOS or a stop string) or "length" (`max_tokens`).
+        logprobs: with `logprobs` asked for, a `TokenLogprob` per token but the EOS.
     """
 
     text: str = ""
     tokens: list[int] = field(default_factory=list)
     prompt_tokens: int = 0
     finish_reason: Optional[str] = None
+    logprobs: list = field(default_factory=list)
 
 
 def batch_generate(
@@ -82,6 +84,9 @@ def batch_generate(
     repetition_context_size: int = 20,
     seed: Optional[int] = None,
     stop: Optional[Sequence[str]] = None,
+    json_schema: Optional[Union[dict, str]] = None,
+    response_format: Optional[ResponseFormat] = None,
+    logprobs: Optional[int] = None,
     prefill_step_size: int = 2048,
     kv_bits: Optional[int] = None,
     return_results: bool = False,
@@ -95,7 +100,8 @@ def batch_generate(
             the order of that prompt's `<image>` placeholders.
         max_tokens: the most tokens to generate per prompt (> 0).
         temperature, top_p, min_p, top_k, repetition_penalty, repetition_context_size, seed,
-            stop: as for `stream_generate`; the sampler draws all rows at once.
+            stop, json_schema, response_format, logprobs: as for `stream_generate`; the
+            sampler draws all rows at once.
         prefill_step_size: prompt positions per prefill chunk.
         kv_bits: not supported (a batched KV cache is not quantized); must be None.
         return_results: return a `BatchResult` per prompt (text, token ids, prompt size,
@@ -119,6 +125,10 @@ def batch_generate(
         repetition_context_size=repetition_context_size,
         seed=seed,
         stop=stop,
+        response_format=(
+            ResponseFormat.json_schema(json_schema) if json_schema is not None else response_format
+        ),
+        logprobs=logprobs,
     )
     if kv_bits is not None:
         raise ValueError("batched generation does not quantize the KV cache: leave kv_bits unset")
@@ -151,5 +161,6 @@ def batch_generate(
     if not return_results:
         return [row.text for row in rows]
     return [
-        BatchResult(row.text, row.tokens, n, row.finish_reason) for row, n in zip(rows, lengths)
+        BatchResult(row.text, row.tokens, n, row.finish_reason, row.logprobs)
+        for row, n in zip(rows, lengths)
     ]

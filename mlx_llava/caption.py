@@ -74,9 +74,10 @@ def caption_folder(
     """Caption the pictures of a folder with `batch_generate`, one JSONL record per picture.
 
     Each record is `{"file", "prompt", "answer"}` (`file` relative to `image_dir`), written and
-    flushed batch by batch. Files already in `output` are skipped, so an interrupted run
-    resumes where it stopped; unreadable files are skipped with a warning on stderr (and tried
-    again on the next run).
+    flushed batch by batch; with a `json_schema` or `response_format` the answer is the parsed
+    JSON object (or the text, when `max_tokens` cut it short of valid JSON). Files already in
+    `output` are skipped, so an interrupted run resumes where it stopped; unreadable files are
+    skipped with a warning on stderr (and tried again on the next run).
 
     Under `mlx.launch` (`group` of N ranks, every machine holding the folder at the same path)
     each round of N x `batch_size` pictures is split across the ranks, a batch each, and rank 0
@@ -124,6 +125,7 @@ def caption_folder(
     if main:
         out = sys.stdout if to_stdout else _open_for_append(output)
     meter = Progress(len(todo), "captioned", "images", enabled=progress and main)
+    structured = any(sampling.get(k) is not None for k in ("json_schema", "response_format"))
     written = skipped = 0
     try:
         for names in _batches(todo, batch_size * group.size()):
@@ -135,7 +137,8 @@ def caption_folder(
                     if main:
                         meter.message(warning)
                 for record in records:
-                    record = {"file": record[0], "prompt": prompt, "answer": record[1]}
+                    answer = _parsed(record[1]) if structured else record[1]
+                    record = {"file": record[0], "prompt": prompt, "answer": answer}
                     if out is not None:
                         out.write(json.dumps(record, ensure_ascii=False) + "\n")
                 written += len(records)
@@ -147,6 +150,14 @@ def caption_folder(
         if out is not None and not to_stdout:
             out.close()
     return written
+
+
+def _parsed(answer: str):
+    """A structured answer as JSON, or as it is when it is not (cut by `max_tokens`)."""
+    try:
+        return json.loads(answer)
+    except ValueError:
+        return answer
 
 
 def _caption_batch(model, processor, root: Path, names, prompt: str, sampling: dict):

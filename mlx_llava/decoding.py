@@ -27,6 +27,7 @@ from .model import Model
 from .processor import Processor
 from .prompt import context_room
 from .sampling import BatchSampler, SamplingParams, logits_processors
+from .structured import Constraint, apply_masks, fill_masks
 
 KV_BITS = (2, 3, 4, 6, 8)  # what MLX's quantize takes
 
@@ -86,6 +87,17 @@ class StopMatcher:
         return out, False
 
 
+@dataclass
+class TokenLogprob:
+    """A generated token's log-probability under the model (the log-softmax of its logits,
+    before repetition penalties, grammar masks and temperature) and the `top` most likely
+    tokens at that position, (token, logprob) best first."""
+
+    token: int
+    logprob: float
+    top: list[tuple[int, float]]
+
+
 class Row:
     """One answer being decoded (made by `make_row`).
 
@@ -98,6 +110,8 @@ class Row:
         tokens: the tokens generated so far.
         text: the answer so far; `segment` is what the last token added to it.
         finish_reason: None while generating, then "stop" or "length".
+        constraint: the grammar its tokens must follow (`params.response_format`), or None.
+        logprobs: when `params.logprobs` is set, a `TokenLogprob` per token but the EOS.
         cache: when the engine keeps caches, the row's KV cache once it has left the batch (a
             list of mlx-lm `KVCache`, one per layer) and `cache_keys` the keys of its positions.
     """
@@ -109,6 +123,7 @@ class Row:
         max_tokens: int,
         history: mx.array,
         keys: Optional[list] = None,
+        constraint: Optional[Constraint] = None,
     ):
         tokenizer = processor.tokenizer
         self.eos = tokenizer.eos_token_ids
@@ -118,6 +133,8 @@ class Row:
         self.stops = StopMatcher(params.stop)
         self.max_tokens = max_tokens
         self.logits_processors = logits_processors(params)
+        self.constraint = constraint
+        self.logprobs: list[TokenLogprob] = []
         self.context = TokenBuffer(history)
         self.keys = keys or []
         self.tokens: list[int] = []
@@ -128,11 +145,16 @@ class Row:
         self.cache_keys: list = []
         self.read_ahead = False  # its token of the last step was handed over already
 
-    def add(self, token: int) -> None:
-        """Take the next token: sets `segment` and, when the row is done, `finish_reason`."""
+    def add(self, token: int, logprob: Optional[TokenLogprob] = None) -> None:
+        """Take the next token (and its log-probability, when asked for): sets `segment` and,
+        when the row is done, `finish_reason`."""
         self.tokens.append(token)
+        if self.constraint is not None:
+            self.constraint.advance(token)
         if token in self.eos:
             return self._finish("stop")
+        if logprob is not None:
+            self.logprobs.append(logprob)
         if token < self.known_tokens:
             self.detokenizer.add_token(token)
         if len(self.tokens) == self.max_tokens:
@@ -174,7 +196,11 @@ def make_row(
     """
     room = context_room(model, input_ids.shape[0])
     history = mx.where(input_ids == model.config.image_token_index, 0, input_ids)
-    return Row(processor, params, min(params.max_tokens, room), history, keys)
+    constraint = None
+    if params.response_format is not None:
+        vocab = model.config.text_config.vocab_size
+        constraint = Constraint(processor, vocab, params.response_format)
+    return Row(processor, params, min(params.max_tokens, room), history, keys, constraint)
 
 
 @dataclass(frozen=True)
@@ -245,6 +271,7 @@ class BatchEngine:
         self.rows: list[Row] = []  # in the batch, in cache order
         self.cache: Optional[list] = None
         self.y: Optional[mx.array] = None  # [len(rows)] sampled last step, not read yet
+        self.y_logprobs: Optional[_Logprobs] = None  # theirs, for the rows that asked
         self.waiting: list[tuple[Row, mx.array, Optional[list]]] = []
         self.sampler: Optional[BatchSampler] = None  # for `rows`, made when they change
         self.joined: list[Row] = []  # the rows that joined at the last step
@@ -286,17 +313,17 @@ class BatchEngine:
                 # Every row ends with the token being read: no need to compute another step.
                 self._read(read, None)
                 return read
-        next_y = self._forward(joining)
-        self._read(read, next_y)
+        next_y, next_logprobs = self._forward(joining, read)
         if joining:
             # The joining rows' first tokens now rather than a step later (that step may be
             # another request's prefill): their time to first token is their own prefill.
             first = next_y[len(self.rows) - len(joining) :].tolist()
+            found = next_logprobs.read() if next_logprobs is not None else {}
             for (row, _), token in zip(joining, first):
-                row.add(token)
+                row.add(token, _token_logprob(row, token, found))
                 row.read_ahead = True
             read = read + [row for row, _ in joining]
-        self.y = next_y
+        self.y, self.y_logprobs = next_y, next_logprobs
         done = [i for i, r in enumerate(self.rows) if r.finish_reason is not None]
         if done:
             self._drop(done)
@@ -320,11 +347,13 @@ class BatchEngine:
         if not rows:
             return
         tokens = self.y.tolist()
+        found = self.y_logprobs.read() if self.y_logprobs is not None else {}
         position = {id(r): i for i, r in enumerate(self.rows)}
         for row in rows:
-            row.add(tokens[position[id(row)]])
+            token = tokens[position[id(row)]]
+            row.add(token, _token_logprob(row, token, found))
         if next_y is None:
-            self.y = None
+            self.y, self.y_logprobs = None, None
             self._drop([i for i, r in enumerate(self.rows) if r.finish_reason is not None])
 
     def _prefill(self) -> list[tuple[Row, mx.array]]:
@@ -377,8 +406,13 @@ class BatchEngine:
         if q is not None:
             maybe_quantize_kv_cache(self.cache, q.start, q.group_size, q.bits)
 
-    def _forward(self, joining: list[tuple[Row, mx.array]]) -> mx.array:
-        """One step for every row (the read rows first, then the joining ones): next tokens."""
+    def _forward(
+        self, joining: list[tuple[Row, mx.array]], read: list[Row]
+    ) -> tuple[mx.array, Optional["_Logprobs"]]:
+        """One step for every row (the read rows first, then the joining ones): the next
+        tokens (and their log-probabilities, for the rows that asked). `read` get their tokens
+        of the last step meanwhile: while this step computes, or, when a row has a grammar,
+        before the draw (its mask needs its last token; it is computed while the model runs)."""
         inputs, fed = [], None
         if self.rows:
             fed = self.y
@@ -390,13 +424,23 @@ class BatchEngine:
         x = inputs[0] if len(inputs) == 1 else mx.concatenate(inputs)
         logits = self.lm(None, self.cache, input_embeddings=x)[:, -1]
         self._quantize_cache()
-        next_y = self._sample(logits, fed)
-        mx.async_eval(next_y)
-        return next_y
+        if any(r.constraint is not None for r in self.rows):
+            mx.async_eval(logits)
+            self._read(read, logits)
+            read = []
+        next_y, logprobs = self._sample(logits, fed)
+        mx.async_eval(next_y, *(logprobs.arrays() if logprobs is not None else ()))
+        self._read(read, next_y)
+        return next_y, logprobs
 
-    def _sample(self, logits: mx.array, fed: Optional[mx.array]) -> mx.array:
-        """Logits [B, V] -> tokens [B]; `fed` [b] are the tokens just fed for the first b rows
-        (each row's history grows by its own)."""
+    def _sample(
+        self, logits: mx.array, fed: Optional[mx.array]
+    ) -> tuple[mx.array, Optional["_Logprobs"]]:
+        """Logits [B, V] -> tokens [B] (and the log-probabilities of the rows that asked);
+        `fed` [b] are the tokens just fed for the first b rows (each row's history grows by its
+        own). The logits processors, then the grammar masks, shape what the sampler draws
+        from; log-probabilities are the model's own (the logits as computed)."""
+        model_logits = logits
         if any(r.logits_processors for r in self.rows):
             rows = []
             for i, r in enumerate(self.rows):
@@ -410,11 +454,15 @@ class BatchEngine:
                         row_logits = processor_fn(context, row_logits)
                 rows.append(row_logits)
             logits = mx.concatenate(rows, axis=0)
+        if any(r.constraint is not None for r in self.rows):
+            masks = fill_masks([r.constraint for r in self.rows], logits.shape[-1])
+            logits = apply_masks(logits, masks)
         logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
         if self.sampler is None:
             vocab = logits.shape[-1]
             self.sampler = BatchSampler([r.params for r in self.rows], vocab)
-        return self.sampler(logprobs)
+        tokens = self.sampler(logprobs)
+        return tokens, _Logprobs.of(self.rows, model_logits, tokens)
 
     def _drop(self, indices: list[int]) -> None:
         """Take rows out of the batch (their caches kept first, if wanted)."""
@@ -427,9 +475,59 @@ class BatchEngine:
         self.rows = [self.rows[i] for i in keep]
         self.sampler = None
         if not keep:
-            self.cache, self.y = None, None
+            self.cache, self.y, self.y_logprobs = None, None, None
             return
         for c in self.cache:
             c.filter(keep)
         if self.y is not None:
             self.y = self.y[mx.array(keep)]
+
+
+class _Logprobs:
+    """The log-probabilities of a step's tokens for the rows that asked (`params.logprobs`),
+    computed on the device with the tokens and read with them: the model's log-softmax in
+    float32, the drawn token's value and the k best tokens (k: the most any row asked for)."""
+
+    def __init__(self, rows: list[Row], chosen: mx.array, top_ids, top_values):
+        self.rows = rows
+        self.chosen, self.top_ids, self.top_values = chosen, top_ids, top_values
+        self._found: Optional[dict] = None
+
+    @classmethod
+    def of(cls, rows: list[Row], logits: mx.array, tokens: mx.array) -> Optional["_Logprobs"]:
+        wanted = [i for i, r in enumerate(rows) if r.params.logprobs is not None]
+        if not wanted:
+            return None
+        index = mx.array(wanted)
+        x = logits[index].astype(mx.float32)
+        x = x - mx.logsumexp(x, axis=-1, keepdims=True)
+        chosen = mx.take_along_axis(x, tokens[index][:, None], axis=-1)[:, 0]
+        k = max(rows[i].params.logprobs for i in wanted)
+        top_ids = top_values = None
+        if k:
+            top_ids = mx.argpartition(-x, k - 1, axis=-1)[:, :k]
+            top_values = mx.take_along_axis(x, top_ids, axis=-1)
+            order = mx.argsort(-top_values, axis=-1)
+            top_ids = mx.take_along_axis(top_ids, order, axis=-1)
+            top_values = mx.take_along_axis(top_values, order, axis=-1)
+        return cls([rows[i] for i in wanted], chosen, top_ids, top_values)
+
+    def arrays(self) -> list[mx.array]:
+        return [a for a in (self.chosen, self.top_ids, self.top_values) if a is not None]
+
+    def read(self) -> dict[int, tuple[float, list[tuple[int, float]]]]:
+        """id(row) -> (its token's logprob, its top alternatives), read once."""
+        if self._found is None:
+            chosen = self.chosen.tolist()
+            ids = self.top_ids.tolist() if self.top_ids is not None else [[]] * len(chosen)
+            values = self.top_values.tolist() if self.top_values is not None else ids
+            self._found = {
+                id(row): (lp, list(zip(i, v))[: row.params.logprobs])
+                for row, lp, i, v in zip(self.rows, chosen, ids, values)
+            }
+        return self._found
+
+
+def _token_logprob(row: Row, token: int, found: dict) -> Optional[TokenLogprob]:
+    entry = found.get(id(row))
+    return None if entry is None else TokenLogprob(token, entry[0], entry[1])

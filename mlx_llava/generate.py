@@ -9,16 +9,16 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Generator, Optional, Sequence
+from typing import Generator, Optional, Sequence, Union
 
 import mlx.core as mx
 from mlx_lm.generate import wired_limit
 
-from .decoding import BatchEngine, kv_quantization, make_row
+from .decoding import BatchEngine, TokenLogprob, kv_quantization, make_row
 from .model import Model
 from .processor import ImageInput, Processor
 from .prompt import PromptCache, image_list, prepare_prompt
-from .sampling import SamplingParams
+from .sampling import ResponseFormat, SamplingParams
 
 
 @dataclass
@@ -35,6 +35,8 @@ class GenerationResponse:
         generation_tps: decoding speed, tokens per second.
         peak_memory: peak memory so far, in GB.
         finish_reason: None while generating, then "stop" or "length".
+        logprobs: with `logprobs` asked for, the token's log-probability and the top
+            alternatives (None for the EOS).
     """
 
     text: str
@@ -46,6 +48,7 @@ class GenerationResponse:
     generation_tps: float
     peak_memory: float
     finish_reason: Optional[str] = None
+    logprobs: Optional[TokenLogprob] = None
 
 
 def stream_generate(
@@ -63,6 +66,9 @@ def stream_generate(
     repetition_context_size: int = 20,
     seed: Optional[int] = None,
     stop: Optional[Sequence[str]] = None,
+    json_schema: Optional[Union[dict, str]] = None,
+    response_format: Optional[ResponseFormat] = None,
+    logprobs: Optional[int] = None,
     prompt_cache: Optional[PromptCache] = None,
     prefill_step_size: int = 2048,
     kv_bits: Optional[int] = None,
@@ -78,6 +84,9 @@ def stream_generate(
         max_tokens, temperature, top_p, min_p, top_k, repetition_penalty,
             repetition_context_size, seed, stop: how to answer (see `SamplingParams`; the
             logits processors see the whole prompt, cached part included).
+        json_schema: answer JSON that validates against this JSON schema (a dict or JSON
+            text; needs llguidance); `response_format`: a `ResponseFormat` instead.
+        logprobs: give each token's log-probability and this many top alternatives (0-20).
         prompt_cache: a `PromptCache` kept across calls: the part of the prompt it already holds
             is not computed again.
         prefill_step_size: prompt tokens per prefill chunk.
@@ -102,6 +111,10 @@ def stream_generate(
         repetition_context_size=repetition_context_size,
         seed=seed,
         stop=stop,
+        response_format=(
+            ResponseFormat.json_schema(json_schema) if json_schema is not None else response_format
+        ),
+        logprobs=logprobs,
     )
     quantization = kv_quantization(model, kv_bits, kv_group_size, quantized_kv_start)
     if params.seed is not None:
@@ -145,6 +158,7 @@ def _response(row, n, prompt_tokens, ttft, decode_tic) -> GenerationResponse:
         generation_tps=max(n - 1, 0) / elapsed,
         peak_memory=mx.get_peak_memory() / 1e9,
         finish_reason=row.finish_reason,
+        logprobs=row.logprobs[-1] if row.logprobs and row.tokens[-1] not in row.eos else None,
     )
 
 

@@ -9,9 +9,10 @@ is valid, so nothing a request asks for can fail the decoding step it shares wit
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import Any, Optional, Sequence, Union
 
 import mlx.core as mx
 from mlx_lm.sample_utils import make_logits_processors
@@ -22,6 +23,8 @@ MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 1000
 SEED_LIMIT = 1 << 64  # mx.random.seed takes an unsigned 64-bit seed
 RANDOM_SEED = -1  # what Ollama and llama.cpp clients send for "random": the same as no seed
+MAX_TOP_LOGPROBS = 20  # OpenAI's bound on top_logprobs
+RESPONSE_FORMATS = ("json_object", "json_schema")
 
 
 class SamplingError(ValueError):
@@ -58,6 +61,35 @@ def _seed(value: Any) -> None:
 
 
 @dataclass(frozen=True)
+class ResponseFormat:
+    """What an answer must be: any JSON object ("json_object") or JSON that validates against
+    a JSON schema ("json_schema"). The schema is kept as compact JSON text, so that the params
+    stay hashable and travel as JSON (pipeline ranks); `structured.py` compiles it.
+
+    Attributes:
+        kind: "json_object" or "json_schema".
+        schema: the JSON schema as JSON text (json_schema only).
+    """
+
+    kind: str
+    schema: Optional[str] = None
+
+    @classmethod
+    def json_schema(cls, schema: Union[dict, str, bool]) -> "ResponseFormat":
+        """The format of a schema (a dict, or JSON text); SamplingError if it is not JSON."""
+        if isinstance(schema, str):
+            try:
+                schema = json.loads(schema)
+            except ValueError as e:
+                raise SamplingError("response_format", f"schema is not JSON: {e}") from None
+        return cls("json_schema", json.dumps(schema, separators=(",", ":"), ensure_ascii=False))
+
+    @classmethod
+    def json_object(cls) -> "ResponseFormat":
+        return cls("json_object")
+
+
+@dataclass(frozen=True)
 class SamplingParams:
     """How to answer one prompt.
 
@@ -72,6 +104,10 @@ class SamplingParams:
         seed: seed MLX's generator first, in [0, 2**64) (None or -1: unseeded).
         stop: strings that end the answer (not included in it); at most 16 of at most 1000
             characters; empty strings are dropped.
+        response_format: constrain the answer to JSON (a `ResponseFormat`, or its fields as a
+            dict); the schema is compiled by llguidance here, so one it cannot take fails now.
+        logprobs: record each answer token's log-probability and this many top alternatives
+            (0 to 20; None: none), from the model's own distribution (see `decoding`).
     """
 
     max_tokens: int = 256
@@ -83,6 +119,8 @@ class SamplingParams:
     repetition_context_size: int = 20
     seed: Optional[int] = None
     stop: tuple[str, ...] = ()
+    response_format: Optional[ResponseFormat] = None
+    logprobs: Optional[int] = None
 
     def __post_init__(self):
         _number("max_tokens", self.max_tokens, 1, math.inf, integer=True)
@@ -100,6 +138,10 @@ class SamplingParams:
             if self.seed == RANDOM_SEED:
                 object.__setattr__(self, "seed", None)
         object.__setattr__(self, "stop", _stop_strings(self.stop))
+        if self.logprobs is not None:
+            _number("logprobs", self.logprobs, 0, MAX_TOP_LOGPROBS, integer=True)
+        if self.response_format is not None:
+            object.__setattr__(self, "response_format", _response_format(self.response_format))
 
     def replace(self, **changes) -> "SamplingParams":
         """A copy with the `changes` that are not None (a request's fields over defaults).
@@ -115,7 +157,32 @@ class SamplingParams:
 
     @classmethod
     def from_json(cls, fields: dict) -> "SamplingParams":
-        return cls(**fields)
+        return cls(**fields)  # response_format comes as a dict: __post_init__ takes it
+
+
+def _response_format(value: Any) -> ResponseFormat:
+    """A checked `ResponseFormat` (from one, or from its fields as a dict): its kind known and
+    its schema one llguidance compiles (SamplingError with llguidance's reason otherwise)."""
+    if isinstance(value, dict):
+        try:
+            value = ResponseFormat(**value)
+        except TypeError:
+            message = f"must be a ResponseFormat, got {value!r}"
+            raise SamplingError("response_format", message) from None
+    if not isinstance(value, ResponseFormat):
+        raise SamplingError("response_format", f"must be a ResponseFormat, got {value!r}")
+    if value.kind not in RESPONSE_FORMATS:
+        kinds = " or ".join(RESPONSE_FORMATS)
+        raise SamplingError("response_format", f"type must be {kinds}, got {value.kind!r}")
+    if value.kind == "json_schema" and not isinstance(value.schema, str):
+        raise SamplingError("response_format", "json_schema needs a schema")
+    from .structured import grammar  # llguidance is optional: imported when asked for
+
+    try:
+        grammar(value)
+    except ValueError as e:
+        raise SamplingError("response_format", str(e)) from None
+    return value
 
 
 def _stop_strings(stop: Any) -> tuple[str, ...]:

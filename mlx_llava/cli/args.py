@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 
 from ..decoding import KV_BITS
 from ..loader import DEFAULT_MODEL
-from ..sampling import SamplingError, SamplingParams
+from ..sampling import ResponseFormat, SamplingError, SamplingParams
 
 DEFAULT_MAX_TOKENS = 256
 DTYPE_CHOICES = ["float16", "bfloat16", "float32"]
@@ -115,6 +116,37 @@ def add_sampling_args(
         )
 
 
+def add_structured_args(p: argparse.ArgumentParser) -> None:
+    """--json and --json-schema: answers constrained to JSON (llguidance)."""
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--json", action="store_true", help="answer a JSON object")
+    group.add_argument(
+        "--json-schema",
+        default=None,
+        metavar="FILE",
+        help="answer JSON that validates against the JSON schema in FILE",
+    )
+
+
+def response_format(args: argparse.Namespace) -> "ResponseFormat | None":
+    """The response format of --json / --json-schema (checked when the params are made).
+
+    Raises:
+        ValueError: the schema file cannot be read or is not JSON, naming the flag.
+    """
+    path = getattr(args, "json_schema", None)
+    if path:
+        try:
+            with open(path, encoding="utf-8") as f:
+                schema = json.load(f)
+        except OSError as e:
+            raise ValueError(f"--json-schema cannot read {path}: {e.strerror or e}") from None
+        except ValueError as e:
+            raise ValueError(f"--json-schema {path} is not JSON: {e}") from None
+        return ResponseFormat.json_schema(schema)
+    return ResponseFormat.json_object() if getattr(args, "json", False) else None
+
+
 # SamplingParams field -> (flag, argparse attribute)
 SAMPLING_FLAGS = {
     "max_tokens": ("--max-tokens", "max_tokens"),
@@ -138,10 +170,15 @@ def sampling_params(args: argparse.Namespace, **defaults) -> SamplingParams:
     fields = {
         f: getattr(args, attr) for f, (_, attr) in SAMPLING_FLAGS.items() if hasattr(args, attr)
     }
+    fields["response_format"] = response_format(args)
     try:
         return SamplingParams(**{**defaults, **fields})
     except SamplingError as e:
-        raise ValueError(f"{SAMPLING_FLAGS[e.field][0]} {e.reason}") from None
+        if e.field == "response_format":
+            flag = "--json-schema" if getattr(args, "json_schema", None) else "--json"
+        else:
+            flag = SAMPLING_FLAGS[e.field][0]
+        raise ValueError(f"{flag} {e.reason}") from None
 
 
 def sampling_kwargs(args: argparse.Namespace) -> dict:
@@ -149,6 +186,9 @@ def sampling_kwargs(args: argparse.Namespace) -> dict:
     (checked: a value out of range is a ValueError naming its flag)."""
     out = dataclasses.asdict(sampling_params(args))
     out["stop"] = list(out["stop"])
+    for name in ("response_format", "logprobs"):  # no flag of these set: not passed on
+        if out[name] is None:
+            del out[name]
     if hasattr(args, "kv_bits"):
         if args.kv_bits is not None and args.kv_bits not in KV_BITS:
             raise ValueError(

@@ -6,7 +6,14 @@ import argparse
 
 from ..caption import DEFAULT_BATCH_SIZE, DEFAULT_CAPTION_PROMPT
 from . import run_cli
-from .args import add_model_args, add_sampling_args, load_from_args, make_parser, sampling_kwargs
+from .args import (
+    add_model_args,
+    add_sampling_args,
+    add_structured_args,
+    load_from_args,
+    make_parser,
+    sampling_kwargs,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -18,6 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE)
     p.add_argument("--quiet", action="store_true", help="no progress line")
     add_sampling_args(p, kv_bits=False)
+    add_structured_args(p)
     return p
 
 

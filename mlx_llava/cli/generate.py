@@ -9,7 +9,14 @@ import sys
 from typing import Optional
 
 from . import run_cli
-from .args import add_model_args, add_sampling_args, load_from_args, make_parser, sampling_kwargs
+from .args import (
+    add_model_args,
+    add_sampling_args,
+    add_structured_args,
+    load_from_args,
+    make_parser,
+    sampling_kwargs,
+)
 
 DEFAULT_PROMPT = "Describe this image."
 
@@ -45,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="timings and memory on stderr (with --pipeline: each rank's layers and memory)",
     )
     add_sampling_args(p)
+    add_structured_args(p)
     return p
 
 

@@ -9,6 +9,8 @@ code runs here: requests become plain data (a rendered prompt and decoded pictur
 from __future__ import annotations
 
 import asyncio
+import copy
+import dataclasses
 import functools
 import hmac
 import json
@@ -31,7 +33,8 @@ from ..image_processor import DEFAULT_MAX_IMAGE_PIXELS
 from ..model import Model
 from ..processor import Processor
 from ..prompt import EncodedPrompt, encode_on_host
-from ..sampling import SamplingError, SamplingParams
+from ..sampling import ResponseFormat, SamplingError, SamplingParams
+from ..structured import token_bytes, token_text
 from .messages import Message, PicturePolicy, render_conversation
 from .ollama import ollama_router
 from .schemas import (
@@ -39,16 +42,20 @@ from .schemas import (
     ChatCompletionChunk,
     ChatCompletionMessage,
     ChatCompletionRequest,
+    ChatCompletionTokenLogprob,
     ChatMessage,
     Choice,
     ChoiceDelta,
+    ChoiceLogprobs,
     ChunkChoice,
     ErrorDetail,
     ErrorResponse,
     ModelList,
     PromptTokensDetails,
     RequestError,
+    ResponseFormatRequest,
     Schema,
+    TopLogprob,
     Usage,
     parse_body,
 )
@@ -116,6 +123,7 @@ class Generation:
         except QueueFull as e:
             raise RequestError(f"{e}; retry later", code="queue_full", status=503) from e
         self.stats = Stats()
+        self.logprobs: list = []  # `collect`: the answer's `TokenLogprob`s, if asked for
 
     def _put(self, event: Event) -> None:
         self.loop.call_soon_threadsafe(self.events.put_nowait, event)
@@ -160,6 +168,7 @@ class Generation:
         try:
             async for event in self.stream():
                 text += event.text
+                self.logprobs.extend(event.logprobs)
                 if event.kind == "done":
                     return text, event
         finally:
@@ -171,7 +180,13 @@ class Service:
     """What the routes share: the worker, the settings and the picture policy."""
 
     def __init__(self, model: Model, processor: Processor, config: ServerConfig):
-        self.processor = processor
+        # Its own image processor: what preprocessing may allocate for a picture (after
+        # padding and resizing) is bounded like what is sent, for this server only.
+        image_processor = dataclasses.replace(
+            processor.image_processor, max_pixels=config.max_image_pixels
+        )
+        self.processor = copy.copy(processor)
+        self.processor.image_processor = image_processor
         self.config = config
         self.model_id = config.model_id
         self.created = int(time.time())
@@ -184,9 +199,6 @@ class Service:
             max_pixels=config.max_image_pixels,
         )
         self.worker = make_worker(model, processor, config)
-        # What preprocessing may allocate for a picture (after padding and resizing) is
-        # bounded like what is sent.
-        processor.image_processor.max_pixels = config.max_image_pixels
         self.model = model
         self.context_length = model.config.text_config.max_position_embeddings
         self.max_prompt_chars = config.max_prompt_chars or 32 * self.context_length
@@ -251,6 +263,21 @@ class Service:
                 "the request could not be prepared; see the server log", status=500
             ) from e
 
+    def logprob_entries(self, entries: list) -> list[ChatCompletionTokenLogprob]:
+        """`TokenLogprob`s as OpenAI's objects: each token as text and bytes, with its top
+        alternatives (Ollama's have the same fields)."""
+
+        def piece(token: int, logprob: float) -> dict:
+            data = token_bytes(self.processor.tokenizer, token)
+            return {"token": token_text(data), "logprob": logprob, "bytes": list(data)}
+
+        return [
+            ChatCompletionTokenLogprob(
+                **piece(e.token, e.logprob), top_logprobs=[TopLogprob(**piece(*t)) for t in e.top]
+            )
+            for e in entries
+        ]
+
     def sampling(self, names: dict[str, str], **fields) -> SamplingParams:
         """The request's sampling fields over the server's defaults (those left out: None);
         `names` maps a `SamplingParams` field to the request's name for it."""
@@ -299,17 +326,47 @@ def finish_reason(reason: Optional[str]) -> Optional[str]:
     return "stop" if reason == "cancelled" else reason
 
 
+def response_format(spec: Optional[ResponseFormatRequest]) -> Optional[ResponseFormat]:
+    """OpenAI's `response_format` (type text: None); an unknown type is refused, never
+    ignored."""
+    if spec is None or spec.type == "text":
+        return None
+    if spec.type == "json_object":
+        return ResponseFormat.json_object()
+    if spec.type == "json_schema":
+        if spec.json_schema is None or spec.json_schema.schema_ is None:
+            param = "response_format.json_schema.schema"
+            raise RequestError(f"{param} is required for type json_schema", param, "invalid_value")
+        return ResponseFormat.json_schema(spec.json_schema.schema_)
+    raise RequestError(
+        f"response_format.type must be text, json_object or json_schema, got {spec.type!r}",
+        "response_format.type",
+        "invalid_value",
+    )
+
+
+def top_logprobs(logprobs: Optional[bool], top: Optional[int]) -> Optional[int]:
+    """OpenAI's `logprobs` and `top_logprobs` as `SamplingParams.logprobs` (None: off)."""
+    if top is not None and not logprobs:
+        raise RequestError("top_logprobs needs logprobs: true", "top_logprobs", "invalid_value")
+    return (top or 0) if logprobs else None
+
+
+LOGPROB_NAMES = {"logprobs": "top_logprobs", "response_format": "response_format"}
+
+
 def chat_routes(app: FastAPI, service: Service) -> None:
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         body = await service.parse(ChatCompletionRequest, request)
         service.check_model(body.model)
-        if body.logprobs:
-            raise RequestError("logprobs are not supported", "logprobs", "unsupported")
         service.check_length([text for m in body.messages for text in m.texts()])
         max_tokens = body.max_completion_tokens
         sampling = service.sampling(
-            {"max_tokens": "max_completion_tokens" if max_tokens is not None else "max_tokens"},
+            {
+                "max_tokens": "max_completion_tokens" if max_tokens is not None else "max_tokens",
+                **LOGPROB_NAMES,
+            },
             max_tokens=max_tokens if max_tokens is not None else body.max_tokens,
             temperature=body.temperature,
             top_p=body.top_p,
@@ -318,6 +375,8 @@ def chat_routes(app: FastAPI, service: Service) -> None:
             repetition_penalty=body.repetition_penalty,
             seed=body.seed,
             stop=body.stop,
+            response_format=response_format(body.response_format),
+            logprobs=top_logprobs(body.logprobs, body.top_logprobs),
         )
         messages = await openai_messages(service, body.messages)
         prompt, pictures = await service.prompt(messages)
@@ -325,7 +384,9 @@ def chat_routes(app: FastAPI, service: Service) -> None:
         ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            chunks = sse_chunks(generation, ident, created, service.model_id, include_usage)
+            chunks = sse_chunks(
+                generation, ident, created, service.model_id, include_usage, service
+            )
             return StreamingResponse(
                 chunks,
                 media_type="text/event-stream",
@@ -340,6 +401,11 @@ def chat_routes(app: FastAPI, service: Service) -> None:
                 Choice(
                     message=ChatCompletionMessage(content=text),
                     finish_reason=finish_reason(done.finish_reason),
+                    logprobs=(
+                        ChoiceLogprobs(content=service.logprob_entries(generation.logprobs))
+                        if sampling.logprobs is not None
+                        else None
+                    ),
                 )
             ],
             usage=usage_of(done.stats),
@@ -351,17 +417,22 @@ def chat_routes(app: FastAPI, service: Service) -> None:
 
 
 async def sse_chunks(
-    generation: Generation, ident: str, created: int, model: str, include_usage: bool
+    generation: Generation,
+    ident: str,
+    created: int,
+    model: str,
+    include_usage: bool,
+    service: Optional[Service] = None,
 ) -> AsyncIterator[str]:
-    """Server-Sent Events of `chat.completion.chunk` objects, then `data: [DONE]`."""
+    """Server-Sent Events of `chat.completion.chunk` objects, then `data: [DONE]` (with
+    log-probabilities, each text chunk carries its tokens')."""
 
-    def chunk(delta: Optional[ChoiceDelta] = None, reason=None, usage=None) -> str:
+    def chunk(delta: Optional[ChoiceDelta] = None, reason=None, usage=None, logprobs=None) -> str:
+        choices = []
+        if delta is not None:
+            choices.append(ChunkChoice(delta=delta, finish_reason=reason, logprobs=logprobs))
         body = ChatCompletionChunk(
-            id=ident,
-            created=created,
-            model=model,
-            choices=[ChunkChoice(delta=delta, finish_reason=reason)] if delta else [],
-            usage=usage,
+            id=ident, created=created, model=model, choices=choices, usage=usage
         ).model_dump()
         for choice in body["choices"]:  # as OpenAI: a delta holds only what it sets
             choice["delta"] = {k: v for k, v in choice["delta"].items() if v is not None}
@@ -371,7 +442,10 @@ async def sse_chunks(
     try:
         async for event in generation.stream():
             if event.kind == "text":
-                yield chunk(ChoiceDelta(content=event.text))
+                logprobs = None
+                if event.logprobs and service is not None:
+                    logprobs = ChoiceLogprobs(content=service.logprob_entries(event.logprobs))
+                yield chunk(ChoiceDelta(content=event.text), logprobs=logprobs)
                 continue
             yield chunk(ChoiceDelta(), finish_reason(event.finish_reason))
             if include_usage:
@@ -511,7 +585,12 @@ def create_app(model: Model, processor: Processor, config: ServerConfig) -> Fast
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": service.model_id, **service.worker.state()}
+        """200 and "ok" while the worker serves; 503 and "error" (with why) once it stopped."""
+        state = service.worker.state()
+        if state["failure"] is None and state["alive"]:
+            return {"status": "ok", "model": service.model_id, **state}
+        body = {"status": "error", "model": service.model_id, **state}
+        return JSONResponse(body, 503)
 
     @app.get("/")
     async def page():

@@ -1,8 +1,10 @@
 """The Ollama API on the same worker: `/api/chat`, `/api/generate`, `/api/tags`, `/api/version`.
 
-Ollama clients send base64 `images` beside the text, `options` for sampling, and read NDJSON
-(streaming is the default) whose last object has `done: true` and the timings in nanoseconds.
-Errors are `{"error": "..."}`.
+Ollama clients send base64 `images` beside the text, `options` for sampling, `format` ("json" or
+a JSON schema) for structured output, `logprobs` / `top_logprobs` for log-probabilities, and read
+NDJSON (streaming is the default) whose last object has `done: true` and the timings in
+nanoseconds; with log-probabilities each object carries its tokens' (`logprobs`: token, logprob,
+bytes, top_logprobs). Errors are `{"error": "..."}`.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from ..sampling import SamplingParams
+from ..sampling import ResponseFormat, SamplingParams
 from .messages import Message
 from .schemas import (
     OllamaChatRequest,
@@ -42,13 +44,33 @@ OPTION_NAMES = {
     "max_tokens": "options.num_predict",
     "repetition_penalty": "options.repeat_penalty",
     "repetition_context_size": "options.repeat_last_n",
+    "response_format": "format",
+    "logprobs": "top_logprobs",
 }
 
 
-def _sampling(service, options: OllamaOptions | None) -> SamplingParams:
-    """Ollama's options -> `SamplingParams` (num_predict < 0: as long as the context allows;
-    repeat_last_n 0: no repetition penalty, -1: the whole context)."""
-    o = options or OllamaOptions()
+def _format(spec) -> ResponseFormat | None:
+    """Ollama's `format`: "json", a JSON schema, or nothing."""
+    if spec is None or spec == "":
+        return None
+    if spec == "json":
+        return ResponseFormat.json_object()
+    if isinstance(spec, dict):
+        return ResponseFormat.json_schema(spec)
+    raise RequestError(f'format must be "json" or a JSON schema, got {spec!r}', "format")
+
+
+def _logprobs(body) -> int | None:
+    if body.top_logprobs is not None and not body.logprobs:
+        raise RequestError("top_logprobs needs logprobs: true", "top_logprobs")
+    return (body.top_logprobs or 0) if body.logprobs else None
+
+
+def _sampling(service, body) -> SamplingParams:
+    """The request's options, format and logprobs -> `SamplingParams` (num_predict < 0: as
+    long as the context allows; repeat_last_n 0: no repetition penalty, -1: the whole
+    context)."""
+    o = body.options or OllamaOptions()
     if o.num_predict == 0:
         raise RequestError("options.num_predict must not be 0", "options.num_predict")
     last_n = o.repeat_last_n
@@ -72,6 +94,8 @@ def _sampling(service, options: OllamaOptions | None) -> SamplingParams:
         repetition_context_size=last_n,
         seed=o.seed,
         stop=o.stop,
+        response_format=_format(body.format),
+        logprobs=_logprobs(body),
     )
     if o.num_predict is not None and o.num_predict < 0:
         sampling = sampling.replace(max_tokens=service.context_length)
@@ -95,17 +119,32 @@ def _timings(event: Event) -> dict:
 
 
 async def _answer(
-    request: Request, generation, stream: bool, piece: Callable[[str], dict], model: str
+    request: Request, generation, stream: bool, piece: Callable[[str], dict], service, sampling
 ):
-    """NDJSON lines of `piece(text)` objects and the closing one, or one object."""
+    """NDJSON lines of `piece(text)` objects and the closing one, or one object (with
+    log-probabilities when asked for)."""
+    model = service.model_id
+
+    def logprobs(entries: list) -> dict:
+        if sampling.logprobs is None:
+            return {}
+        return {"logprobs": [e.model_dump() for e in service.logprob_entries(entries)]}
+
     if not stream:
         text, done = await generation.collect(request)
-        return {"model": model, "created_at": _now(), **piece(text), "done": True, **_timings(done)}
+        body = {
+            "model": model,
+            "created_at": _now(),
+            **piece(text),
+            **logprobs(generation.logprobs),
+        }
+        return {**body, "done": True, **_timings(done)}
 
     async def lines() -> AsyncIterator[str]:
         try:
             async for event in generation.stream():
                 body = {"model": model, "created_at": _now(), **piece(event.text)}
+                body.update(logprobs(event.logprobs))
                 if event.kind == "done":
                     body.update(done=True, **_timings(event))
                 else:
@@ -142,7 +181,7 @@ def ollama_router(service) -> APIRouter:
                 "message": {"role": "assistant", "content": ""},
             }
         service.check_length([m.content for m in body.messages])
-        sampling = _sampling(service, body.options)
+        sampling = _sampling(service, body)
         messages = [
             Message(m.role, m.content, await pictures(m.images, f"messages[{i}].images"))
             for i, m in enumerate(body.messages)
@@ -153,7 +192,7 @@ def ollama_router(service) -> APIRouter:
         def piece(text: str) -> dict:
             return {"message": {"role": "assistant", "content": text}}
 
-        return await _answer(request, generation, body.stream, piece, service.model_id)
+        return await _answer(request, generation, body.stream, piece, service, sampling)
 
     @router.post("/api/generate")
     async def generate(request: Request):
@@ -168,13 +207,13 @@ def ollama_router(service) -> APIRouter:
                 "done_reason": "load",
             }
         service.check_length([body.prompt, body.system or ""], "prompt")
-        sampling = _sampling(service, body.options)
+        sampling = _sampling(service, body)
         messages = [Message("system", body.system)] if body.system else []
         messages.append(Message("user", body.prompt, await pictures(body.images, "images")))
         prompt, images = await service.prompt(messages, "prompt")
         generation = await service.generate(request, prompt, images, sampling)
         return await _answer(
-            request, generation, body.stream, lambda text: {"response": text}, service.model_id
+            request, generation, body.stream, lambda text: {"response": text}, service, sampling
         )
 
     @router.get("/api/tags")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Annotated, Literal, Optional, TypeVar, Union
+from typing import Annotated, Any, Literal, Optional, TypeVar, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -140,6 +140,20 @@ class StreamOptions(_Request):
     include_usage: bool = False
 
 
+class JSONSchemaFormat(_Request):
+    name: Optional[str] = None
+    description: Optional[str] = None
+    schema_: Optional[Union[dict[str, Any], bool]] = Field(None, alias="schema")
+    strict: Optional[bool] = None  # the schema is always enforced
+
+
+class ResponseFormatRequest(_Request):
+    """OpenAI's `response_format`: its type is checked by the route (an unknown one: 400)."""
+
+    type: str
+    json_schema: Optional[JSONSchemaFormat] = None
+
+
 class ChatCompletionRequest(_Request):
     model: Optional[str] = None
     messages: list[ChatMessage] = Field(min_length=1)
@@ -156,7 +170,9 @@ class ChatCompletionRequest(_Request):
     seed: Optional[int] = None
     stop: Union[str, list[str], None] = None
     n: int = Field(1, ge=1, le=1)
-    logprobs: Optional[bool] = Field(None, description="not supported: false or absent only")
+    logprobs: Optional[bool] = None
+    top_logprobs: Optional[int] = None
+    response_format: Optional[ResponseFormatRequest] = None
 
 
 class ChatCompletionMessage(BaseModel):
@@ -175,11 +191,26 @@ class Usage(BaseModel):
     prompt_tokens_details: PromptTokensDetails
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: Optional[list[int]]
+
+
+class ChatCompletionTokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChoiceLogprobs(BaseModel):
+    content: Optional[list[ChatCompletionTokenLogprob]]
+    refusal: Optional[list[ChatCompletionTokenLogprob]] = None
+
+
 class Choice(BaseModel):
     index: int = 0
     message: ChatCompletionMessage
     finish_reason: Optional[str]
-    logprobs: None = None
+    logprobs: Optional[ChoiceLogprobs] = None
 
 
 class ChatCompletion(BaseModel):
@@ -200,7 +231,7 @@ class ChunkChoice(BaseModel):
     index: int = 0
     delta: ChoiceDelta
     finish_reason: Optional[str] = None
-    logprobs: None = None
+    logprobs: Optional[ChoiceLogprobs] = None
 
 
 class ChatCompletionChunk(BaseModel):
@@ -263,6 +294,9 @@ class OllamaChatRequest(_Request):
     messages: list[OllamaMessage] = Field(default_factory=list)
     stream: bool = True
     options: Optional[OllamaOptions] = None
+    format: Union[str, dict[str, Any], None] = None  # "json" or a JSON schema
+    logprobs: Optional[bool] = None
+    top_logprobs: Optional[int] = None
 
 
 class OllamaGenerateRequest(_Request):
@@ -272,6 +306,9 @@ class OllamaGenerateRequest(_Request):
     images: Optional[list[str]] = None
     stream: bool = True
     options: Optional[OllamaOptions] = None
+    format: Union[str, dict[str, Any], None] = None  # "json" or a JSON schema
+    logprobs: Optional[bool] = None
+    top_logprobs: Optional[int] = None
 
 
 class OllamaTimings(BaseModel):

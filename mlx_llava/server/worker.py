@@ -78,6 +78,7 @@ class Event:
     stats: Optional[Stats] = None  # start (prompt counts) and done (everything)
     error: str = ""  # error: a message for the client
     status: int = 400  # error: 4xx for a bad request, 5xx for a failure of ours
+    logprobs: list = field(default_factory=list)  # text: `TokenLogprob`s of its tokens, if asked
 
 
 @dataclass
@@ -170,6 +171,7 @@ class Job:
         self.admitted = self.first_token = 0.0
         self.cancelled = False
         self.finished = False
+        self.logprobs_sent = 0  # of `row.logprobs`
 
     def cancel(self) -> None:
         self.worker.cancel(self)
@@ -238,6 +240,7 @@ class Worker:
         self._closing = False
         self._thread = threading.Thread(target=self._run, name="mlx-llava-worker", daemon=True)
         self._observers: list[Callable[[str, dict], None]] = []
+        self._started = False
 
     def _gather(self, value) -> list:
         """Every rank's `value` (JSON), in rank order: [value] for one process."""
@@ -264,6 +267,7 @@ class Worker:
 
     def start(self) -> None:
         """Start the worker thread: rank 0 serves requests, the other ranks follow it."""
+        self._started = True
         self._thread.start()
 
     def close(self, timeout: float = 30.0) -> None:
@@ -280,13 +284,14 @@ class Worker:
         self._thread.join(timeout)
         return not self._thread.is_alive()
 
-    def observe(self, callback: Callable[[str, dict], None]) -> None:
+    def observe(self, callback: Callable[[str, dict], None]) -> Callable[[], None]:
         """Call `callback(moment, details)` from the worker thread at each of its moments:
         "admitted" (a request joined the batch: `number`), "step" (a decoding step ended:
         `rows` in the batch after it, `joined` rows that joined at it), "finished" (a request
         ended: `number`, `reason`). What tests wait on, rather than the clock; a callback that
-        blocks holds the worker there."""
+        blocks holds the worker there. Returns a function that stops the calls."""
         self._observers.append(callback)
+        return lambda: self._observers.remove(callback)
 
     def _notify(self, moment: str, **details) -> None:
         for callback in self._observers:
@@ -329,6 +334,8 @@ class Worker:
         rank's share), and the ranks that serve with the layers of each."""
         with self._wakeup:
             return {
+                "alive": self._thread.is_alive() or not self._started,
+                "failure": self.failure,
                 "active": len(self._running),
                 "queued": len(self._queue),
                 "max_batch": self.max_batch,
@@ -535,8 +542,10 @@ class Worker:
             return
         if not job.first_token:
             job.first_token = time.perf_counter()
-        if row.segment:
-            job.emit(Event("text", text=row.segment))
+        fresh = row.logprobs[job.logprobs_sent :]
+        job.logprobs_sent = len(row.logprobs)
+        if row.segment or fresh:
+            job.emit(Event("text", text=row.segment, logprobs=fresh))
         if row.finish_reason is not None:
             self._done(job, row.finish_reason)
 

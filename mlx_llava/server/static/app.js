@@ -9,7 +9,7 @@ const ui = {
   attachment: $("attachment"), preview: $("preview"), removePicture: $("remove-picture"),
   newChat: $("new-chat"), settingsToggle: $("settings-toggle"), settings: $("settings"),
   temperature: $("temperature"), maxTokens: $("max-tokens"), system: $("system"),
-  apiKey: $("api-key"), status: $("status"), drop: $("drop"),
+  jsonSchema: $("json-schema"), apiKey: $("api-key"), status: $("status"), drop: $("drop"),
 };
 
 const state = {
@@ -20,7 +20,7 @@ const state = {
 };
 
 // Settings persist in this browser.
-for (const id of ["temperature", "max-tokens", "system", "api-key"]) {
+for (const id of ["temperature", "max-tokens", "system", "json-schema", "api-key"]) {
   const input = $(id);
   const saved = localStorage.getItem(`mlx-llava:${id}`);
   if (saved !== null) input.value = saved;
@@ -31,6 +31,22 @@ function headers() {
   const h = { "Content-Type": "application/json" };
   if (ui.apiKey.value) h.Authorization = `Bearer ${ui.apiKey.value}`;
   return h;
+}
+
+// The JSON schema setting as a response_format: none when empty, any JSON object for {}.
+function responseFormat() {
+  const text = ui.jsonSchema.value.trim();
+  if (!text) return undefined;
+  let schema;
+  try {
+    schema = JSON.parse(text);
+  } catch (e) {
+    throw new Error(`The JSON schema setting is not JSON: ${e.message}`);
+  }
+  if (typeof schema === "object" && schema !== null && Object.keys(schema).length === 0) {
+    return { type: "json_object" };
+  }
+  return { type: "json_schema", json_schema: { name: "answer", schema, strict: true } };
 }
 
 function setStatus(text, isError = false) {
@@ -197,6 +213,7 @@ async function ask(text) {
         stream_options: { include_usage: true },
         temperature: Number(ui.temperature.value) || 0,
         max_tokens: Number(ui.maxTokens.value) || undefined,
+        response_format: responseFormat(),
       }),
     });
     if (!response.ok) throw new Error(await errorMessage(response));
