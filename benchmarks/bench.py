@@ -26,7 +26,6 @@ import os
 import platform
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 from contextlib import contextmanager
@@ -41,11 +40,8 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_map
 from PIL import Image
 
-# The checkout's root: `llava_testing` (test and benchmark helpers) is not installed.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from mlx_llava.convert import DTYPES, quantized_paths
 from mlx_llava import PromptCache, stream_generate
+from mlx_llava.convert import DTYPES, quantized_paths
 from mlx_llava.loader import is_mlx_folder, load
 
 DEFAULT_RUNS = 3

@@ -25,20 +25,16 @@ import json
 import random
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import mlx.core as mx
 
-# The checkout's root: `llava_testing` (test and benchmark helpers) is not installed.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from mlx_llava import load  # noqa: E402
-from mlx_llava.decoding import BatchEngine, make_row  # noqa: E402
-from mlx_llava.prompt import encode_prompt, prompt_embeddings  # noqa: E402
-from mlx_llava.sampling import ResponseFormat, SamplingParams  # noqa: E402
+from mlx_llava import load
+from mlx_llava.decoding import BatchEngine, make_row
+from mlx_llava.prompt import encode_prompt, prompt_embeddings
+from mlx_llava.sampling import ResponseFormat, SamplingParams
 
 SCHEMA = {
     "type": "object",

@@ -42,11 +42,11 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from make_checkpoint import make_checkpoint  # a sibling: the script's folder is on sys.path
 
-from benchmarks.make_checkpoint import make_checkpoint  # noqa: E402
-from llava_testing.launching import free_port_pair  # noqa: E402
+from llava_testing.launching import free_port_pair
+
+ROOT = Path(__file__).resolve().parents[1]
 
 WARMUP = 2
 TRAIN_ITERS = 10
@@ -143,8 +143,7 @@ def serving(ranks: int, model: Path, timeout: float = 600.0):
     """The server of `model` as one process (ranks 1) or on `ranks` ranks (--pipeline); its URL.
     Stopped as Ctrl-C would (SIGINT to the launch)."""
     import httpx
-
-    from benchmarks.bench_server import free_port
+    from bench_server import free_port
 
     port = free_port()
     argv = ["-m", "mlx_llava.server", "--model", str(model), "--port", str(port)]

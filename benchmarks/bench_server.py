@@ -15,6 +15,10 @@ run) by the same load:
   first content chunk) p50 and p95 over all requests, and per turn.
 - **chat**: one client alone, `--chat-pictures` conversations: turn-2 TTFT / turn-1 TTFT, the
   cost of a follow-up when the server keeps the conversation's KV cache.
+- **shared** (`--scenario shared`, instead of load and chat): `--clients` clients at once ask
+  two questions each, one after the other, about `--pictures` (4) new pictures shared among
+  them (client i about picture i mod 4): what apps that turn pictures into data do. Reported as
+  for the load: aggregate tokens/s and TTFT p50 / p95.
 
 Every run uses new pictures, so nothing is cached across runs. Results: a table on stdout and
 `--out` JSON (per run, medians, ranges and our/their ratios).
@@ -41,9 +45,7 @@ from pathlib import Path
 from typing import Optional
 
 import httpx
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench import synthetic_image  # noqa: E402
+from bench import synthetic_image  # a sibling: the script's folder is on sys.path
 
 ROOT = Path(__file__).resolve().parents[1]
 QUESTIONS = [
@@ -258,6 +260,52 @@ def run_load(server: Server, model: str, clients: int, seed: int, max_tokens: in
     }
 
 
+def run_shared(
+    server: Server, model: str, clients: int, pictures: int, seed: int, max_tokens: int
+) -> dict:
+    """`clients` clients at once, each asking two questions about one of `pictures` pictures."""
+    urls = [data_url(seed + k) for k in range(pictures)]
+    results: list[list[Result]] = [[] for _ in range(clients)]
+    errors: list[str] = []
+    barrier = threading.Barrier(clients)
+
+    def client(i: int) -> None:
+        barrier.wait()
+        try:
+            for q in range(2):
+                question = QUESTIONS[(i + 3 * q) % len(QUESTIONS)]
+                message = {
+                    "role": "user",
+                    "content": [
+                        {"type": "image_url", "image_url": {"url": urls[i % pictures]}},
+                        {"type": "text", "text": question},
+                    ],
+                }
+                results[i].append(stream(server, model, [message], max_tokens))
+        except Exception as e:  # noqa: BLE001 - reported, the run goes on
+            errors.append(f"client {i}: {e}")
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=3600)
+    if errors:
+        raise RuntimeError("; ".join(errors))
+    done = [r for rs in results for r in rs]
+    wall = max(r.end for r in done) - min(r.start for r in done)
+    ttfts = [r.ttft for r in done]
+    tokens = sum(r.tokens for r in done)
+    return {
+        "requests": len(done),
+        "completion_tokens": tokens,
+        "wall_s": wall,
+        "aggregate_tps": tokens / wall,
+        "ttft_p50_s": percentile(ttfts, 0.5),
+        "ttft_p95_s": percentile(ttfts, 0.95),
+    }
+
+
 def run_chat(server: Server, model: str, pictures: int, seed: int, max_tokens: int) -> dict:
     """One client alone: turn-2 TTFT / turn-1 TTFT over a few conversations."""
     first, second = [], []
@@ -309,6 +357,8 @@ def main() -> None:
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--chat-pictures", type=int, default=3)
+    p.add_argument("--scenario", choices=["conversations", "shared"], default="conversations")
+    p.add_argument("--pictures", type=int, default=4, help="shared: pictures among the clients")
     p.add_argument("--ours-flags", default="", help="extra flags for our server")
     p.add_argument("--startup-timeout", type=float, default=600)
     p.add_argument("--out", default=None, help="write the JSON report here")
@@ -352,13 +402,20 @@ def main() -> None:
             for server in order:
                 seed = 1000 * (run + 1)
                 tic = time.perf_counter()
-                load = run_load(server, model, args.clients, seed, args.max_tokens)
-                chat = run_chat(server, model, args.chat_pictures, seed + 500, args.max_tokens)
+                if args.scenario == "shared":
+                    load = run_shared(
+                        server, model, args.clients, args.pictures, seed, args.max_tokens
+                    )
+                    chat = {}
+                else:
+                    load = run_load(server, model, args.clients, seed, args.max_tokens)
+                    chat = run_chat(server, model, args.chat_pictures, seed + 500, args.max_tokens)
                 results[server.name] = {"load": load, "chat": chat}
+                turns = f", chat turn 2/1 {chat['turn2_over_turn1']:.3f}" if chat else ""
                 print(
                     f"run {run + 1} {server.name}: {load['aggregate_tps']:.2f} tok/s, TTFT p50 "
-                    f"{load['ttft_p50_s']:.2f} s p95 {load['ttft_p95_s']:.2f} s, chat turn 2/1 "
-                    f"{chat['turn2_over_turn1']:.3f} ({time.perf_counter() - tic:.0f} s)",
+                    f"{load['ttft_p50_s']:.2f} s p95 {load['ttft_p95_s']:.2f} s{turns} "
+                    f"({time.perf_counter() - tic:.0f} s)",
                     file=sys.stderr,
                 )
             report["runs"].append(results)

@@ -31,16 +31,12 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import sys
 import time
 from pathlib import Path
 
-# The checkout's root: `llava_testing` (test and benchmark helpers) is not installed.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from llava_testing.checkpoints import RandomInit, write_llava_hf  # noqa: E402
-from mlx_llava.anyres import DEFAULT_PINPOINTS  # noqa: E402
-from mlx_llava.convert import DTYPES  # noqa: E402
+from llava_testing.checkpoints import RandomInit, write_llava_hf
+from mlx_llava.anyres import DEFAULT_PINPOINTS
+from mlx_llava.convert import DTYPES
 
 # CLIP ViT-L/14-336 and Llama-2-7B / Vicuna-7B are the real llava-1.5-7b shapes.
 PRESETS = {

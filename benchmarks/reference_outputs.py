@@ -11,14 +11,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from bench import DEFAULT_MAX_TOKENS, QUESTION, make_prompt, synthetic_image  # noqa: E402
+from bench import DEFAULT_MAX_TOKENS, QUESTION, make_prompt, synthetic_image  # (a sibling)
 
 
 def reference_outputs(model_dir: Path, max_tokens: int) -> dict:

@@ -17,18 +17,10 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import sys
 import tempfile
 from pathlib import Path
 
-# The checkout's root: `llava_testing` (the tokenizer builder) is not installed.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from llava_testing.tokenizer_builder import (
-    build_tokenizer,
-    default_corpus,
-    pad_vocab_size,
-)  # noqa: E402
+from llava_testing.tokenizer_builder import build_tokenizer, default_corpus, pad_vocab_size
 from mlx_llava.config import ModelConfig, TextConfig, VisionConfig
 from mlx_llava.conversation import render
 from mlx_llava.data.shapes import NUMBER_WORDS

@@ -9,23 +9,9 @@ with MLX from a fixed seed by `llava_testing.checkpoints.tiny_llava_hf`, once pe
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
-
-# The checkout's root: `llava_testing` (test helpers) is not installed with the package.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-
-def make_picture(seed: int, size: tuple[int, int] = (40, 30)):
-    """A smooth random RGB picture (PIL) of `size` (width, height)."""
-    import numpy as np
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    small = rng.integers(0, 256, size=(4, 4, 3), dtype=np.uint8)
-    return Image.fromarray(small).resize(size, Image.BILINEAR)
 
 
 @pytest.fixture(scope="session")

@@ -14,8 +14,7 @@ import pytest
 from mlx_lm.models.cache import trim_prompt_cache
 
 from mlx_llava import load, stream_generate
-from mlx_llava.decoding import BatchEngine
-from mlx_llava.decoding import make_row
+from mlx_llava.decoding import BatchEngine, make_row
 from mlx_llava.prompt import encode_prompt, image_runs, prompt_embeddings
 from mlx_llava.sampling import SamplingParams
 

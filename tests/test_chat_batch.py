@@ -13,8 +13,8 @@ import sys
 import mlx.core as mx
 import numpy as np
 import pytest
-from conftest import make_picture
 
+from llava_testing.pictures import make_picture
 from mlx_llava import ChatSession, batch_generate, generate, load, stream_generate
 from mlx_llava.chat import session_template
 from mlx_llava.cli import caption as caption_cli

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from llava_testing.cli import run_main
 from mlx_llava import generate, load
 from mlx_llava.cli import convert as convert_cli
 from mlx_llava.cli import generate as generate_cli
@@ -24,16 +25,6 @@ def mlx_folder(tmp_path_factory):
     out = tmp_path_factory.mktemp("cli") / "mlx"
     convert_cli.main(["--hf-path", str(HF), "--mlx-path", str(out), "--dtype", "float32"])
     return out
-
-
-def run_main(main, argv, capsys) -> tuple[int, str, str]:
-    code = 0
-    try:
-        main(argv)
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def assert_one_line_error(code, err, *fragments):

@@ -13,8 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from serving import data_url, serving, user
-
+from llava_testing.serving import data_url, serving, user
 from mlx_llava import ChatSession, PromptCache, batch_generate, generate, load, stream_generate
 from mlx_llava.chat import session_template
 from mlx_llava.conversation import render

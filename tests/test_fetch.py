@@ -99,7 +99,7 @@ def test_a_slow_download_stops_at_the_deadline(server, path):
     tic = time.monotonic()
     with pytest.raises(ImageLoadError, match=r"cannot fetch image URL .*took longer than 1 s"):
         load_image(f"{server}{path}", timeout=1.0)
-    assert time.monotonic() - tic < 3.0
+    assert time.monotonic() - tic < 3.0  # the deadline is the feature: the whole, not each read
 
 
 def test_an_endless_download_stops_at_the_byte_cap(server):
@@ -108,10 +108,9 @@ def test_an_endless_download_stops_at_the_byte_cap(server):
 
 
 def test_a_declared_size_over_the_cap_is_refused_before_reading(server):
-    tic = time.monotonic()
+    # The body never comes: waiting for it would end at the deadline, with another message.
     with pytest.raises(ImageLoadError, match="1000 MB, more than the limit of 50 MB"):
-        load_image(f"{server}/declared-big")
-    assert time.monotonic() - tic < 2.0
+        load_image(f"{server}/declared-big", timeout=5.0)  # (the default cap)
 
 
 def test_limits_come_from_the_environment(server, monkeypatch):

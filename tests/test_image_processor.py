@@ -2,7 +2,6 @@
 
 import io
 import json
-import time
 
 import numpy as np
 import pytest
@@ -250,11 +249,9 @@ def test_load_errors(tmp_path):
 
 
 def test_unreachable_url():
-    start = time.monotonic()
     with pytest.raises(ImageLoadError) as e:
         load_image("http://127.0.0.1:9/x.png")
     _assert_one_line(e, "cannot fetch image URL 'http://127.0.0.1:9/x.png'")
-    assert time.monotonic() - start < 5
 
 
 def _png(width: int, height: int) -> bytes:

@@ -14,9 +14,9 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
-from test_cli import run_main
-from test_parity import assert_logits_close
 
+from llava_testing.cli import run_main
+from llava_testing.parity import assert_logits_close
 from mlx_llava import PromptCache, batch_generate, convert, load, stream_generate
 from mlx_llava.prompt import prepare_prompt
 
@@ -495,7 +495,7 @@ def test_training_counts_a_turned_pictures_upright_size(tmp_path):
 # The server ------------------------------------------------------------------------------------
 
 
-def test_server_answers_pictures_of_different_sizes(monkeypatch):
+def test_server_answers_pictures_of_different_sizes():
     """The OpenAI route on a NeXT checkpoint: each answer is `generate`'s, alone, several at
     once in one batch (rows of different image token counts joining it), and in a second turn
     continued from the prompt cache."""
@@ -503,8 +503,7 @@ def test_server_answers_pictures_of_different_sizes(monkeypatch):
 
     httpx = pytest.importorskip("httpx")
     pytest.importorskip("uvicorn")
-    from serving import data_url, serving, slow_steps, user
-
+    from llava_testing.serving import WorkerGate, data_url, serving, user
     from mlx_llava import generate
 
     model, processor = load(DATA / "next-v5", dtype="float32")
@@ -530,11 +529,16 @@ def test_server_answers_pictures_of_different_sizes(monkeypatch):
 
         one_at_a_time = [ask(r) for r in requests]
         assert one_at_a_time == [expected(*r) for r in requests]
-        sizes = slow_steps(server.worker, 0.05, monkeypatch)
         server.worker.prompt_cache.trim_to(n_sequences=0)
-        with ThreadPoolExecutor(len(requests)) as pool:
-            assert list(pool.map(ask, requests)) == one_at_a_time
-        assert max(rows for rows, _ in sizes) > 2  # they shared the batch
+        # The worker waits at the first request's admission until all of them are submitted.
+        with ThreadPoolExecutor(len(requests)) as pool, WorkerGate(server.worker) as gate:
+            gate.hold("admitted")
+            answers = [pool.submit(ask, r) for r in requests]
+            gate.wait_held()
+            gate.wait(lambda: gate.submitted == len(requests))
+            gate.release()
+            assert [a.result(timeout=120) for a in answers] == one_at_a_time
+        assert max(rows for rows, _ in gate.steps) > 2  # they shared the batch
         # A second turn about the wide picture: its prefix comes from the cache.
         turns = [
             user("What is this?", data_url(IMAGES["wide"])),

@@ -1,12 +1,11 @@
 """Parity against a live transformers model (runs where torch is installed; CI installs it).
 
-The checkpoints are rebuilt with tests/fixtures/make_fixtures.py and transformers runs now, so
+The checkpoints are rebuilt with llava_testing.oracles and transformers runs now, so
 a change of behaviour in the installed transformers shows up here, not only in the recorded
 fixtures.
 """
 
 import copy
-import sys
 from pathlib import Path
 
 import mlx.core as mx
@@ -16,9 +15,7 @@ import pytest
 pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-sys.path.insert(0, str(Path(__file__).parent / "fixtures"))
-import make_fixtures  # noqa: E402
-
+from llava_testing import oracles  # noqa: E402 - torch first
 from mlx_llava import convert, load, stream_generate  # noqa: E402
 
 LOGIT_RTOL = 1e-4
@@ -26,18 +23,18 @@ FEATURE_ATOL = 1e-4
 
 SPECS = {
     # The hub's sparse config, rebuilt and run now.
-    "hub": make_fixtures.HF_SPECS["hf-hub"],
+    "hub": oracles.HF_SPECS["hf-hub"],
     # GQA, rope theta 5e5 via rope_parameters, two feature layers, "full", in the v5 layout.
-    "gqa-v5": dict(copy.deepcopy(make_fixtures.HF_SPECS["hf-gqa"]), layout="v5", dtype_key="dtype"),
+    "gqa-v5": dict(copy.deepcopy(oracles.HF_SPECS["hf-gqa"]), layout="v5", dtype_key="dtype"),
 }
 
 
 @pytest.fixture(scope="module", params=sorted(SPECS))
 def live(request, tmp_path_factory):
     root = tmp_path_factory.mktemp(request.param)
-    make_fixtures.write_images(root)
-    folder = make_fixtures.build_llava_hf(root / "ckpt", SPECS[request.param])
-    expected = make_fixtures.oracle_outputs(folder, images_dir=root)
+    oracles.write_images(root)
+    folder = oracles.build_llava_hf(root / "ckpt", SPECS[request.param])
+    expected = oracles.oracle_outputs(folder, images_dir=root)
     model, processor = load(convert(folder, root / "mlx", dtype="float32"))
     return model, processor, expected, root
 
@@ -55,14 +52,14 @@ def test_live_logits_and_features(live):
 def test_live_greedy_and_preprocessing(live):
     model, processor, expected, root = live
     image = root / "images" / "a.png"
-    inputs = processor(make_fixtures.PROMPT, [image])
+    inputs = processor(oracles.PROMPT, [image])
     np.testing.assert_array_equal(np.array(inputs["input_ids"]), expected["input_ids"])
     np.testing.assert_allclose(
         np.array(inputs["pixel_values"]), expected["pixel_values"].transpose(0, 2, 3, 1), atol=1e-5
     )
     tokens = [
         r.token
-        for r in stream_generate(model, processor, make_fixtures.PROMPT, image=image, max_tokens=24)
+        for r in stream_generate(model, processor, oracles.PROMPT, image=image, max_tokens=24)
     ]
     assert tokens == expected["greedy_tokens"].tolist()
 
@@ -75,10 +72,10 @@ def test_live_sentencepiece_fixtures_reproduce(name, tmp_path):
     import json
 
     data = Path(__file__).parent / "fixtures" / "data" / name
-    assert make_fixtures.llama_sentencepiece_model() == (data / "tokenizer.model").read_bytes()
+    assert oracles.llama_sentencepiece_model() == (data / "tokenizer.model").read_bytes()
     meta = json.loads((data / "oracle.json").read_text())
-    cases = make_fixtures.TRAINING_CASES if "training" in meta else None
-    again = make_fixtures.spm_oracle(data, meta["prompts"], None, cases)
+    cases = oracles.TRAINING_CASES if "training" in meta else None
+    again = oracles.spm_oracle(data, meta["prompts"], None, cases)
     assert again["input_ids"] == meta["input_ids"]
     assert again.get("training") == meta.get("training")
     assert (name == "orig-spm-strings") == (cases is None)
@@ -88,11 +85,11 @@ def test_live_sentencepiece_fixtures_reproduce(name, tmp_path):
 
 NEXT_SPECS = {
     # Vicuna in the hub layout, rebuilt with another seed than the recorded fixture.
-    "next-hub": dict(make_fixtures.NEXT_SPECS["next-hub"], seed=1603),
+    "next-hub": dict(oracles.NEXT_SPECS["next-hub"], seed=1603),
     # Yi shapes saved by transformers 5 (the recorded one uses 4.52 names).
-    "next-yi-v5": dict(make_fixtures.NEXT_SPECS["next-v452"], layout="v5", seed=1809),
+    "next-yi-v5": dict(oracles.NEXT_SPECS["next-v452"], layout="v5", seed=1809),
     # An original release, converted by transformers' own key map for the oracle.
-    "next-orig": dict(make_fixtures.NEXT_ORIG_SPEC, seed=1902),
+    "next-orig": dict(oracles.NEXT_ORIG_SPEC, seed=1902),
 }
 
 
@@ -100,17 +97,17 @@ NEXT_SPECS = {
 def live_next(request, tmp_path_factory):
     name, spec = request.param, NEXT_SPECS[request.param]
     root = tmp_path_factory.mktemp(name)
-    make_fixtures.write_next_images(root)
+    oracles.write_next_images(root)
     # The seeds are the first whose greedy decoding is far from ties (torch 2.13 CPU); another
     # torch may draw other weights: the search goes on.
     for seed in range(spec["seed"], spec["seed"] + 10):
         if name == "next-orig":
-            folder = make_fixtures.build_original_next(root / "ckpt", spec, seed=seed)
-            expected = make_fixtures.original_next_oracle_outputs(folder, images_dir=root)
+            folder = oracles.build_original_next(root / "ckpt", spec, seed=seed)
+            expected = oracles.original_next_oracle_outputs(folder, images_dir=root)
         else:
-            folder = make_fixtures.build_llava_next(root / "ckpt", dict(spec, seed=seed))
-            expected = make_fixtures.next_oracle_outputs(folder, spec["decoder"], images_dir=root)
-        if not make_fixtures.next_oracle_problems(expected, strict=False):
+            folder = oracles.build_llava_next(root / "ckpt", dict(spec, seed=seed))
+            expected = oracles.next_oracle_outputs(folder, spec["decoder"], images_dir=root)
+        if not oracles.next_oracle_problems(expected, strict=False):
             break
     tower = root / "ckpt-clip" if name == "next-orig" else None
     model, processor = load(convert(folder, root / "mlx", dtype="float32", vision_tower=tower))
@@ -119,9 +116,9 @@ def live_next(request, tmp_path_factory):
 
 def test_live_next_features_logits_and_greedy(live_next):
     name, model, processor, expected, root = live_next
-    template = make_fixtures.NEXT_TEMPLATES[NEXT_SPECS[name]["decoder"]]
-    prompt = template.format(q=make_fixtures.NEXT_QUESTION)
-    for picture in make_fixtures.NEXT_IMAGE_SIZES:
+    template = oracles.NEXT_TEMPLATES[NEXT_SPECS[name]["decoder"]]
+    prompt = template.format(q=oracles.NEXT_QUESTION)
+    for picture in oracles.NEXT_IMAGE_SIZES:
         image = root / "images" / f"{picture}.png"
         inputs = processor(prompt, [image])
         pixels = expected[f"{picture}_pixel_values"].transpose(0, 2, 3, 1)

@@ -12,16 +12,13 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
+from llava_testing.parity import FEATURE_ATOL, PIXEL_ATOL, assert_logits_close
 from mlx_llava import PromptCache, convert, load, stream_generate
 from mlx_llava.prompt import prepare_prompt
 
 DATA = Path(__file__).parent / "fixtures" / "data"
 IMAGES = {name: DATA / "images" / f"{name}.png" for name in ("a", "b")}
 HF_CHECKPOINTS = ["hf-hub", "hf-v452", "hf-v5", "hf-gqa"]
-
-PIXEL_ATOL = 1e-5  # preprocessing is bit-exact in practice
-FEATURE_ATOL = 1e-4  # vision hidden states and projected features, float32
-LOGIT_RTOL = 1e-4  # max |ours - theirs| <= LOGIT_RTOL * max |theirs|
 
 
 def oracle(name: str) -> tuple[dict, dict]:
@@ -32,14 +29,6 @@ def oracle(name: str) -> tuple[dict, dict]:
         arrays = {**dict(np.load(DATA / meta["same_weights_as"] / "oracle.npz")), **arrays}
         meta = {**json.loads((DATA / meta["same_weights_as"] / "oracle.json").read_text()), **meta}
     return arrays, meta
-
-
-def assert_logits_close(ours, theirs):
-    ours, theirs = np.asarray(ours), np.asarray(theirs)
-    assert ours.shape == theirs.shape
-    scale = np.abs(theirs).max()
-    diff = np.abs(ours - theirs).max()
-    assert diff <= LOGIT_RTOL * scale, f"max diff {diff:.3g} > {LOGIT_RTOL} x {scale:.3g}"
 
 
 def nhwc(pixels: np.ndarray) -> mx.array:

@@ -23,8 +23,17 @@ from pathlib import Path
 import httpx
 import pytest
 from PIL import Image
-from serving import EXAMPLES, ROOT, data_url, free_port, serving, slow_steps, user, wait_until
 
+from llava_testing.serving import (
+    EXAMPLES,
+    ROOT,
+    WorkerGate,
+    data_url,
+    free_port,
+    serving,
+    user,
+    wait_until,
+)
 from mlx_llava import ChatSession, generate, load
 from mlx_llava.chat import session_template
 from mlx_llava.cli import server as server_cli
@@ -283,7 +292,7 @@ def test_sampling_fields_reach_generation(tiny_server, tiny):
     assert capped["usage"]["completion_tokens"] <= 2
 
 
-def test_concurrent_greedy_answers_equal_one_at_a_time(tiny_server, monkeypatch):
+def test_concurrent_greedy_answers_equal_one_at_a_time(tiny_server):
     a, b = data_url(A), data_url(B)
     requests = [
         ([user("What is this?", a)], 16),
@@ -303,77 +312,108 @@ def test_concurrent_greedy_answers_equal_one_at_a_time(tiny_server, monkeypatch)
 
     one_at_a_time = [ask(r) for r in requests]
     worker = tiny_server.worker
-    sizes = slow_steps(worker, 0.1, monkeypatch)
     for cached in (False, True):  # prompts computed together, then continued from the cache
         if not cached:
             worker.prompt_cache.trim_to(n_sequences=0)
-        sizes.clear()
-        with ThreadPoolExecutor(len(requests)) as pool:
-            together = list(pool.map(ask, requests))
+        # The worker waits at the first request's admission until all of them are submitted.
+        with ThreadPoolExecutor(len(requests)) as pool, WorkerGate(worker) as gate:
+            gate.hold("admitted")
+            answers = [pool.submit(ask, r) for r in requests]
+            gate.wait_held()
+            gate.wait(lambda: gate.submitted == len(requests))
+            gate.release()
+            together = [a.result(timeout=60) for a in answers]
         assert together == one_at_a_time
-        assert max(rows for rows, _ in sizes) > 2  # they shared the batch
-        assert max(joining for _, joining in sizes) > 1  # and several joined it at one step
+        assert max(rows for rows, _ in gate.steps) > 2  # they shared the batch
+        assert max(joined for _, joined in gate.steps) > 1  # and several joined it at one step
 
 
-def test_dropped_stream_stops_within_a_step_and_frees_its_slot(tiny_server, monkeypatch):
+def test_dropped_stream_stops_within_a_step_and_frees_its_slot(tiny_server):
     worker = tiny_server.worker
-    sizes = slow_steps(worker, 0.05, monkeypatch)
     body = {"messages": [user("Talk.", data_url(A))], "stream": True, "max_tokens": 200}
-    with httpx.stream("POST", tiny_server.url + "/v1/chat/completions", json=body) as r:
-        received = 0
-        for line in r.iter_lines():
-            received += line.startswith("data: ")
-            if received == 4:
-                break  # the client goes away mid-answer
-    steps_at_drop = len(sizes)
-    health = wait_until(
-        lambda: (h := httpx.get(tiny_server.url + "/health").json())["active"] == 0 and h,
-        timeout=5,
-    )
-    assert health["queued"] == 0
-    assert len(sizes) - steps_at_drop <= 3  # 200 tokens would take 200 steps
+
+    def read_and_drop():
+        with httpx.stream("POST", tiny_server.url + "/v1/chat/completions", json=body) as r:
+            received = 0
+            for line in r.iter_lines():
+                received += line.startswith("data: ")
+                if received == 4:
+                    break  # the client goes away mid-answer
+
+    client = threading.Thread(target=read_and_drop)
+    with WorkerGate(worker) as gate:
+        gate.hold("step")  # one step at a time, while the client reads
+        client.start()
+        gate.wait_held()
+        [number] = gate.admitted
+        while client.is_alive() and number not in gate.finished:
+            gate.step(until=lambda: number in gate.finished)  # (the cancel may come first)
+        client.join()
+        steps_at_drop = len(gate.steps)
+        gate.wait(lambda: number in gate.cancelled)  # the server saw it (the worker stood still)
+        gate.release()
+        reason = gate.wait(lambda: gate.finished.get(number))
+    assert reason == "cancelled"
+    assert len(gate.steps) - steps_at_drop <= 1  # 200 tokens would take 200 steps
+    health = httpx.get(tiny_server.url + "/health").json()
+    assert health["active"] == 0 and health["queued"] == 0
     assert chat(tiny_server, [user("Still there?")], max_tokens=2)["choices"]
 
 
-def test_full_queue_answers_503(tiny, monkeypatch):
+def test_full_queue_answers_503(tiny):
     with serving(tiny, max_batch=1, max_queue=1) as server:
-        slow_steps(server.worker, 0.05, monkeypatch)
+        worker = server.worker
         body = {"messages": [user("Talk.")], "stream": True, "max_tokens": 40}
-        with httpx.stream("POST", server.url + "/v1/chat/completions", json=body) as running:
-            assert running.status_code == 200
-            lines = running.iter_lines()  # (kept: a dropped iterator closes the connection)
-            next(lines)
-            waiting = threading.Thread(
-                target=post, args=(server, "/v1/chat/completions", {**body, "stream": False})
-            )
-            waiting.start()
-            wait_until(lambda: server.worker.state()["queued"] == 1)
-            refused = post(server, "/v1/chat/completions", body)
-            assert refused.status_code == 503
-            assert refused.json()["error"]["code"] == "queue_full"
-            assert refused.headers["retry-after"]
-        waiting.join(timeout=30)
-        assert not waiting.is_alive()
+        with WorkerGate(worker) as gate:
+            gate.hold("step")  # the running answer stands still after its first step
+            with httpx.stream("POST", server.url + "/v1/chat/completions", json=body) as running:
+                assert running.status_code == 200
+                lines = running.iter_lines()  # (kept: a dropped iterator closes the connection)
+                next(lines)
+                waiting = threading.Thread(
+                    target=post, args=(server, "/v1/chat/completions", {**body, "stream": False})
+                )
+                waiting.start()
+                gate.wait(lambda: gate.submitted == 2)
+                assert worker.state()["queued"] == 1
+                refused = post(server, "/v1/chat/completions", body)
+                assert refused.status_code == 503
+                assert refused.json()["error"]["code"] == "queue_full"
+                assert refused.headers["retry-after"]
+                gate.release()
+            waiting.join(timeout=30)
+            assert not waiting.is_alive()
+            first, second = gate.admitted  # the waiting one started once the first ended
+            order = [(m, d.get("number")) for m, d in gate.moments]
+            assert order.index(("finished", first)) < order.index(("admitted", second))
 
         # A client that goes away while its request waits takes it out of the queue.
-        body["max_tokens"] = 150  # 7.5 s: longer than the checks below
-        with httpx.stream("POST", server.url + "/v1/chat/completions", json=body) as running:
-            lines = running.iter_lines()
-            next(lines)
-            with socket.create_connection(("127.0.0.1", int(server.url.split(":")[-1]))) as s:
-                data = json.dumps(body).encode()
-                s.sendall(
-                    b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
-                    b"Content-Type: application/json\r\n"
-                    + f"Content-Length: {len(data)}\r\n\r\n".encode()
-                    + data
-                )
-                wait_until(lambda: server.worker.state()["queued"] == 1)
-            tic = time.monotonic()
-            wait_until(lambda: server.worker.state()["queued"] == 0, timeout=5)
-            assert time.monotonic() - tic < 2.5  # well before the running answer ends
-            assert server.worker.state()["active"] == 1  # which goes on
-            assert all(next(lines) is not None for _ in range(3))
+        with WorkerGate(worker) as gate:
+            gate.hold("step")  # the running answer stands still until the checks are done
+            with httpx.stream("POST", server.url + "/v1/chat/completions", json=body) as running:
+                lines = running.iter_lines()
+                next(lines)
+                [number] = gate.wait(lambda: gate.admitted)
+                with socket.create_connection(("127.0.0.1", int(server.url.split(":")[-1]))) as s:
+                    data = json.dumps(body).encode()
+                    s.sendall(
+                        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+                        b"Content-Type: application/json\r\n"
+                        + f"Content-Length: {len(data)}\r\n\r\n".encode()
+                        + data
+                    )
+                    gate.wait(lambda: gate.submitted == 2)
+                    assert worker.state()["queued"] == 1
+                gone = gate.numbers[1]
+                gate.wait(lambda: gone in gate.cancelled)  # (its client polled twice a second)
+                assert worker.state()["queued"] == 0
+                assert gate.held and worker.state()["active"] == 1  # before the running one ended
+                gate.release()
+                rest = [line for line in lines if line]
+            assert gate.admitted == [number]  # the request that went away never started
+            reason = gate.finished[number]  # the running one went on to its end
+            assert reason in ("length", "stop") and rest[-1] == "data: [DONE]"
+            assert json.loads(rest[-2][6:])["choices"][0]["finish_reason"] == reason
 
 
 # The Ollama API ---------------------------------------------------------------------------------
@@ -452,7 +492,8 @@ BAD_OPENAI = [
     ("max_tokens -5", openai_case(max_completion_tokens=-5), 400, "invalid_value"),
     ("temperature -1", openai_case(temperature=-1), 400, "invalid_value"),
     ("n 2", openai_case(n=2), 400, "invalid_value"),
-    ("logprobs", openai_case(logprobs=True), 400, "unsupported"),
+    ("top_logprobs 21", openai_case(logprobs=True, top_logprobs=21), 400, "invalid_value"),
+    ("response_format", openai_case(response_format={"type": "regex"}), 400, "invalid_value"),
     ("unknown model", openai_case(model="gpt-4"), 404, "model_not_found"),
     ("assistant last", openai_case([{"role": "assistant", "content": "hi"}]), 400, None),
     ("too large", openai_case([user("x" * (2 << 20))]), 413, "body_too_large"),
@@ -588,7 +629,7 @@ def test_remote_pictures_only_when_allowed(demo, picture_host, tmp_path):
                 openai_case([user("Hi", f"{picture_host}/{name}.png")]),
             )
             assert r.status_code == 400 and message in r.json()["error"]["message"]
-            assert time.monotonic() - tic < 5
+            assert time.monotonic() - tic < 5  # the fetch's deadline (1 s) is the feature here
     with serving(demo, image_dir=str(EXAMPLES)) as server:
         for source in ("red_circle.png", f"file://{RED_CIRCLE}"):
             answer = chat(server, [user("What color is the shape?", source)])

@@ -17,8 +17,8 @@ import threading
 from pathlib import Path
 
 import pytest
-from serving import serving, wait_until
 
+from llava_testing.serving import serving, wait_until
 from mlx_llava import load
 
 DATA = Path(__file__).parent / "fixtures" / "data"

@@ -9,12 +9,11 @@ screenshot of the conversation (docs/server_page.png was made so).
 from __future__ import annotations
 
 import os
-import time
 
 import httpx
 import pytest
-from serving import EXAMPLES, chromium_driver, serving, slow_steps, wait_until
 
+from llava_testing.serving import EXAMPLES, WorkerGate, chromium_driver, serving, wait_until
 from mlx_llava import ChatSession, load
 
 pytest.importorskip("selenium", reason="the browser test needs selenium (install_browser.sh)")
@@ -71,7 +70,7 @@ def finished(browser, n, timeout=30):
     return answer.get_attribute("data-state"), answer.find_element(By.CLASS_NAME, "text").text
 
 
-def test_chat_page_in_a_real_browser(browser, server, demo, monkeypatch):
+def test_chat_page_in_a_real_browser(browser, server, demo):
     # What the model answers in this conversation (ChatSession: the same rendering and cache).
     session = ChatSession(*demo, image=str(EXAMPLES / "red_circle.png"))
     expected = [session.send(q) for q in QUESTIONS]
@@ -100,31 +99,38 @@ def test_chat_page_in_a_real_browser(browser, server, demo, monkeypatch):
     if os.environ.get("MLX_LLAVA_PAGE_SCREENSHOT"):
         browser.save_screenshot(os.environ["MLX_LLAVA_PAGE_SCREENSHOT"])
 
-    # Watch a longer answer stream in, word by word (each decoding step slowed down).
-    slow_steps(server.worker, 0.25, monkeypatch)
-    ask(browser, QUESTIONS[2])
-    seen = []
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        answer = answers(browser)[2]
-        text = answer.find_element(By.CLASS_NAME, "text").text
-        if text and (not seen or seen[-1] != text):
-            seen.append(text)
-        if answer.get_attribute("data-state") == "done":
-            break
-        time.sleep(0.05)
-    assert seen[-1] == expected[2]
-    assert len(seen) >= 2 and all(seen[-1].startswith(s) for s in seen)  # it grew in place
+    # Watch a longer answer stream in: the worker stands still after its second step, the page
+    # shows the words so far, then the answer goes on to its end in the same place.
+    with WorkerGate(server.worker) as gate:
+        gate.hold("step")
+        ask(browser, QUESTIONS[2])
+        gate.wait_held()
+        gate.step()
+        answer = wait_until(lambda: len(answers(browser)) == 3 and answers(browser)[2], timeout=30)
+        text = answer.find_element(By.CLASS_NAME, "text")
+        part = wait_until(lambda: text.text, timeout=30)
+        assert answer.get_attribute("data-state") not in ("done", "stopped")
+        assert expected[2].startswith(part) and part != expected[2]
+        gate.release()
+    assert finished(browser, 3) == ("done", expected[2])
+    assert text.text == expected[2]  # it grew in place
 
     # Stop an answer after its first word: it ends there, and the server frees its slot.
-    ask(browser, QUESTIONS[3])
-    wait_until(lambda: answers(browser)[3].get_attribute("data-chunks"), timeout=30)
-    browser.find_element(By.ID, "stop").click()
-    state, text = finished(browser, 4)
-    assert state == "stopped"
-    assert text and expected[3].startswith(text) and text != expected[3]
-    assert "stopped" in answers(browser)[3].find_element(By.CLASS_NAME, "meta").text
-    wait_until(lambda: httpx.get(server.url + "/health").json()["active"] == 0, timeout=5)
+    with WorkerGate(server.worker) as gate:
+        gate.hold("step")
+        ask(browser, QUESTIONS[3])
+        gate.wait_held()  # the first step: a word, then the worker stands still
+        [number] = gate.admitted
+        wait_until(lambda: answers(browser)[3].get_attribute("data-chunks"), timeout=30)
+        browser.find_element(By.ID, "stop").click()
+        state, text = finished(browser, 4)
+        assert state == "stopped"
+        assert text and expected[3].startswith(text) and text != expected[3]
+        assert "stopped" in answers(browser)[3].find_element(By.CLASS_NAME, "meta").text
+        gate.wait(lambda: number in gate.cancelled)  # the server heard of it
+        gate.release()
+        assert gate.wait(lambda: gate.finished.get(number)) == "cancelled"
+    assert httpx.get(server.url + "/health").json()["active"] == 0
     assert browser.find_element(By.ID, "send").is_displayed()
 
     # A new chat starts empty.

@@ -24,15 +24,14 @@ from pathlib import Path
 import httpx
 import mlx.core as mx
 import pytest
-from serving import data_url, free_port, serving, user, wait_until
 
 from llava_testing.launching import FAILED_RANK, LAUNCH_TIMEOUT, ROOT, Launch
+from llava_testing.serving import data_url, free_port, serving, user, wait_until
 from mlx_llava import distributed, load
 from mlx_llava.cli import server as server_cli
-from mlx_llava.server import lifecycle
 from mlx_llava.prompt import encode_on_host
 from mlx_llava.sampling import SamplingParams
-from mlx_llava.server import GenerationRequest, Worker
+from mlx_llava.server import GenerationRequest, Worker, lifecycle
 from mlx_llava.server.worker import Admission, Turn
 
 openai = pytest.importorskip("openai")
@@ -147,9 +146,13 @@ def test_a_turn_reaches_the_other_ranks_as_rank_0_holds_it():
 
 
 class _Following:
-    """A stand-in worker for `follow`: its turns end when `closed` is set."""
+    """A stand-in worker for `follow`, whose waits are its turns: `signum` (Ctrl-C) reaches its
+    process during the first, rank 0 closes it at the end of turn `closed_at`."""
 
-    def __init__(self):
+    def __init__(self, closed_at: int, signum: int = signal.SIGINT):
+        self.closed_at = closed_at
+        self.signum = signum
+        self.turns = 0
         self.closed = threading.Event()
         self.failure = None
 
@@ -157,6 +160,11 @@ class _Following:
         pass
 
     def wait(self, timeout):
+        self.turns += 1
+        if self.turns == 1:
+            os.kill(os.getpid(), self.signum)
+        if self.turns == self.closed_at:
+            self.closed.set()
         return self.closed.wait(timeout)
 
 
@@ -180,12 +188,9 @@ def signals_raise():
 def test_a_signalled_follower_waits_for_rank_0(signals_raise, monkeypatch, capsys):
     """Ctrl-C reaches every rank: the followers go on until rank 0 closes the pipeline (they
     would otherwise leave it mid-step), or leave by themselves after the grace period."""
-    worker = _Following()
-    threading.Timer(0.3, os.kill, [os.getpid(), signal.SIGINT]).start()
-    threading.Timer(1.0, worker.closed.set).start()
-    tic = time.monotonic()
+    worker = _Following(closed_at=3)
     lifecycle.follow(worker)  # (_Left if the signal ended it)
-    assert time.monotonic() - tic >= 1.0
+    assert worker.closed.is_set() and worker.turns == 3  # it went on until rank 0 closed it
     assert signal.getsignal(signal.SIGINT) is signals_raise  # the handlers are restored
 
     monkeypatch.setattr(lifecycle, "FOLLOWER_GRACE_S", 0.5)
@@ -194,9 +199,7 @@ def test_a_signalled_follower_waits_for_rank_0(signals_raise, monkeypatch, capsy
         raise SystemExit(code)
 
     monkeypatch.setattr(lifecycle.os, "_exit", exit_now)
-    threading.Timer(0.3, os.kill, [os.getpid(), signal.SIGTERM]).start()
-    late = _Following()
-    threading.Timer(5.0, late.closed.set).start()  # (bounds the test, were it to wait)
+    late = _Following(closed_at=25, signum=signal.SIGTERM)  # (5 s: bounds the test)
     with pytest.raises(SystemExit) as exit_:
         lifecycle.follow(late)  # rank 0 does not close it in time
     assert exit_.value.code == 1
@@ -315,18 +318,14 @@ def test_dropped_stream_stops_on_every_rank(pipeline, one_process):
             received += line.startswith("data: ")
             if received == 4:
                 break  # the client goes away mid-answer
-    tic = time.monotonic()
     health = wait_until(
         lambda: (h := httpx.get(pipeline.url + "/health").json())["active"] == 0 and h,
         timeout=10,
     )
-    dropped_after = time.monotonic() - tic
     assert health["queued"] == 0
     good = {"messages": [user("Still there?", data_url(A))], "max_tokens": 16}
-    tic = time.monotonic()
     answer, expected = both(pipeline, one_process, lambda s: post(s, good).json()["choices"])
     assert answer == expected
-    print(f"dropped stream gone after {dropped_after:.2f} s")
 
 
 def test_concurrent_requests_share_the_pipelines_batch(pipeline, one_process):

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import httpx
 import mlx.core as mx
-from serving import ROOT, free_port, user, wait_until
 
+from llava_testing.serving import ROOT, free_port, user, wait_until
 from mlx_llava import load
 from mlx_llava.prompt import encode_on_host
 from mlx_llava.sampling import SamplingParams

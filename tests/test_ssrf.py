@@ -23,8 +23,8 @@ from pathlib import Path
 import httpx
 import pytest
 from PIL import Image
-from serving import free_port, serving, user
 
+from llava_testing.serving import free_port, serving, user
 from mlx_llava import load
 from mlx_llava.cli import generate as generate_cli
 from mlx_llava.cli import server as server_cli
