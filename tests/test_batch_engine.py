@@ -1,6 +1,7 @@
 """The decoding core's engine (`mlx_llava.decoding.BatchEngine`) that `stream_generate`,
-`batch_generate` and the server share: rows that join a running batch, leave it early, or start from a cached prefix
-generate exactly what `stream_generate` generates for them alone (greedy, float32).
+`batch_generate` and the server share: rows that join a running batch, leave it early, or start
+from a cached prefix generate exactly what `stream_generate` generates for them alone (greedy,
+float32).
 
 Runs on the committed tiny llava-hf checkpoint (no torch needed).
 """
