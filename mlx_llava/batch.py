@@ -241,7 +241,7 @@ class BatchEngine:
                 c.prepare(right_padding=padding)
             for start in range(0, width, self.prefill_step_size):
                 chunk = x[:, start : start + self.prefill_step_size]
-                self.model.language_model.model(None, cache, input_embeddings=chunk)
+                self.model.language_model(None, cache, input_embeddings=chunk)
                 mx.eval([c.state for c in cache])
             for c in cache:  # the right padding becomes left padding
                 c.finalize()

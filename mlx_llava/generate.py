@@ -64,8 +64,8 @@ class LastPositionLM:
     def __call__(
         self, inputs: mx.array, cache: Optional[list] = None, input_embeddings=None
     ) -> mx.array:
-        hidden = self.model.language_model.model(inputs, cache, input_embeddings)
-        return self.model.lm_head(hidden[:, -1:])
+        hidden = self.model.language_model(inputs, cache, input_embeddings)
+        return self.model.language_model.lm_head(hidden[:, -1:])
 
 
 def make_sampling(

@@ -8,7 +8,6 @@ from typing import Any, Optional, Sequence
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
-from mlx_lm.models import llama
 
 from .anyres import pack_image_features
 from .config import ModelConfig
@@ -94,8 +93,7 @@ class Model(nn.Module):
         if config.is_next:
             # LLaVA-NeXT's learned token after each row of a picture's tile grid.
             self.image_newline = mx.zeros((config.text_config.hidden_size,))
-        args = llama.ModelArgs.from_dict(config.text_config.to_mlx_lm_args())
-        self.language_model = LanguageModel(args)
+        self.language_model = LanguageModel(config.text_config.to_mlx_lm_args())
 
     @property
     def layers(self):
@@ -197,15 +195,8 @@ class Model(nn.Module):
                 n_images = len(image_sizes)
             self.check_image_tokens(input_ids, n_images, image_sizes)
             input_embeddings = self.get_input_embeddings(input_ids, pixel_values, image_sizes)
-        hidden = self.language_model.model(input_ids, cache, input_embeddings)
-        return self.lm_head(hidden)
-
-    def lm_head(self, hidden: mx.array) -> mx.array:
-        """Final hidden states [..., D] -> logits [..., vocab]."""
-        lm = self.language_model
-        if lm.args.tie_word_embeddings:
-            return lm.model.embed_tokens.as_linear(hidden)
-        return lm.lm_head(hidden)
+        hidden = self.language_model(input_ids, cache, input_embeddings)
+        return self.language_model.lm_head(hidden)
 
     def make_cache(self) -> list[Any]:
         return self.language_model.make_cache()
@@ -217,7 +208,7 @@ class Model(nn.Module):
         layers = self.config.text_config.num_hidden_layers
         if group.size() > layers:
             raise ValueError(f"{group.size()} ranks cannot share {layers} decoder layers")
-        self.language_model.model.pipeline(group)
+        self.language_model.pipeline(group)
         if group.rank() != group.size() - 1:
             for name in [k for k in self if k != "language_model"]:
                 setattr(self, name, None)
@@ -227,11 +218,11 @@ class Model(nn.Module):
         if not name.startswith("language_model."):
             return self.vision_tower is not None
         layer = _LAYER_KEY.match(name)
-        return layer is None or int(layer[1]) in self.language_model.model.layer_range
+        return layer is None or int(layer[1]) in self.language_model.layer_range
 
     def pipeline_stage(self) -> str:
         """What this rank holds, e.g. `layers 0-15 of 32, vision tower and projector`."""
-        held = self.language_model.model.layer_range
+        held = self.language_model.layer_range
         total = self.config.text_config.num_hidden_layers
         vision = ", vision tower and projector" if self.vision_tower is not None else ""
         return f"layers {held.start}-{held.stop - 1} of {total}{vision}"
