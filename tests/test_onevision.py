@@ -1,0 +1,125 @@
+"""LLaVA-OneVision and LLaVA-NeXT-Video number for number with transformers, on recorded outputs.
+
+tests/fixtures/make_onevision_fixtures.py wrote tiny random checkpoints: ov-hub (SigLIP, Qwen2
+with GQA and tied embeddings, llava-hf hub layout), ov-v5 (untied, transformers 5 layout),
+nv-hub (CLIP, Llama, average pooling) and nv-v5 (conv pooling), with transformers' outputs on a
+wide and a tall picture (their grids downsampled by "anyres_max_1"), both in one prompt, a video
+of 8 frames, and a picture with the video. tests/test_oracle_live.py reruns transformers live.
+"""
+
+import json
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from PIL import Image
+from test_parity import assert_logits_close
+
+from mlx_llava import convert, load
+
+DATA = Path(__file__).parent / "fixtures" / "data"
+CHECKPOINTS = ["ov-hub", "ov-v5", "nv-hub", "nv-v5"]
+PICTURES = {"wide": ["wide"], "tall": ["tall"], "two": ["wide", "tall"], "video": [], "mixed": ["tall"]}
+PIXEL_ATOL = 1e-5
+
+
+def oracle(name: str) -> tuple[dict, dict]:
+    folder = DATA / name
+    return dict(np.load(folder / "oracle.npz")), json.loads((folder / "oracle.json").read_text())
+
+
+def model_inputs(processor, meta: dict, arrays: dict, case: str) -> dict:
+    """Our processor's outputs for one recorded case (the video given as its uint8 frames)."""
+    question = meta["questions"][case]
+    images = [Image.open(DATA / "images" / f"{p}.png") for p in PICTURES[case]]
+    videos = [arrays["video_frames"]] if "<video>" in question else None
+    return processor(meta["template"].format(q=question), images=images or None, videos=videos)
+
+
+def greedy(model, inputs: dict, n: int) -> list[int]:
+    """n greedy tokens, the prompt through `model(**inputs)` once, then one token a step."""
+    cache = model.make_cache()
+    logits = model(**inputs, cache=cache)[:, -1]
+    tokens = []
+    for _ in range(n):
+        tokens.append(int(mx.argmax(logits, axis=-1).item()))
+        logits = model(mx.array([tokens[-1:]]), cache=cache)[:, -1]
+    return tokens
+
+
+@pytest.fixture(scope="module", params=CHECKPOINTS)
+def checkpoint(request, tmp_path_factory):
+    """(name, model, processor) of each checkpoint after conversion to an MLX folder."""
+    name = request.param
+    out = tmp_path_factory.mktemp(name) / "mlx"
+    convert(DATA / name, out, dtype="float32")
+    model, processor = load(out)
+    return name, model, processor
+
+
+def cases(name: str) -> list[str]:
+    return list(oracle(name)[1]["questions"])
+
+
+def test_config_reads_the_checkpoints_fields(checkpoint):
+    name, model, _ = checkpoint
+    config = model.config
+    if name.startswith("ov"):
+        assert config.model_type == "llava_onevision"
+        assert config.vision_config.model_type == "siglip_vision_model"
+        assert config.text_config.model_type == "qwen2" and config.text_config.rope_theta == 1e6
+        assert config.vision_feature_select_strategy == "full" and config.feature_layers == [-1]
+        assert config.max_num_patches == 1
+        assert config.text_config.tie_word_embeddings == (name == "ov-hub")
+        assert "lm_head" not in model.language_model or name != "ov-hub"
+    else:
+        assert config.model_type == "llava_next_video"
+        assert config.spatial_pool_mode == ("average" if name == "nv-hub" else "conv")
+    assert (config.image_token_index, config.video_token_index) == (384, 386)
+
+
+def test_pixels_ids_logits_and_greedy_tokens_match_transformers(checkpoint):
+    name, model, processor = checkpoint
+    arrays, meta = oracle(name)
+    for case in meta["questions"]:
+        inputs = model_inputs(processor, meta, arrays, case)
+        if f"{case}_pixel_values" in arrays:
+            ours = np.array(inputs["pixel_values"]).transpose(0, 3, 1, 2)
+            assert ours.shape == arrays[f"{case}_pixel_values"].shape, case
+            assert np.abs(ours - arrays[f"{case}_pixel_values"]).max() <= PIXEL_ATOL, case
+            assert inputs["image_sizes"] == [tuple(s) for s in arrays[f"{case}_image_sizes"]]
+        if f"{case}_pixel_values_videos" in arrays:
+            ours = np.array(inputs["pixel_values_videos"]).transpose(0, 1, 4, 2, 3)
+            want = arrays[f"{case}_pixel_values_videos"]
+            assert ours.shape == want.shape and np.abs(ours - want).max() <= PIXEL_ATOL, case
+        np.testing.assert_array_equal(np.array(inputs["input_ids"]), arrays[f"{case}_input_ids"])
+        logits = model(**inputs)[0, -1]
+        assert_logits_close(np.array(logits), arrays[f"{case}_last_logits"])
+        tokens = greedy(model, inputs, meta["greedy_tokens"])
+        assert tokens == arrays[f"{case}_greedy_tokens"].tolist(), case
+
+
+def test_token_counts_are_the_processors(checkpoint):
+    """`config.image_tokens` / `video_tokens` give transformers' expansions."""
+    name, model, processor = checkpoint
+    arrays, meta = oracle(name)
+    config = model.config
+    for case, counts in meta["tokens"].items():
+        sizes = [tuple(s) for s in arrays.get(f"{case}_image_sizes", [])]
+        alone = len(sizes) == 1
+        assert sum(config.image_tokens(s, alone) for s in sizes) == counts["image"], case
+        video = counts["video"] and config.video_tokens(len(arrays["video_frames"]))
+        assert video == counts["video"], case
+
+
+def test_mismatched_tokens_and_videos_are_refused(checkpoint):
+    name, model, processor = checkpoint
+    arrays, meta = oracle(name)
+    frames = arrays["video_frames"]
+    with pytest.raises(ValueError, match="1 <video> placeholder"):
+        processor("USER: <video>\nHi ASSISTANT:", videos=[frames, frames])
+    inputs = processor("USER: <video>\nHi ASSISTANT:", videos=[frames])
+    inputs["pixel_values_videos"] = inputs["pixel_values_videos"][:, :4]  # 4 frames, not 8
+    with pytest.raises(ValueError, match="video tokens"):
+        model(**inputs)
