@@ -129,3 +129,45 @@ def test_mismatched_tokens_and_videos_are_refused(checkpoint):
     inputs["pixel_values_videos"] = inputs["pixel_values_videos"][:, :4]  # 4 frames, not 8
     with pytest.raises(ValueError, match="video tokens"):
         model(**inputs)
+
+
+# The real releases' configs (tests/fixtures/count_parameters.py: transformers' models built on
+# the meta device from each tests/fixtures/<name>.config.json; where each comes from: its
+# docstring).
+REAL_COUNTS = {
+    "llava-onevision-qwen2-0.5b-ov-hf": dict(
+        total=893_675_552, vision_tower=397_747_744, multi_modal_projector=1_836_800
+    ),
+    "llava-onevision-qwen2-7b-ov-hf": dict(
+        total=8_030_807_584, vision_tower=397_747_744, multi_modal_projector=16_980_992
+    ),
+    "LLaVA-NeXT-Video-7B-hf": dict(
+        total=7_063_431_168, vision_tower=303_507_456, multi_modal_projector=20_979_712
+    ),
+}
+
+
+@pytest.mark.parametrize("name", REAL_COUNTS)
+def test_real_configs_build_lazily_with_transformers_parameter_counts(name):
+    from mlx.utils import tree_flatten
+
+    from mlx_llava import Model, ModelConfig
+
+    def count(module) -> int:
+        return sum(v.size for _, v in tree_flatten(module.parameters()))
+
+    raw = json.loads((DATA.parent / f"{name}.config.json").read_text())
+    before = mx.get_active_memory()
+    model = Model(ModelConfig.from_dict(raw))
+    expected = REAL_COUNTS[name]
+    assert count(model) == expected["total"]
+    assert count(model.vision_tower) == expected["vision_tower"]
+    assert count(model.multi_modal_projector) == expected["multi_modal_projector"]
+    assert mx.get_active_memory() - before < 1 << 20  # nothing was evaluated
+    config = model.config
+    if name.startswith("llava-onevision"):
+        assert config.num_image_tokens == 729 and config.video_tokens(8) == 8 * 196 + 1
+        assert len(config.image_grid_pinpoints) == 36 and config.max_num_patches == 9
+        assert config.image_tokens((384, 384), alone=False) == 730
+    else:
+        assert config.video_tokens(8) == 8 * 144 and config.image_tokens((560, 560)) == 2928
