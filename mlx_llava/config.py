@@ -2,9 +2,9 @@
 
 Each dataclass uses the checkpoint's own field names and the reference library's defaults
 (transformers' `CLIPVisionConfig`, `SiglipVisionConfig`, `LlamaConfig`, `MistralConfig`,
-`Qwen2Config`, `LlavaConfig`, `LlavaNextConfig`, `LlavaOnevisionConfig`,
-`LlavaNextVideoConfig`), so that sparse configs such as llava-hf/llava-1.5-7b-hf's (which leaves every
-Llama size to the defaults) mean the same thing here.
+`Qwen2Config`, `LlavaConfig`, `LlavaNextConfig`, `LlavaOnevisionConfig`, `LlavaNextVideoConfig`),
+so that sparse configs such as llava-hf/llava-1.5-7b-hf's (which leaves every Llama size to the
+defaults) mean the same thing here.
 """
 
 from __future__ import annotations
@@ -65,8 +65,9 @@ class VisionConfig:
 
     def __post_init__(self):
         if self.model_type not in VISION_TYPES:
+            supported = ", ".join(VISION_TYPES)
             raise ConfigError(
-                f"vision model type '{self.model_type}' is not supported ({', '.join(VISION_TYPES)})"
+                f"vision model type '{self.model_type}' is not supported ({supported})"
             )
         if self.vision_use_head:
             raise ConfigError("SigLIP's attention-pool head (vision_use_head) is not supported")
@@ -301,7 +302,7 @@ class ModelConfig:
             self.image_grid_pinpoints = [list(p) for p in anyres.DEFAULT_PINPOINTS]
         if self.model_type == "llava_onevision":
             self.vision_aspect_ratio = self.vision_aspect_ratio or "anyres_max_9"
-            self.max_num_patches  # parses
+            _ = self.max_num_patches  # fails early on a vision_aspect_ratio it cannot parse
         tile = self.vision_config.image_size
         pinpoints = self.image_grid_pinpoints
         if not pinpoints or any(

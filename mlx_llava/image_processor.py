@@ -343,8 +343,10 @@ class CLIPImageProcessor:
     def preprocess_frames(self, frames: np.ndarray | Sequence[Image.Image]) -> np.ndarray:
         """A video's frames (uint8 [T, H, W, 3], or pictures) -> [T, H, W, 3] float32, each
         frame resized and cropped as a picture is (no tiles, no padding to a square)."""
-        pictures = [Image.fromarray(np.asarray(f, dtype=np.uint8)) if isinstance(f, np.ndarray)
-                    else f for f in frames]
+        pictures = [
+            Image.fromarray(np.asarray(f, dtype=np.uint8)) if isinstance(f, np.ndarray) else f
+            for f in frames
+        ]
         if not pictures:
             raise ValueError("a video needs at least one frame")
         return self.normalize(np.stack([self.resize_and_crop(to_rgb(p)) for p in pictures]))

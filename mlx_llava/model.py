@@ -171,7 +171,8 @@ class Model(nn.Module):
         [V, video tokens, D_text] (`config.video_tokens(F)` each; OneVision ends each video
         with one `image_newline`)."""
         videos, frames = pixel_values_videos.shape[:2]
-        features = self.vision_features(pixel_values_videos.reshape(-1, *pixel_values_videos.shape[2:]))
+        frames_first = pixel_values_videos.reshape(-1, *pixel_values_videos.shape[2:])
+        features = self.vision_features(frames_first)
         if self.config.model_type == "llava_next_video":
             features = self.multi_modal_projector(self.vision_resampler(features))
         else:
@@ -268,7 +269,7 @@ class Model(nn.Module):
             n_images = 0 if pixel_values is None else pixel_values.shape[0]
             if self.config.is_next and pixel_values is not None:
                 if image_sizes is None:
-                    raise ValueError(f"{self.config.model_type} needs image_sizes with pixel_values")
+                    raise ValueError(f"{self.config.model_type} needs image_sizes for its pictures")
                 n_images = len(image_sizes)
             frames = []
             if pixel_values_videos is not None:

@@ -13,9 +13,9 @@ from mlx_lm.tokenizer_utils import load as load_tokenizer
 
 from .config import ModelConfig
 from .conversation import format_prompt, get_template
-from .video_io import DEFAULT_NUM_FRAMES, VideoInput, read_video
 from .image_processor import CLIPImageProcessor, image_processor_from_dict
 from .llama_tokenizer import SlowLlamaTokenizer, Span, is_slow_llama_folder
+from .video_io import DEFAULT_NUM_FRAMES, VideoInput, read_video
 
 IMAGE_PLACEHOLDER = "<image>"
 VIDEO_PLACEHOLDER = "<video>"

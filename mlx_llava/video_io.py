@@ -55,9 +55,7 @@ def read_video(path: Union[str, Path], num_frames: int = DEFAULT_NUM_FRAMES) -> 
     try:
         import av
     except ImportError:
-        raise VideoLoadError(
-            "reading videos needs PyAV: pip install 'mlx-llava[video]'"
-        ) from None
+        raise VideoLoadError("reading videos needs PyAV: pip install 'mlx-llava[video]'") from None
     path = Path(path)
 
     def fail(reason: str) -> VideoLoadError:

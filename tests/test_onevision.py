@@ -20,7 +20,13 @@ from mlx_llava import convert, load
 
 DATA = Path(__file__).parent / "fixtures" / "data"
 CHECKPOINTS = ["ov-hub", "ov-v5", "nv-hub", "nv-v5"]
-PICTURES = {"wide": ["wide"], "tall": ["tall"], "two": ["wide", "tall"], "video": [], "mixed": ["tall"]}
+PICTURES = {
+    "wide": ["wide"],
+    "tall": ["tall"],
+    "two": ["wide", "tall"],
+    "video": [],
+    "mixed": ["tall"],
+}
 PIXEL_ATOL = 1e-5
 
 
