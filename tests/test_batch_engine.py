@@ -160,9 +160,9 @@ def test_prompt_embeddings_encode_only_the_uncached_pictures(tiny, monkeypatch):
     encoded = []
     features = model.get_image_features
 
-    def spy(pixels, image_sizes=None):
+    def spy(pixels, image_sizes=None, batch_num_images=None):
         encoded.append(pixels.shape[0])
-        return features(pixels, image_sizes)
+        return features(pixels, image_sizes, batch_num_images)
 
     monkeypatch.setattr(model, "get_image_features", spy)
     ours = prompt_embeddings(model, input_ids, pixel_values, start)
