@@ -64,7 +64,8 @@ class Processor:
         self.chat_template = chat_template
         vocab = tokenizer.get_vocab()
         self.image_token_in_vocab = vocab.get(IMAGE_PLACEHOLDER) == config.image_token_index
-        if config.has_video and vocab.get(VIDEO_PLACEHOLDER) != config.video_token_index:
+        video_id = config.video_token_index
+        if config.has_video and video_id >= 0 and vocab.get(VIDEO_PLACEHOLDER) != video_id:
             raise ValueError(
                 f"the tokenizer's {VIDEO_PLACEHOLDER} is not the model's video_token_index "
                 f"{config.video_token_index}"
@@ -303,6 +304,8 @@ class Processor:
         sampled uniformly over the clip)."""
         if videos and not self.config.has_video:
             raise ValueError(f"{self.config.model_type} does not see videos")
+        if videos and self.config.video_token_index < 0:
+            raise ValueError("videos with an original (lmms-lab) release are not supported yet")
         out = []
         for video in videos:
             if isinstance(video, (str, Path)):
