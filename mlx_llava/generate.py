@@ -20,6 +20,7 @@ from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
 from .model import Model
 from .processor import ImageInput, Processor
+from .video_io import DEFAULT_NUM_FRAMES, VideoInput
 
 
 @dataclass
@@ -283,6 +284,8 @@ def prepare_prompt(
     prompt: str,
     images: Sequence[ImageInput],
     prompt_cache: Optional[PromptCache] = None,
+    video: Optional[VideoInput] = None,
+    num_frames: int = DEFAULT_NUM_FRAMES,
 ) -> tuple[mx.array, mx.array, list]:
     """What generation feeds the model after the cached prefix.
 
@@ -291,6 +294,10 @@ def prepare_prompt(
         their embeddings [L', D], and the keys of the whole prompt (see `position_keys`;
         without a `prompt_cache`, simply the token ids).
     """
+    if video is not None or (model.config.model_type == "llava_onevision" and len(images) > 1):
+        return _prepare_media_prompt(
+            model, processor, prompt, images, prompt_cache, video, num_frames
+        )
     pictures = None if prompt_cache is None else prompt_cache.pictures(images, processor)
     input_ids, pixel_values, keys, image_sizes = encode_prompt(
         model, processor, prompt, images, pictures, keyed=prompt_cache is not None
@@ -302,6 +309,49 @@ def prepare_prompt(
     embeddings = prompt_embeddings(model, input_ids, pixel_values, start, image_sizes)
     new_ids = input_ids[0, start:]
     return mx.where(new_ids == model.config.image_token_index, 0, new_ids), embeddings, keys
+
+
+def _prepare_media_prompt(
+    model: Model,
+    processor: Processor,
+    prompt: str,
+    images: Sequence[ImageInput],
+    prompt_cache: Optional[PromptCache],
+    video: Optional[VideoInput],
+    num_frames: int,
+) -> tuple[mx.array, mx.array, list]:
+    """`prepare_prompt` for a prompt with a video, or with several OneVision pictures (each
+    seen whole): the processor's inputs as the model takes them. Picture and video positions
+    are keyed by one digest of all the prompt's pixels, so that a changed picture or video is
+    computed again from the first of them; a cached prefix that holds them all is reused."""
+    videos = None if video is None else [video]
+    inputs = processor(prompt, list(images) or None, videos=videos, num_frames=num_frames)
+    input_ids = inputs["input_ids"]
+    context_room(model, input_ids.shape[1])
+    config = model.config
+    ids = np.asarray(input_ids[0])
+    media = (ids == config.image_token_index) | (ids == config.video_token_index)
+    keys = ids.tolist()
+    start = 0
+    if prompt_cache is not None:
+        pixels = [inputs.get(k) for k in ("pixel_values", "pixel_values_videos")]
+        digest = hashlib.sha1(b"".join(np.array(p).tobytes() for p in pixels if p is not None))
+        for k, i in enumerate(np.flatnonzero(media).tolist()):
+            keys[i] = (digest.hexdigest(), k)
+        start = min(prompt_cache.reusable(keys), len(keys) - 1)  # logits need a new position
+        prompt_cache.rewind(start)
+    if media[start:].any():
+        embeddings = model.get_input_embeddings(
+            input_ids,
+            inputs["pixel_values"],
+            inputs["image_sizes"],
+            inputs.get("pixel_values_videos"),
+            inputs.get("batch_num_images"),
+        )[0, start:]
+    else:  # the pictures and the video are in the cached prefix: text only
+        embeddings = model.get_input_embeddings(input_ids[:, start:])[0]
+    history = mx.where(mx.array(media[start:]), 0, input_ids[0, start:])
+    return history, embeddings, keys
 
 
 def stream_generate(
@@ -324,6 +374,8 @@ def stream_generate(
     kv_bits: Optional[int] = None,
     kv_group_size: int = 64,
     quantized_kv_start: int = 0,
+    video: Optional[VideoInput] = None,
+    num_frames: int = DEFAULT_NUM_FRAMES,
 ) -> Generator[GenerationResponse, None, None]:
     """Generate an answer for a prompt taken verbatim (see `Processor.format_prompt`).
 
@@ -339,6 +391,8 @@ def stream_generate(
             is not computed again.
         prefill_step_size: prompt tokens per prefill chunk.
         kv_bits, kv_group_size, quantized_kv_start: quantize the KV cache as mlx-lm does.
+        video: OneVision / NeXT-Video: a video for the prompt's `<video>` (a file, of which
+            `num_frames` frames are read, uint8 frames [T, H, W, 3] or a list of pictures).
 
     Yields:
         GenerationResponse for each new token; the last one has `finish_reason` set.
@@ -349,7 +403,7 @@ def stream_generate(
         mx.random.seed(seed)
     tic = time.perf_counter()
     history, embeddings, keys = prepare_prompt(
-        model, processor, prompt, image_list(image, images), prompt_cache
+        model, processor, prompt, image_list(image, images), prompt_cache, video, num_frames
     )
     sampler, processors = make_sampling(
         temperature, top_p, min_p, top_k, repetition_penalty, repetition_context_size

@@ -82,3 +82,83 @@ def test_processor_takes_files_arrays_and_pictures(tmp_path):
         )
     logits = model(**from_file)
     assert logits.shape[:2] == from_file["input_ids"].shape
+
+
+# Generation with a video (and several OneVision pictures) --------------------------------------
+
+
+@pytest.fixture(scope="module")
+def onevision():
+    """ov-hub converted in memory (float32), with its recorded oracle."""
+    from test_onevision import oracle
+
+    model, processor = load(DATA / "ov-hub", dtype="float32")
+    return model, processor, *oracle("ov-hub")
+
+
+def _tokens(model, processor, meta, case, **kwargs) -> list[int]:
+    from mlx_llava import stream_generate
+
+    prompt = meta["template"].format(q=meta["questions"][case])
+    steps = stream_generate(model, processor, prompt, max_tokens=24, **kwargs)
+    return [r.token for r in steps]
+
+
+def test_stream_generate_takes_a_video_and_several_pictures(onevision):
+    """transformers' greedy tokens for a video, a picture with the video, and two pictures in
+    one prompt (seen whole), through `stream_generate`."""
+    model, processor, arrays, meta = onevision
+    frames = arrays["video_frames"]
+    images = {name: Image.open(DATA / "images" / f"{name}.png") for name in ("wide", "tall")}
+    cases = {
+        "video": dict(video=frames),
+        "mixed": dict(images=[images["tall"]], video=frames),
+        "two": dict(images=[images["wide"], images["tall"]]),
+    }
+    for case, kwargs in cases.items():
+        tokens = _tokens(model, processor, meta, case, **kwargs)
+        assert tokens == arrays[f"{case}_greedy_tokens"].tolist(), case
+
+
+def test_a_chat_about_a_video_reuses_its_tokens_and_answers_as_without_cache(onevision):
+    """The second turn computes only its own tokens (the video's stay in the cache) and
+    answers as a fresh, uncached generation of the whole conversation; another video is not
+    mistaken for the cached one."""
+    from mlx_llava import ChatSession, generate
+
+    model, processor, arrays, _ = onevision
+    frames = arrays["video_frames"]
+    chat = ChatSession(model, processor, video=frames)
+    chat.send("What happens?", max_tokens=8)
+    held = chat.cache.length
+    _, prompt = chat.prompt("And then?")
+    second = chat.send("And then?", max_tokens=8)
+    assert chat.cache.length > held  # the first turn's positions were kept
+    assert second == generate(model, processor, prompt, video=frames, max_tokens=8)
+    other = np.random.default_rng(0).integers(0, 256, frames.shape, dtype=np.uint8)
+    fresh = generate(model, processor, prompt, video=other, max_tokens=8)
+    assert fresh != second  # the test can tell the videos apart
+    again = ChatSession(model, processor, video=other)
+    again.cache = chat.cache  # holds the first video's positions
+    again.messages = list(chat.messages[:2])
+    assert again.send("And then?", max_tokens=8) == fresh
+
+
+def test_generate_cli_reads_a_video(tmp_path, capsys):
+    from test_cli import run_main
+
+    from mlx_llava import generate
+    from mlx_llava.cli import generate as generate_cli
+
+    model, processor = load(DATA / "ov-hub")
+    clip = write_clip(tmp_path / "clip.mp4")
+    argv = ["--model", str(DATA / "ov-hub"), "--video", str(clip), "--frames", "4", "-m", "10"]
+    code, out, err = run_main(generate_cli.main, argv + ["-p", "What happens?"], capsys)
+    assert code == 0, err
+    prompt = processor.format_prompt("<video>\nWhat happens?", num_images=0)
+    expected = generate(model, processor, prompt, video=read_video(clip, 4), max_tokens=10)
+    assert out == expected + "\n"
+    code, _, err = run_main(
+        generate_cli.main, argv[:2] + ["--video", str(tmp_path / "no.mp4")], capsys
+    )
+    assert code != 0 and "no such file" in err and len(err.strip().splitlines()) == 1
