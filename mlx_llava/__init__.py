@@ -8,6 +8,7 @@ from .generate import GenerationResponse, PromptCache, generate, stream_generate
 from .loader import load, load_model
 from .model import Model
 from .processor import Processor
+from .video_io import read_video
 
 __version__ = "0.1.0"
 
@@ -27,5 +28,6 @@ __all__ = [
     "generate",
     "load",
     "load_model",
+    "read_video",
     "stream_generate",
 ]
