@@ -72,6 +72,9 @@ class LanguageModel(nn.Module):
     def pipeline(self, group: mx.distributed.Group) -> None:
         """Keep only this rank's layers (evenly split, the low ranks get the extra layers;
         rank 0 the last ones). The others become None, so the layers keep their numbers."""
+        if len(set(getattr(self.args, "layer_types", None) or [None])) > 1:
+            # mlx-lm picks each kind's mask by a layer index of the whole model.
+            raise ValueError("a decoder with layers of several attention kinds cannot be split")
         rank, size = group.rank(), group.size()
         base, extra = divmod(len(self.model.layers), size)
         split = [base + (1 if r < extra else 0) for r in range(size)]
