@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
@@ -204,17 +205,20 @@ class Processor:
         if self.image_token_in_vocab:
             return _encode_chunk(self.tokenizer, text, add_bos, offsets)
         encoder = self.original_tokenizer or self.tokenizer
-        image_id = self.config.image_token_index
+        placeholders = {IMAGE_PLACEHOLDER: self.config.image_token_index}
+        if self.config.has_video and self.config.video_token_index < 0:  # lmms-lab OneVision
+            placeholders[VIDEO_PLACEHOLDER] = self.config.video_token_index
+        parts = re.split("(" + "|".join(map(re.escape, placeholders)) + ")", text)
         ids, spans, pos = [], [], 0
-        for i, chunk in enumerate(text.split(IMAGE_PLACEHOLDER)):
-            if i > 0:
-                ids.append(image_id)
-                spans.append((pos, pos + len(IMAGE_PLACEHOLDER)))
-                pos += len(IMAGE_PLACEHOLDER)
-            chunk_ids, chunk_spans = _encode_chunk(encoder, chunk, add_bos and i == 0, offsets)
-            ids += chunk_ids
-            spans += [(a + pos, b + pos) for a, b in chunk_spans]
-            pos += len(chunk)
+        for i, part in enumerate(parts):  # chunk, placeholder, chunk, ...
+            if i % 2:
+                ids.append(placeholders[part])
+                spans.append((pos, pos + len(part)))
+            else:
+                chunk_ids, chunk_spans = _encode_chunk(encoder, part, add_bos and i == 0, offsets)
+                ids += chunk_ids
+                spans += [(a + pos, b + pos) for a, b in chunk_spans]
+            pos += len(part)
         return ids, spans if offsets else []
 
     def __call__(
@@ -304,8 +308,6 @@ class Processor:
         sampled uniformly over the clip)."""
         if videos and not self.config.has_video:
             raise ValueError(f"{self.config.model_type} does not see videos")
-        if videos and self.config.video_token_index < 0:
-            raise ValueError("videos with an original (lmms-lab) release are not supported yet")
         out = []
         for video in videos:
             if isinstance(video, (str, Path)):

@@ -181,20 +181,18 @@ def test_real_configs_build_lazily_with_transformers_parameter_counts(name):
 
 def test_an_original_lmms_lab_release_reads_as_its_llava_hf_conversion(tmp_path):
     """ov-orig holds ov-hub's weights as lmms-lab saves a OneVision release (Qwen2, the SigLIP
-    tower inside without its last layer, "(1x1),...,(3x3)" pinpoints, no <image> in the
-    tokenizer): converted, it gives transformers' outputs on the pictures recorded for ov-hub."""
+    tower inside without its last layer, "(1x1),...,(3x3)" pinpoints, no <image> or <video> in
+    the tokenizer): converted, it gives transformers' outputs recorded for ov-hub."""
     folder = DATA / "ov-orig"
     tower = DATA / "ov-orig-siglip"
     model, processor = load(convert(folder, tmp_path / "mlx", dtype="float32", vision_tower=tower))
     config = model.config
     assert (config.model_type, config.text_config.model_type) == ("llava_onevision", "qwen2")
     assert config.vision_config.num_hidden_layers == 2 and config.feature_layers == [-1]
-    assert len(config.image_grid_pinpoints) == 9 and config.image_token_index == -200
+    assert len(config.image_grid_pinpoints) == 9
+    assert (config.image_token_index, config.video_token_index) == (-200, -201)
     arrays, meta = oracle("ov-hub")
-    pictures = {k: v for k, v in meta["questions"].items() if "<video>" not in v}
-    for case in pictures:  # the original marks image positions with -200
+    for case in meta["questions"]:  # the prompt is split at <image> and <video>: our ids
         ids = arrays[f"{case}_input_ids"]
-        arrays[f"{case}_input_ids"] = np.where(ids == 384, -200, ids)
-    assert_matches_oracle(model, processor, arrays, dict(meta, questions=pictures))
-    with pytest.raises(ValueError, match="not supported yet"):
-        processor("USER: <video> ASSISTANT:", videos=[arrays["video_frames"]])
+        arrays[f"{case}_input_ids"] = np.where(ids == 384, -200, np.where(ids == 386, -201, ids))
+    assert_matches_oracle(model, processor, arrays, meta)
