@@ -10,6 +10,7 @@ from .model import Model
 from .processor import Processor
 from .prompt import PromptCache
 from .sampling import SamplingParams
+from .video_io import read_video
 
 __version__ = "0.1.0"
 
@@ -30,5 +31,6 @@ __all__ = [
     "generate",
     "load",
     "load_model",
+    "read_video",
     "stream_generate",
 ]

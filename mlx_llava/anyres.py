@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Optional
 
 import mlx.core as mx
+import numpy as np
 
 # LlavaNextConfig's default, the pinpoints of every llava-v1.6 release (336-pixel tiles).
 DEFAULT_PINPOINTS = ((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008))
@@ -68,15 +70,52 @@ def unpadded_box(image_size: Size, height: int, width: int) -> tuple[int, int, i
     return 0, height, padding, width - padding
 
 
+def downsampled_size(height: int, width: int, side: int, max_num_patches: Optional[int]) -> Size:
+    """OneVision's cap on a grid of height x width features: when it exceeds `max_num_patches`
+    tiles of side x side by more than 10 % in area, the size it is bilinearly resized to
+    (transformers' `int(h // ratio)`); otherwise (and without a cap) the size itself."""
+    if max_num_patches is None:
+        return height, width
+    ratio = math.sqrt(height * width / (max_num_patches * side**2))
+    if ratio > 1.1:
+        return int(height // ratio), int(width // ratio)
+    return height, width
+
+
 def num_image_tokens(
-    image_size: Size, pinpoints: Sequence[Sequence[int]], tile: int, patch: int
+    image_size: Size,
+    pinpoints: Sequence[Sequence[int]],
+    tile: int,
+    patch: int,
+    max_num_patches: Optional[int] = None,
 ) -> int:
     """Tokens of one picture: the base picture's (tile / patch)^2, plus the unpadded grid of
-    its tiles' patches with one newline per row."""
+    its tiles' patches (downsampled past `max_num_patches` tiles) with one newline per row."""
     side = tile // patch
     rows, cols = grid_shape(image_size, pinpoints, tile)
     top, bottom, left, right = unpadded_box(image_size, rows * side, cols * side)
-    return side * side + (bottom - top) * (right - left + 1)
+    height, width = downsampled_size(bottom - top, right - left, side, max_num_patches)
+    return side * side + height * (width + 1)
+
+
+def resize_bilinear(x: mx.array, height: int, width: int) -> mx.array:
+    """x [..., H, W, D] -> [..., height, width, D], as torch's `interpolate(mode="bilinear",
+    align_corners=False)` (no antialiasing); the sampling positions are known on the host."""
+
+    def weights(n_in: int, n_out: int) -> tuple[mx.array, mx.array, mx.array]:
+        # float32 arithmetic, as torch's (its weights differ from float64's in the 7th digit).
+        scale = np.float32(n_in / n_out)
+        src = np.maximum(scale * (np.arange(n_out, dtype=np.float32) + 0.5) - 0.5, 0.0)
+        low = np.minimum(np.floor(src).astype(np.int32), n_in - 1)
+        high = np.minimum(low + 1, n_in - 1)
+        return mx.array(low), mx.array(high), mx.array(src - low)
+
+    low, high, w = weights(x.shape[-3], height)
+    w = w[:, None, None].astype(x.dtype)
+    x = mx.take(x, low, axis=-3) * (1 - w) + mx.take(x, high, axis=-3) * w
+    low, high, w = weights(x.shape[-2], width)
+    w = w[:, None].astype(x.dtype)
+    return mx.take(x, low, axis=-2) * (1 - w) + mx.take(x, high, axis=-2) * w
 
 
 def pack_image_features(
@@ -85,15 +124,21 @@ def pack_image_features(
     image_newline: mx.array,
     pinpoints: Sequence[Sequence[int]],
     tile: int,
+    max_num_patches: Optional[int] = None,
+    tiled: Optional[Sequence[bool]] = None,
 ) -> mx.array:
     """Each picture's tile features as its sequence of image tokens.
 
     Args:
         features: projected features [n_tiles, side * side, D], each picture's base tile then
-            its grid row by row, pictures in order.
+            its grid row by row (a picture not `tiled`: its base tile only), pictures in order.
         image_sizes: (height, width) of each picture.
         image_newline: [D], appended after each row of a picture's grid.
         pinpoints, tile: the model's `image_grid_pinpoints` and tower image size.
+        max_num_patches: OneVision's "anyres_max_N": a grid past about N tiles is bilinearly
+            downsampled (`downsampled_size`).
+        tiled: per picture, whether it was tiled (default all); one that was not gives its
+            base features and one newline.
 
     Returns:
         [total tokens, D]: per picture the base features, then the unpadded grid row by row,
@@ -102,7 +147,11 @@ def pack_image_features(
     dim = features.shape[-1]
     side = math.isqrt(features.shape[1])
     out, start = [], 0
-    for size in image_sizes:
+    for k, size in enumerate(image_sizes):
+        if tiled is not None and not tiled[k]:
+            out += [features[start], image_newline.astype(features.dtype)[None]]
+            start += 1
+            continue
         rows, cols = grid_shape(size, pinpoints, tile)
         grid = features[start + 1 : start + 1 + rows * cols]
         # [rows, cols, side, side, D] -> [rows * side, cols * side, D]: one patch grid.
@@ -110,7 +159,10 @@ def pack_image_features(
         grid = grid.reshape(rows * side, cols * side, dim)
         top, bottom, left, right = unpadded_box(size, rows * side, cols * side)
         grid = grid[top:bottom, left:right]
-        newline = mx.broadcast_to(image_newline.astype(grid.dtype), (bottom - top, 1, dim))
+        height, width = downsampled_size(bottom - top, right - left, side, max_num_patches)
+        if (height, width) != (bottom - top, right - left):
+            grid = resize_bilinear(grid, height, width)
+        newline = mx.broadcast_to(image_newline.astype(grid.dtype), (height, 1, dim))
         out += [features[start], mx.concatenate([grid, newline], axis=1).reshape(-1, dim)]
         start += 1 + rows * cols
     return mx.concatenate(out)

@@ -9,14 +9,16 @@ is not computed again, so the picture is encoded once and a turn costs only its 
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from typing import Iterator, Optional, Sequence, Union
 
 from .conversation import IMAGE_TOKEN, Template, get_template, render, template_for_jinja
 from .generate import GenerationResponse, stream_generate
 from .image_io import load_image
 from .model import Model
-from .processor import ImageInput, Processor
+from .processor import VIDEO_PLACEHOLDER, ImageInput, Processor
 from .prompt import PromptCache, context_room, image_list
+from .video_io import DEFAULT_NUM_FRAMES, VideoInput, read_video
 
 
 def session_template(
@@ -59,6 +61,7 @@ class ChatSession:
         template: the conversation template (see `session_template`).
         cache: the session's `PromptCache` (`cache.length` positions held).
         images: the conversation's pictures (PIL images), in placeholder order.
+        video: the conversation's video (OneVision, NeXT-Video): its frames, or None.
 
     A turn whose prompt does not fit the model's context (`max_position_embeddings`) raises
     ValueError and changes nothing; old turns are not trimmed. An answer is capped to the
@@ -73,6 +76,8 @@ class ChatSession:
         images: Optional[Sequence[ImageInput]] = None,
         system: Optional[str] = None,
         conv_mode: Optional[Union[str, Template]] = None,
+        video: Optional[VideoInput] = None,
+        num_frames: int = DEFAULT_NUM_FRAMES,
     ):
         self.model = model
         self.processor = processor
@@ -81,6 +86,8 @@ class ChatSession:
             template = dataclasses.replace(template, system=system)
         self.template = template
         self.images = _load_images(image, images)
+        # A file is read once: its frames [T, H, W, 3] serve every turn.
+        self.video = read_video(video, num_frames) if isinstance(video, (str, Path)) else video
         self.cache = PromptCache(model)
         self.messages: list[tuple[str, str]] = []
 
@@ -98,6 +105,8 @@ class ChatSession:
 
     def prompt(self, text: str) -> tuple[list[tuple[str, str]], str]:
         """The messages and the rendered prompt for asking `text` next."""
+        if not self.messages and self.video is not None and VIDEO_PLACEHOLDER not in text:
+            text = VIDEO_PLACEHOLDER + "\n" + text
         if not self.messages and self.images and IMAGE_TOKEN not in text:
             text = (IMAGE_TOKEN + "\n") * len(self.images) + text
         messages = self.messages + [("user", text)]
@@ -114,7 +123,8 @@ class ChatSession:
         """
         messages, prompt = self.prompt(text)
         sizes = [(image.height, image.width) for image in self.images]
-        length = len(self.processor.tokenize(prompt, image_sizes=sizes))
+        frames = [] if self.video is None else [len(self.video)]
+        length = len(self.processor.tokenize(prompt, image_sizes=sizes, video_frames=frames))
         try:
             room = context_room(self.model, length, "the conversation")
         except ValueError as e:
@@ -126,6 +136,7 @@ class ChatSession:
             prompt,
             images=self.images,
             prompt_cache=self.cache,
+            video=self.video,
             **sampling,
         )
         return self._run(messages, responses)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ast
 import json
+import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +37,8 @@ from .weights import (
 MAX_SHARD_BYTES = 5 << 30
 DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
 ORIGINAL_IMAGE_TOKEN_INDEX = -200  # haotian-liu/LLaVA's IMAGE_TOKEN_INDEX
+# Ours, for original OneVision releases, whose code marks videos with IMAGE_TOKEN_INDEX too.
+ORIGINAL_VIDEO_TOKEN_INDEX = -201
 
 # Files that describe the tokenizer and the processor, copied as they are.
 PROCESSOR_FILES = (
@@ -110,22 +113,34 @@ def read_json(path: Path) -> dict:
 
 
 def _clip_vision_config(folder: Path) -> dict:
-    """The vision part of a CLIPModel or CLIPVisionModel config."""
+    """The vision part of a CLIPModel / SiglipModel or CLIPVisionModel / SiglipVisionModel
+    config (with its `model_type`)."""
     config = read_json(folder / "config.json")
-    if config.get("model_type") == "clip":
-        return config.get("vision_config", {})
-    if config.get("model_type") == "clip_vision_model":
+    model_type = config.get("model_type")
+    if model_type in ("clip", "siglip"):
+        return {"model_type": f"{model_type}_vision_model", **config.get("vision_config", {})}
+    if model_type in ("clip_vision_model", "siglip_vision_model"):
         return config
-    raise ConfigError(
-        f"{folder} is not a CLIP checkpoint (model_type '{config.get('model_type')}')"
-    )
+    raise ConfigError(f"{folder} is not a CLIP or SigLIP checkpoint (model_type '{model_type}')")
+
+
+def _grid_pinpoints(pinpoints, tile: int) -> Optional[list[list[int]]]:
+    """An original config's `image_grid_pinpoints`: a list, the list written as a string, or
+    lmms-lab's range of tile grids "(1x1),...,(6x6)" (in tiles of the tower's size)."""
+    if not isinstance(pinpoints, str):
+        return pinpoints
+    grids = re.findall(r"\((\d+)x(\d+)\)", pinpoints)
+    if not grids:  # some releases write the list as a string
+        return ast.literal_eval(pinpoints)
+    (h0, w0), (h1, w1) = [tuple(map(int, g)) for g in (grids[0], grids[-1])]
+    return [[h * tile, w * tile] for h in range(h0, h1 + 1) for w in range(w0, w1 + 1)]
 
 
 def original_model_config(
     config: dict, vision_config: dict, conv_mode: Optional[str] = None
 ) -> ModelConfig:
-    """A ModelConfig for an original LLaVA checkpoint (LLaVA v1, v1.5 or v1.6) and its CLIP
-    tower."""
+    """A ModelConfig for an original LLaVA checkpoint (LLaVA v1, v1.5 or v1.6, or an lmms-lab
+    OneVision release: Qwen2, SigLIP, "anyres_max_N") and its vision tower's config."""
     if config.get("mm_use_im_start_end"):
         raise ConfigError(
             "checkpoints trained with mm_use_im_start_end (<im_start>/<im_end> around the image) "
@@ -140,10 +155,13 @@ def original_model_config(
             f"mm_vision_select_feature '{select}' is not supported (patch, cls_patch)"
         )
     aspect = config.get("image_aspect_ratio") or "square"
-    if aspect not in ("pad", "square", "anyres"):
-        raise ConfigError(f"image_aspect_ratio '{aspect}' is not supported (pad, square, anyres)")
+    onevision = aspect.startswith("anyres_max_")
+    if aspect not in ("pad", "square", "anyres") and not onevision:
+        raise ConfigError(
+            f"image_aspect_ratio '{aspect}' is not supported (pad, square, anyres, anyres_max_N)"
+        )
     merge = config.get("mm_patch_merge_type", "flat")
-    if aspect == "anyres" and merge != "spatial_unpad":
+    if aspect.startswith("anyres") and merge != "spatial_unpad":
         raise ConfigError(
             f"mm_patch_merge_type '{merge}' is not supported with anyres (spatial_unpad)"
         )
@@ -156,21 +174,34 @@ def original_model_config(
     text_fields = set(TextConfig.__dataclass_fields__)
     text_config = {k: v for k, v in config.items() if k in text_fields}
     is_mistral = config.get("model_type") == "llava_mistral"  # LlavaMistralForCausalLM
-    text_config["model_type"] = "mistral" if is_mistral else "llama"
-    pinpoints = config.get("image_grid_pinpoints")
-    if isinstance(pinpoints, str):  # some releases write the list as a string
-        pinpoints = ast.literal_eval(pinpoints)
+    is_qwen = config.get("model_type") == "llava_qwen" or "LlavaQwenForCausalLM" in (
+        config.get("architectures") or []
+    )
+    text_config["model_type"] = "qwen2" if is_qwen else "mistral" if is_mistral else "llama"
+    tile = vision_config.get("image_size", 336)
+    pinpoints = _grid_pinpoints(config.get("image_grid_pinpoints"), tile)
+    layer = config.get("mm_vision_select_layer", -2)
+    strategy = "default" if select == "patch" else "full"
+    if vision_config.get("model_type") == "siglip_vision_model":
+        # lmms-lab's SigLIP tower drops its last layer and its head and returns the last
+        # hidden states left (no CLS): llava-hf's 26-layer tower at layer -1, "full".
+        layers = vision_config.get("num_hidden_layers", 27) - 1
+        vision_config = dict(vision_config, num_hidden_layers=layers, vision_use_head=False)
+        layer, strategy = -1, "full"
+    model_type = "llava_onevision" if onevision else "llava_next" if aspect == "anyres" else "llava"
     return ModelConfig(
         vision_config=vision_config,
         text_config=TextConfig.from_dict(text_config),
-        model_type="llava_next" if aspect == "anyres" else "llava",
-        image_grid_pinpoints=pinpoints if aspect == "anyres" else None,
+        model_type=model_type,
+        image_grid_pinpoints=pinpoints if aspect.startswith("anyres") else None,
         image_token_index=ORIGINAL_IMAGE_TOKEN_INDEX,
+        video_token_index=ORIGINAL_VIDEO_TOKEN_INDEX if onevision else None,
+        vision_aspect_ratio=aspect if onevision else None,
         projector_type=projector,
         projector_hidden_act="gelu",
-        vision_feature_select_strategy="default" if select == "patch" else "full",
-        vision_feature_layer=config.get("mm_vision_select_layer", -2),
-        image_aspect_ratio=aspect,
+        vision_feature_select_strategy=strategy,
+        vision_feature_layer=layer,
+        image_aspect_ratio="anyres" if onevision else aspect,
         conv_mode=conv_mode or template_for_config(config, None),
         pad_token_id=config.get("pad_token_id"),
     )
@@ -197,9 +228,12 @@ def read_source(
             raise ConfigError("the checkpoint names no vision tower: pass --vision-tower")
         tower = resolve_folder(tower_name)
         model_config = original_model_config(config, _clip_vision_config(tower), conv_mode)
+        folders = [(folder, "original"), (tower, "clip")]
+        if not model_config.vision_config.is_clip:  # lmms-lab: the trained tower is inside
+            folders = folders[:1]
         return Source(
             model_config,
-            folders=[(folder, "original"), (tower, "clip")],
+            folders=folders,
             processor_folders=[folder, tower],  # the tower gives preprocessor_config.json only
         )
     if config.get("model_type") != "llava" and "vision_config" not in config:

@@ -46,8 +46,8 @@ class LastPositionLM:
     def __call__(
         self, inputs: mx.array, cache: Optional[list] = None, input_embeddings=None
     ) -> mx.array:
-        hidden = self.model.language_model.model(inputs, cache, input_embeddings)
-        return self.model.lm_head(hidden[:, -1:])
+        hidden = self.model.language_model(inputs, cache, input_embeddings)
+        return self.model.language_model.lm_head(hidden[:, -1:])
 
 
 class StopMatcher:
@@ -187,7 +187,7 @@ def make_row(
 
     Args:
         input_ids: token ids [L] of the WHOLE prompt (cached prefix included): the logits
-            processors see it all, image tokens as 0.
+            processors see it all, image and video tokens as 0.
         params: how to answer; its `max_tokens` is capped by the room the context leaves.
         keys: the prompt's position keys, when its KV cache is to be kept.
 
@@ -195,12 +195,20 @@ def make_row(
         ValueError: the prompt leaves no room in the model's context.
     """
     room = context_room(model, input_ids.shape[0])
-    history = mx.where(input_ids == model.config.image_token_index, 0, input_ids)
+    history = mx.where(media_mask(model.config, input_ids), 0, input_ids)
     constraint = None
     if params.response_format is not None:
         vocab = model.config.text_config.vocab_size
         constraint = Constraint(processor, vocab, params.response_format)
     return Row(processor, params, min(params.max_tokens, room), history, keys, constraint)
+
+
+def media_mask(config, input_ids: mx.array) -> mx.array:
+    """True at the image (and video) token positions of `input_ids`."""
+    mask = input_ids == config.image_token_index
+    if getattr(config, "video_token_index", None) is not None:
+        mask = mask | (input_ids == config.video_token_index)
+    return mask
 
 
 @dataclass(frozen=True)
@@ -397,7 +405,7 @@ class BatchEngine:
         """Positions x [B, L, D] into `cache`, `prefill_step_size` at a time."""
         for start in range(0, x.shape[1], self.prefill_step_size):
             chunk = x[:, start : start + self.prefill_step_size]
-            self.model.language_model.model(None, cache, input_embeddings=chunk)
+            self.model.language_model(None, cache, input_embeddings=chunk)
             self._quantize_cache()
             mx.eval([c.state for c in cache])
 

@@ -19,6 +19,7 @@ from .model import Model
 from .processor import ImageInput, Processor
 from .prompt import PromptCache, image_list, prepare_prompt
 from .sampling import ResponseFormat, SamplingParams
+from .video_io import DEFAULT_NUM_FRAMES, VideoInput
 
 
 @dataclass
@@ -75,6 +76,8 @@ def stream_generate(
     kv_group_size: int = 64,
     quantized_kv_start: int = 0,
     sampling: Optional[SamplingParams] = None,
+    video: Optional[VideoInput] = None,
+    num_frames: int = DEFAULT_NUM_FRAMES,
 ) -> Generator[GenerationResponse, None, None]:
     """Generate an answer for a prompt taken verbatim (see `Processor.format_prompt`).
 
@@ -93,6 +96,8 @@ def stream_generate(
         kv_bits, kv_group_size, quantized_kv_start: quantize the KV cache as mlx-lm does
             (`kv_group_size` falls back to 32 for heads that 64 does not divide).
         sampling: a `SamplingParams` instead of the keyword settings above.
+        video: OneVision / NeXT-Video: a video for the prompt's `<video>` (a file, of which
+            `num_frames` frames are read, uint8 frames [T, H, W, 3] or a list of pictures).
 
     Yields:
         GenerationResponse for each new token; the last one has `finish_reason` set.
@@ -120,7 +125,8 @@ def stream_generate(
     if params.seed is not None:
         mx.random.seed(params.seed)
     tic = time.perf_counter()
-    prepared = prepare_prompt(model, processor, prompt, image_list(image, images), prompt_cache)
+    images = image_list(image, images)
+    prepared = prepare_prompt(model, processor, prompt, images, prompt_cache, video, num_frames)
     row = make_row(model, processor, prepared.input_ids, params)
     engine = BatchEngine(model, prefill_step_size, solo=True, kv_quantization=quantization)
     engine.add(row, prepared.embeddings, None if prompt_cache is None else prompt_cache.cache)

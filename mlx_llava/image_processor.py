@@ -196,6 +196,17 @@ class CLIPImageProcessor:
         needs them (None here: a CLIP picture is one square whatever its size)."""
         return self(images), None
 
+    def preprocess_frames(self, frames: np.ndarray | Sequence[Image.Image]) -> np.ndarray:
+        """A video's frames (uint8 [T, H, W, 3], or pictures) -> [T, H, W, 3] float32, each
+        frame resized and cropped as a picture is (no tiles, no padding to a square)."""
+        pictures = [
+            Image.fromarray(np.asarray(f, dtype=np.uint8)) if isinstance(f, np.ndarray) else f
+            for f in frames
+        ]
+        if not pictures:
+            raise ValueError("a video needs at least one frame")
+        return self.normalize(np.stack([self.resize_and_crop(to_rgb(p)) for p in pictures]))
+
     def __call__(self, images: ImageSource | Sequence[ImageSource]) -> np.ndarray:
         """Preprocess one image or a list of images (PIL images, paths or URLs).
 
@@ -272,9 +283,53 @@ class LlavaNextImageProcessor(CLIPImageProcessor):
         return self.preprocess(images)[0]
 
 
+@dataclass
+class LlavaOnevisionImageProcessor(LlavaNextImageProcessor):
+    """OneVision's preprocessing (`LlavaOnevisionImageProcessor`, PIL backend): LLaVA-NeXT's
+    tiles, squashed to `size` (384 x 384) without a crop. A picture that shares its prompt with
+    others is padded to a square with the mean colour and seen whole (one tile), as
+    transformers does when a sample holds several pictures (`batch_num_images`)."""
+
+    size: dict[str, int] = field(default_factory=lambda: {"height": 384, "width": 384})
+    do_center_crop: bool = False
+    crop_size: Optional[dict[str, int]] = None
+
+    def __post_init__(self):
+        self.do_center_crop = bool(self.do_center_crop)
+        if self.crop_size is None:  # the tiles are `size`, as transformers' `patch_size`
+            side = self.size.get("height") or self.size.get("shortest_edge")
+            self.crop_size = {"height": side, "width": side}
+        super().__post_init__()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**super().to_dict(), "image_processor_type": "LlavaOnevisionImageProcessor"}
+
+    def preprocess(
+        self, images: ImageSource | Sequence[ImageSource], alone: Optional[Sequence[bool]] = None
+    ) -> tuple[np.ndarray, list[tuple[int, int]]]:
+        """Every picture's tiles [n_tiles, H, W, 3] float32 (each picture's base picture and
+        grid, or only itself padded to a square where `alone` is False) and the pictures'
+        (height, width)."""
+        if isinstance(images, (Image.Image, str, Path)):
+            images = [images]
+        pictures = [self.load(i) for i in images]
+        alone = [True] * len(pictures) if alone is None else list(alone)
+        tiles = [
+            self.resize_and_crop(t)
+            for p, one in zip(pictures, alone)
+            for t in (self.tiles(p) if one else [expand2square(p, self.pad_color)])
+        ]
+        return self.normalize(np.stack(tiles)), [(p.height, p.width) for p in pictures]
+
+
 def image_processor_from_dict(d: dict[str, Any], config: ModelConfig) -> CLIPImageProcessor:
-    """The image processor a model needs (LLaVA-NeXT's tiles or CLIP's), with the settings of a
-    `preprocessor_config.json`; LLaVA-NeXT tiles along the model's own pinpoints."""
+    """The image processor a model needs (OneVision's or LLaVA-NeXT's tiles, or CLIP's), with
+    the settings of a `preprocessor_config.json`; the tiled models tile along the model's own
+    pinpoints."""
+    if config.model_type == "llava_onevision":
+        return LlavaOnevisionImageProcessor.from_dict(
+            {**d, "image_grid_pinpoints": config.image_grid_pinpoints}
+        )
     if config.is_next:
         return LlavaNextImageProcessor.from_dict(
             {**d, "image_grid_pinpoints": config.image_grid_pinpoints}

@@ -8,12 +8,12 @@ from typing import Any, Optional, Sequence
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
-from mlx_lm.models import llama
 
 from .anyres import pack_image_features
 from .config import ModelConfig
 from .language_model import LanguageModel
 from .projector import MultiModalProjector
+from .video_pooling import VideoPooler, halve_bilinear
 from .vision import VisionTower
 
 
@@ -42,7 +42,7 @@ def merge_image_features(
 
 
 def check_image_runs(
-    input_ids: mx.array, image_token_index: int, tokens_per_image: Sequence[int]
+    input_ids: mx.array, image_token_index: int, tokens_per_image: Sequence[int], what="image"
 ) -> None:
     """Raise ValueError unless the image tokens are the pictures' tokens in order, each
     picture's in one place.
@@ -65,16 +65,16 @@ def check_image_runs(
         each = set(tokens_per_image)
         each = f" ({each.pop()} each)" if len(each) == 1 else ""
         raise ValueError(
-            f"the prompt has {found} image tokens but {len(tokens_per_image)} image(s) need "
-            f"{expected}{each}: use one <image> per image"
+            f"the prompt has {found} {what} tokens but {len(tokens_per_image)} {what}(s) need "
+            f"{expected}{each}: use one <{what}> per {what}"
         )
     picture_ends = np.cumsum(tokens_per_image)
     for end in np.cumsum(runs).tolist():
         k = int(np.searchsorted(picture_ends, end))
         if picture_ends[k] != end:
             raise ValueError(
-                f"the {tokens_per_image[k]} image tokens of image {k + 1} are split: they must "
-                "follow each other in one place (one <image> per image)"
+                f"the {tokens_per_image[k]} {what} tokens of {what} {k + 1} are split: they must "
+                f"follow each other in one place (one <{what}> per {what})"
             )
 
 
@@ -82,20 +82,23 @@ _LAYER_KEY = re.compile(r"language_model\.model\.layers\.(\d+)\.")
 
 
 class Model(nn.Module):
-    """LlavaForConditionalGeneration (and, for `model_type` "llava_next",
-    LlavaNextForConditionalGeneration) in MLX; attribute names follow the llava-hf checkpoints.
+    """LlavaForConditionalGeneration in MLX, and by `model_type` its successors:
+    LlavaNextForConditionalGeneration ("llava_next"), LlavaOnevisionForConditionalGeneration
+    ("llava_onevision") and LlavaNextVideoForConditionalGeneration ("llava_next_video");
+    attribute names follow the llava-hf checkpoints.
     """
 
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
         self.vision_tower = VisionTower(config.vision_config)
+        if config.model_type == "llava_next_video":
+            self.vision_resampler = VideoPooler(config)
         self.multi_modal_projector = MultiModalProjector(config)
         if config.is_next:
             # LLaVA-NeXT's learned token after each row of a picture's tile grid.
             self.image_newline = mx.zeros((config.text_config.hidden_size,))
-        args = llama.ModelArgs.from_dict(config.text_config.to_mlx_lm_args())
-        self.language_model = LanguageModel(args)
+        self.language_model = LanguageModel(config.text_config.to_mlx_lm_args())
 
     @property
     def layers(self):
@@ -111,24 +114,30 @@ class Model(nn.Module):
         return states[0] if len(states) == 1 else mx.concatenate(states, axis=-1)
 
     def get_image_features(
-        self, pixel_values: mx.array, image_sizes: Optional[Sequence[tuple[int, int]]] = None
+        self,
+        pixel_values: mx.array,
+        image_sizes: Optional[Sequence[tuple[int, int]]] = None,
+        batch_num_images: Optional[Sequence[int]] = None,
     ) -> mx.array:
         """Projected image features, in one batched tower pass.
 
         Args:
             pixel_values: [n, H, W, 3]: one picture each (LLaVA-1.5), or each picture's base
-                tile then its grid of tiles (LLaVA-NeXT, as the processor writes them).
-            image_sizes: LLaVA-NeXT only: (height, width) of each picture.
+                tile then its grid of tiles (the tiled models, as the processor writes them).
+            image_sizes: the tiled models only: (height, width) of each picture.
+            batch_num_images: the pictures of each prompt (OneVision sees a picture that is
+                not alone in its prompt as its base tile only); default one each.
 
         Returns:
-            [n, T, D_text] (LLaVA-1.5), or [image tokens of all pictures, D_text] (LLaVA-NeXT).
+            [n, T, D_text] (LLaVA-1.5), or [image tokens of all pictures, D_text] (tiled).
         """
         features = self.multi_modal_projector(self.vision_features(pixel_values))
         if not self.config.is_next:
             return features
         if image_sizes is None:
-            raise ValueError("LLaVA-NeXT needs each picture's image_sizes to place its tiles")
-        tiles = sum(self.config.image_tiles(s) for s in image_sizes)
+            raise ValueError(f"{self.config.model_type} needs each picture's image_sizes")
+        tiled = self._tiled(image_sizes, batch_num_images)
+        tiles = sum(self.config.image_tiles(s, t) for s, t in zip(image_sizes, tiled))
         if tiles != pixel_values.shape[0]:
             raise ValueError(
                 f"pixel_values hold {pixel_values.shape[0]} tiles but the {len(image_sizes)} "
@@ -140,44 +149,100 @@ class Model(nn.Module):
             self.image_newline,
             self.config.image_grid_pinpoints,
             self.config.vision_config.image_size,
+            self.config.max_num_patches,
+            tiled,
         )
+
+    def _tiled(
+        self, image_sizes: Sequence[tuple[int, int]], batch_num_images: Optional[Sequence[int]]
+    ) -> list[bool]:
+        """Per picture, whether it is tiled (see `ModelConfig.tiles`)."""
+        if batch_num_images is None:
+            batch_num_images = [1] * len(image_sizes)
+        if sum(batch_num_images) != len(image_sizes):
+            raise ValueError(
+                f"batch_num_images {list(batch_num_images)} does not count the "
+                f"{len(image_sizes)} picture(s)"
+            )
+        return [self.config.tiles(n == 1) for n in batch_num_images for _ in range(n)]
+
+    def get_video_features(self, pixel_values_videos: mx.array) -> mx.array:
+        """Projected, pooled features of videos [V, F, H, W, 3], all frames in one tower pass:
+        [V, video tokens, D_text] (`config.video_tokens(F)` each; OneVision ends each video
+        with one `image_newline`)."""
+        videos, frames = pixel_values_videos.shape[:2]
+        frames_first = pixel_values_videos.reshape(-1, *pixel_values_videos.shape[2:])
+        features = self.vision_features(frames_first)
+        if self.config.model_type == "llava_next_video":
+            features = self.multi_modal_projector(self.vision_resampler(features))
+        else:
+            features = halve_bilinear(self.multi_modal_projector(features))
+        features = features.reshape(videos, -1, features.shape[-1])
+        if self.config.model_type == "llava_onevision":
+            newline = self.image_newline.astype(features.dtype)
+            newline = mx.broadcast_to(newline, (videos, 1, newline.shape[-1]))
+            features = mx.concatenate([features, newline], axis=1)
+        return features
 
     def get_input_embeddings(
         self,
         input_ids: mx.array,
         pixel_values: Optional[mx.array] = None,
         image_sizes: Optional[Sequence[tuple[int, int]]] = None,
+        pixel_values_videos: Optional[mx.array] = None,
+        batch_num_images: Optional[Sequence[int]] = None,
     ) -> mx.array:
-        """input_ids [B, L] (image positions hold `image_token_index`) -> embeddings [B, L, D].
+        """input_ids [B, L] (image positions hold `image_token_index`, video positions
+        `video_token_index`) -> embeddings [B, L, D].
 
-        The caller guarantees that the ids hold each picture's image tokens, as the processor
-        writes them (`config.image_tokens(size)` per picture); `check_image_tokens` verifies it.
-        `image_sizes` ((height, width) per picture) is needed for LLaVA-NeXT only.
+        The caller guarantees that the ids hold each picture's and video's tokens, as the
+        processor writes them; `check_image_tokens` verifies it. `image_sizes` ((height, width)
+        per picture) is needed for the tiled models only.
         """
         image_mask = input_ids == self.config.image_token_index
-        # The placeholder id may lie outside the vocabulary (original checkpoints): embed a 0.
+        placeholders = image_mask
+        if self.config.has_video:
+            video_mask = input_ids == self.config.video_token_index
+            placeholders = placeholders | video_mask
+        # A placeholder id may lie outside the vocabulary (original checkpoints): embed a 0.
         embed_tokens = self.language_model.model.embed_tokens
-        embeddings = embed_tokens(mx.where(image_mask, 0, input_ids))
-        if pixel_values is None or self.vision_tower is None:  # see `pipeline`
+        embeddings = embed_tokens(mx.where(placeholders, 0, input_ids))
+        if self.vision_tower is None:  # see `pipeline`
             return embeddings
-        features = self.get_image_features(pixel_values, image_sizes)
-        return merge_image_features(embeddings, features, image_mask)
+        if pixel_values is not None:
+            features = self.get_image_features(pixel_values, image_sizes, batch_num_images)
+            embeddings = merge_image_features(embeddings, features, image_mask)
+        if pixel_values_videos is not None:
+            features = self.get_video_features(pixel_values_videos)
+            embeddings = merge_image_features(embeddings, features, video_mask)
+        return embeddings
 
     def check_image_tokens(
         self,
         input_ids: mx.array,
         num_images: int,
         image_sizes: Optional[Sequence[tuple[int, int]]] = None,
+        batch_num_images: Optional[Sequence[int]] = None,
+        video_frames: Sequence[int] = (),
     ) -> None:
-        """Raise ValueError unless the ids [B, L] hold each image's tokens in one place
-        (`check_image_runs`): `num_images` pictures, of `image_sizes` for LLaVA-NeXT."""
+        """Raise ValueError unless the ids [B, L] hold each picture's and video's tokens in one
+        place (`check_image_runs`): `num_images` pictures, of `image_sizes` for the tiled
+        models, and videos of `video_frames` frames each."""
         if self.config.is_next and num_images:
             if image_sizes is None or len(image_sizes) != num_images:
-                raise ValueError("LLaVA-NeXT needs one (height, width) in image_sizes per picture")
-            counts = [self.config.image_tokens(s) for s in image_sizes]
+                raise ValueError(
+                    f"{self.config.model_type} needs one (height, width) in image_sizes per picture"
+                )
+            tiled = self._tiled(image_sizes, batch_num_images)
+            counts = [self.config.image_tokens(s, t) for s, t in zip(image_sizes, tiled)]
         else:
             counts = [self.config.num_image_tokens] * num_images
         check_image_runs(input_ids, self.config.image_token_index, counts)
+        if self.config.has_video:
+            counts = [self.config.video_tokens(f) for f in video_frames]
+            check_image_runs(input_ids, self.config.video_token_index, counts, "video")
+        elif video_frames:
+            raise ValueError(f"{self.config.model_type} does not see videos")
 
     def __call__(
         self,
@@ -186,26 +251,35 @@ class Model(nn.Module):
         cache: Optional[list[Any]] = None,
         input_embeddings: Optional[mx.array] = None,
         image_sizes: Optional[Sequence[tuple[int, int]]] = None,
+        pixel_values_videos: Optional[mx.array] = None,
+        batch_num_images: Optional[Sequence[int]] = None,
+        attention_mask: Optional[mx.array] = None,
     ) -> mx.array:
-        """Logits [B, L, vocab] for input_ids [B, L] and optional pixel_values [n, H, W, 3]
-        (with `image_sizes`, (height, width) per picture, for LLaVA-NeXT)."""
+        """Logits [B, L, vocab] for input_ids [B, L], optional pixel_values [n, H, W, 3] (with
+        `image_sizes`, (height, width) per picture, for the tiled models; `batch_num_images`
+        per prompt for OneVision), and videos `pixel_values_videos` [V, F, H, W, 3]: the
+        processor's outputs, as keywords.
+
+        `attention_mask` is accepted as the processor gives it, all ones: a left-padded batch
+        needs a KV cache that knows its padding (`batch.py`).
+        """
+        if attention_mask is not None and not bool(mx.all(attention_mask)):
+            raise ValueError("a left-padded batch needs the batch engine (batch_generate)")
         if input_embeddings is None:
             n_images = 0 if pixel_values is None else pixel_values.shape[0]
             if self.config.is_next and pixel_values is not None:
                 if image_sizes is None:
-                    raise ValueError("LLaVA-NeXT needs image_sizes with pixel_values")
+                    raise ValueError(f"{self.config.model_type} needs image_sizes for its pictures")
                 n_images = len(image_sizes)
-            self.check_image_tokens(input_ids, n_images, image_sizes)
-            input_embeddings = self.get_input_embeddings(input_ids, pixel_values, image_sizes)
-        hidden = self.language_model.model(input_ids, cache, input_embeddings)
-        return self.lm_head(hidden)
-
-    def lm_head(self, hidden: mx.array) -> mx.array:
-        """Final hidden states [..., D] -> logits [..., vocab]."""
-        lm = self.language_model
-        if lm.args.tie_word_embeddings:
-            return lm.model.embed_tokens.as_linear(hidden)
-        return lm.lm_head(hidden)
+            frames = []
+            if pixel_values_videos is not None:
+                frames = [pixel_values_videos.shape[1]] * pixel_values_videos.shape[0]
+            self.check_image_tokens(input_ids, n_images, image_sizes, batch_num_images, frames)
+            input_embeddings = self.get_input_embeddings(
+                input_ids, pixel_values, image_sizes, pixel_values_videos, batch_num_images
+            )
+        hidden = self.language_model(input_ids, cache, input_embeddings)
+        return self.language_model.lm_head(hidden)
 
     def make_cache(self) -> list[Any]:
         return self.language_model.make_cache()
@@ -217,7 +291,7 @@ class Model(nn.Module):
         layers = self.config.text_config.num_hidden_layers
         if group.size() > layers:
             raise ValueError(f"{group.size()} ranks cannot share {layers} decoder layers")
-        self.language_model.model.pipeline(group)
+        self.language_model.pipeline(group)
         if group.rank() != group.size() - 1:
             for name in [k for k in self if k != "language_model"]:
                 setattr(self, name, None)
@@ -227,11 +301,11 @@ class Model(nn.Module):
         if not name.startswith("language_model."):
             return self.vision_tower is not None
         layer = _LAYER_KEY.match(name)
-        return layer is None or int(layer[1]) in self.language_model.model.layer_range
+        return layer is None or int(layer[1]) in self.language_model.layer_range
 
     def pipeline_stage(self) -> str:
         """What this rank holds, e.g. `layers 0-15 of 32, vision tower and projector`."""
-        held = self.language_model.model.layer_range
+        held = self.language_model.layer_range
         total = self.config.text_config.num_hidden_layers
         vision = ", vision tower and projector" if self.vision_tower is not None else ""
         return f"layers {held.start}-{held.stop - 1} of {total}{vision}"

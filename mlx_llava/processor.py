@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
@@ -15,8 +16,10 @@ from .config import ModelConfig
 from .conversation import format_prompt, get_template
 from .image_processor import CLIPImageProcessor, image_processor_from_dict
 from .llama_tokenizer import SlowLlamaTokenizer, Span, is_slow_llama_folder
+from .video_io import DEFAULT_NUM_FRAMES, VideoInput, read_video
 
 IMAGE_PLACEHOLDER = "<image>"
+VIDEO_PLACEHOLDER = "<video>"
 # The only processor files that may come from a folder after the checkpoint's own (an original
 # release's vision tower): the tokenizer and the rest belong to the language model's checkpoint.
 IMAGE_PROCESSOR_FILES = ("preprocessor_config.json",)
@@ -62,6 +65,12 @@ class Processor:
         self.chat_template = chat_template
         vocab = tokenizer.get_vocab()
         self.image_token_in_vocab = vocab.get(IMAGE_PLACEHOLDER) == config.image_token_index
+        video_id = config.video_token_index
+        if config.has_video and video_id >= 0 and vocab.get(VIDEO_PLACEHOLDER) != video_id:
+            raise ValueError(
+                f"the tokenizer's {VIDEO_PLACEHOLDER} is not the model's video_token_index "
+                f"{config.video_token_index}"
+            )
         self.original_tokenizer = original_tokenizer
 
     @classmethod
@@ -135,33 +144,50 @@ class Processor:
     def image_token_counts(
         self, num_images: int, image_sizes: Optional[Sequence[tuple[int, int]]] = None
     ) -> list[int]:
-        """The image tokens of each of `num_images` pictures (LLaVA-NeXT: of these sizes)."""
+        """The image tokens of each of `num_images` pictures of one prompt (the tiled models:
+        of these sizes; OneVision tiles a picture only when it is alone in its prompt)."""
         if not self.config.is_next:
             return [self.config.num_image_tokens] * num_images
         if num_images and (image_sizes is None or len(image_sizes) != num_images):
             raise ValueError(
-                f"LLaVA-NeXT counts each picture's tokens from its size: {num_images} <image> "
-                f"placeholder(s) need as many image sizes, got {len(image_sizes or [])}"
+                f"{self.config.model_type} counts each picture's tokens from its size: "
+                f"{num_images} <image> placeholder(s) need as many image sizes, got "
+                f"{len(image_sizes or [])}"
             )
-        return [self.config.image_tokens(s) for s in image_sizes or []]
+        return [self.config.image_tokens(s, num_images == 1) for s in image_sizes or []]
 
     def tokenize(
         self,
         text: str,
         add_bos: bool = True,
         image_sizes: Optional[Sequence[tuple[int, int]]] = None,
+        video_frames: Sequence[int] = (),
     ) -> list[int]:
-        """Token ids of one prompt, each `<image>` expanded to its picture's token count.
+        """Token ids of one prompt, each `<image>` expanded to its picture's token count and
+        each `<video>` to its video's.
 
         `add_bos=False` for text that continues a prompt already in a KV cache. `image_sizes`
-        ((height, width) of each picture, in placeholder order) is needed for LLaVA-NeXT.
+        ((height, width) of each picture, in placeholder order) is needed for the tiled models;
+        `video_frames` holds each video's frame count.
         """
         ids, _ = self._encode(text, add_bos, offsets=False)
-        counts = iter(self.image_token_counts(text.count(IMAGE_PLACEHOLDER), image_sizes))
-        image_id = self.config.image_token_index
+        counts = {
+            self.config.image_token_index: iter(
+                self.image_token_counts(text.count(IMAGE_PLACEHOLDER), image_sizes)
+            )
+        }
+        if self.config.has_video:
+            if len(video_frames) != text.count(VIDEO_PLACEHOLDER):
+                raise ValueError(
+                    f"the prompt has {text.count(VIDEO_PLACEHOLDER)} {VIDEO_PLACEHOLDER} "
+                    f"placeholder(s) but {len(video_frames)} video(s) were given"
+                )
+            counts[self.config.video_token_index] = iter(
+                self.config.video_tokens(f) for f in video_frames
+            )
         out: list[int] = []
         for t in ids:
-            out.extend([image_id] * next(counts) if t == image_id else [t])
+            out.extend([t] * next(counts[t]) if t in counts else [t])
         return out
 
     def encode_with_offsets(self, text: str) -> tuple[list[int], list[Span]]:
@@ -179,17 +205,20 @@ class Processor:
         if self.image_token_in_vocab:
             return _encode_chunk(self.tokenizer, text, add_bos, offsets)
         encoder = self.original_tokenizer or self.tokenizer
-        image_id = self.config.image_token_index
+        placeholders = {IMAGE_PLACEHOLDER: self.config.image_token_index}
+        if self.config.has_video and self.config.video_token_index < 0:  # lmms-lab OneVision
+            placeholders[VIDEO_PLACEHOLDER] = self.config.video_token_index
+        parts = re.split("(" + "|".join(map(re.escape, placeholders)) + ")", text)
         ids, spans, pos = [], [], 0
-        for i, chunk in enumerate(text.split(IMAGE_PLACEHOLDER)):
-            if i > 0:
-                ids.append(image_id)
-                spans.append((pos, pos + len(IMAGE_PLACEHOLDER)))
-                pos += len(IMAGE_PLACEHOLDER)
-            chunk_ids, chunk_spans = _encode_chunk(encoder, chunk, add_bos and i == 0, offsets)
-            ids += chunk_ids
-            spans += [(a + pos, b + pos) for a, b in chunk_spans]
-            pos += len(chunk)
+        for i, part in enumerate(parts):  # chunk, placeholder, chunk, ...
+            if i % 2:
+                ids.append(placeholders[part])
+                spans.append((pos, pos + len(part)))
+            else:
+                chunk_ids, chunk_spans = _encode_chunk(encoder, part, add_bos and i == 0, offsets)
+                ids += chunk_ids
+                spans += [(a + pos, b + pos) for a, b in chunk_spans]
+            pos += len(part)
         return ids, spans if offsets else []
 
     def __call__(
@@ -199,6 +228,8 @@ class Processor:
         add_bos: bool = True,
         pixel_values: Optional[mx.array] = None,
         image_sizes: Optional[Sequence[tuple[int, int]]] = None,
+        videos: Optional[Sequence[VideoInput]] = None,
+        num_frames: int = DEFAULT_NUM_FRAMES,
     ) -> dict[str, Any]:
         """Model inputs for one prompt or a batch.
 
@@ -208,15 +239,21 @@ class Processor:
             add_bos: False for text that continues a prompt already in a KV cache.
             pixel_values, image_sizes: `images` already preprocessed (as this processor does),
                 used as given.
+            videos: the videos for the `<video>` placeholders (OneVision, LLaVA-NeXT-Video), in
+                order: files (`num_frames` frames sampled uniformly), uint8 arrays
+                [T, H, W, 3] or lists of pictures; all of one frame count.
 
         Returns:
             `input_ids` [B, L] int32, `attention_mask` [B, L] int32 (0 on padding),
-            `pixel_values` [n, H, W, 3] float32 (one per picture; LLaVA-NeXT: each picture's
-            tiles), or None without images, and `image_sizes`: (height, width) per picture for
-            LLaVA-NeXT, else None. Pass them on to `Model.get_input_embeddings` / `Model`.
+            `pixel_values` [n, H, W, 3] float32 (one per picture; the tiled models: each
+            picture's tiles), or None without images, `image_sizes`: (height, width) per
+            picture for the tiled models, else None; with videos `pixel_values_videos`
+            [V, F, H, W, 3] float32, for OneVision `batch_num_images` (pictures per prompt).
+            Pass them on to `Model` as keywords: `model(**inputs)`.
 
         Raises:
-            ValueError: the number of `<image>` placeholders differs from the number of images.
+            ValueError: the number of `<image>` (`<video>`) placeholders differs from the
+                number of images (videos).
         """
         prompts = [text] if isinstance(text, str) else list(text)
         if images is None:
@@ -229,22 +266,54 @@ class Processor:
                 f"the prompt has {placeholders} <image> placeholder(s) but {len(images)} "
                 "image(s) were given"
             )
+        batch_num_images = [p.count(IMAGE_PLACEHOLDER) for p in prompts if IMAGE_PLACEHOLDER in p]
         if pixel_values is None and images:
-            pixels, image_sizes = self.image_processor.preprocess(list(images))
+            if self.config.model_type == "llava_onevision":
+                alone = [n == 1 for n in batch_num_images for _ in range(n)]
+                pixels, image_sizes = self.image_processor.preprocess(list(images), alone)
+            else:
+                pixels, image_sizes = self.image_processor.preprocess(list(images))
             pixel_values = mx.array(pixels)
-        ids, seen = [], 0
-        for p in prompts:
+        frames = self.video_frames(videos or [], num_frames)
+        video_counts = [p.count(VIDEO_PLACEHOLDER) for p in prompts]
+        if sum(video_counts) != len(frames) and (frames or self.config.has_video):
+            raise ValueError(
+                f"the prompt has {sum(video_counts)} {VIDEO_PLACEHOLDER} placeholder(s) but "
+                f"{len(frames)} video(s) were given"
+            )
+        ids, seen, seen_videos = [], 0, 0
+        for p, v in zip(prompts, video_counts):
             n = p.count(IMAGE_PLACEHOLDER)
             sizes = None if image_sizes is None else list(image_sizes)[seen : seen + n]
-            ids.append(self.tokenize(p, add_bos, sizes))
-            seen += n
+            lengths = [f.shape[0] for f in frames[seen_videos : seen_videos + v]]
+            ids.append(self.tokenize(p, add_bos, sizes, lengths))
+            seen, seen_videos = seen + n, seen_videos + v
         input_ids, attention_mask = left_pad(ids, self.pad_token_id)
-        return {
+        out = {
             "input_ids": mx.array(input_ids),
             "attention_mask": mx.array(attention_mask),
             "pixel_values": pixel_values,
             "image_sizes": None if image_sizes is None else [tuple(s) for s in image_sizes],
         }
+        if self.config.model_type == "llava_onevision":
+            out["batch_num_images"] = batch_num_images
+        if frames:
+            if len({f.shape for f in frames}) != 1:
+                raise ValueError("the videos of one call need the same number of frames")
+            out["pixel_values_videos"] = mx.array(np.stack(frames))
+        return out
+
+    def video_frames(self, videos: Sequence[VideoInput], num_frames: int) -> list[np.ndarray]:
+        """Each video's preprocessed frames [T, H, W, 3] float32 (files: `num_frames` frames
+        sampled uniformly over the clip)."""
+        if videos and not self.config.has_video:
+            raise ValueError(f"{self.config.model_type} does not see videos")
+        out = []
+        for video in videos:
+            if isinstance(video, (str, Path)):
+                video = read_video(video, num_frames)
+            out.append(self.image_processor.preprocess_frames(video))
+        return out
 
     @property
     def pad_token_id(self) -> int:

@@ -18,6 +18,7 @@ from mlx_lm.models.cache import trim_prompt_cache
 
 from .model import Model
 from .processor import IMAGE_PLACEHOLDER, ImageInput, Processor
+from .video_io import DEFAULT_NUM_FRAMES, VideoInput
 
 
 def image_list(image, images) -> list:
@@ -293,9 +294,15 @@ def prepare_prompt(
     prompt: str,
     images: Sequence[ImageInput],
     prompt_cache: Optional[PromptCache] = None,
+    video: Optional[VideoInput] = None,
+    num_frames: int = DEFAULT_NUM_FRAMES,
 ) -> PreparedPrompt:
     """Tokenize, preprocess, rewind `prompt_cache` to the longest prefix it holds (at least
     one position short of the whole prompt: its logits are needed) and embed the rest."""
+    if video is not None or (model.config.model_type == "llava_onevision" and len(images) > 1):
+        return _prepare_media_prompt(
+            model, processor, prompt, images, prompt_cache, video, num_frames
+        )
     preprocessed = None if prompt_cache is None else prompt_cache.preprocessed(images, processor)
     input_ids, pixel_values, keys, image_sizes = encode_prompt(
         model, processor, prompt, images, preprocessed, keyed=prompt_cache is not None
@@ -305,4 +312,46 @@ def prepare_prompt(
         start = min(prompt_cache.reusable(keys), len(keys) - 1)
         prompt_cache.rewind(start)
     embeddings = prompt_embeddings(model, input_ids, pixel_values, start, image_sizes)
+    return PreparedPrompt(input_ids[0], embeddings, keys, start)
+
+
+def _prepare_media_prompt(
+    model: Model,
+    processor: Processor,
+    prompt: str,
+    images: Sequence[ImageInput],
+    prompt_cache: Optional[PromptCache],
+    video: Optional[VideoInput],
+    num_frames: int,
+) -> PreparedPrompt:
+    """`prepare_prompt` for a prompt with a video, or with several OneVision pictures (each
+    seen whole): the processor's inputs as the model takes them. Picture and video positions
+    are keyed by one digest of all the prompt's pixels, so that a changed picture or video is
+    computed again from the first of them; a cached prefix that holds them all is reused."""
+    videos = None if video is None else [video]
+    inputs = processor(prompt, list(images) or None, videos=videos, num_frames=num_frames)
+    input_ids = inputs["input_ids"]
+    context_room(model, input_ids.shape[1])
+    config = model.config
+    ids = np.asarray(input_ids[0])
+    media = (ids == config.image_token_index) | (ids == config.video_token_index)
+    keys = ids.tolist()
+    start = 0
+    if prompt_cache is not None:
+        pixels = [inputs.get(k) for k in ("pixel_values", "pixel_values_videos")]
+        digest = hashlib.sha1(b"".join(np.array(p).tobytes() for p in pixels if p is not None))
+        for k, i in enumerate(np.flatnonzero(media).tolist()):
+            keys[i] = (digest.hexdigest(), k)
+        start = min(prompt_cache.reusable(keys), len(keys) - 1)  # logits need a new position
+        prompt_cache.rewind(start)
+    if media[start:].any():
+        embeddings = model.get_input_embeddings(
+            input_ids,
+            inputs["pixel_values"],
+            inputs["image_sizes"],
+            inputs.get("pixel_values_videos"),
+            inputs.get("batch_num_images"),
+        )[0, start:]
+    else:  # the pictures and the video are in the cached prefix: text only
+        embeddings = model.get_input_embeddings(input_ids[:, start:])[0]
     return PreparedPrompt(input_ids[0], embeddings, keys, start)

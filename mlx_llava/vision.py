@@ -1,4 +1,10 @@
-"""CLIP ViT vision tower: pixels [n, H, W, 3] -> hidden states of the selected layers."""
+"""The ViT vision tower, CLIP or SigLIP: pixels [n, H, W, 3] -> hidden states of the selected
+layers.
+
+The two differ only at the ends: CLIP prepends a class token, has no bias on its patch
+convolution and normalizes before the encoder (`pre_layrnorm`); SigLIP has none of these. Both
+keep `post_layernorm` (loaded, unused: LLaVA reads hidden states of the encoder's layers).
+"""
 
 from __future__ import annotations
 
@@ -66,50 +72,56 @@ class Encoder(nn.Module):
 
 
 class Embeddings(nn.Module):
-    """Patch embedding (a stride-patch convolution without bias), CLS token, learned positions."""
+    """Patch embedding (a stride-patch convolution), learned positions, and CLIP's CLS token."""
 
     def __init__(self, config: VisionConfig):
         super().__init__()
-        self.class_embedding = mx.zeros((config.hidden_size,))
+        if config.is_clip:
+            self.class_embedding = mx.zeros((config.hidden_size,))
         self.patch_embedding = nn.Conv2d(
             config.num_channels,
             config.hidden_size,
             kernel_size=config.patch_size,
             stride=config.patch_size,
-            bias=False,
+            bias=not config.is_clip,
         )
         self.position_embedding = nn.Embedding(config.num_positions, config.hidden_size)
 
     def __call__(self, pixel_values: mx.array) -> mx.array:
-        """pixel_values [n, H, W, C] -> embeddings [n, 1 + patches, D]."""
+        """pixel_values [n, H, W, C] -> embeddings [n, (1 +) patches, D] (CLS first, CLIP)."""
         patches = self.patch_embedding(pixel_values)
         n, _, _, dim = patches.shape
-        patches = patches.reshape(n, -1, dim)
-        cls = mx.broadcast_to(self.class_embedding.astype(patches.dtype), (n, 1, dim))
-        x = mx.concatenate([cls, patches], axis=1)
+        x = patches.reshape(n, -1, dim)
+        if "class_embedding" in self:
+            cls = mx.broadcast_to(self.class_embedding.astype(x.dtype), (n, 1, dim))
+            x = mx.concatenate([cls, x], axis=1)
         return x + self.position_embedding.weight[: x.shape[1]]
 
 
 class VisionTower(nn.Module):
-    """CLIPVisionModel without the pooled head's use: `post_layernorm` is kept for loading only."""
+    """CLIPVisionModel or SiglipVisionModel (without SigLIP's head) up to the selected layers:
+    `post_layernorm` is kept for loading only."""
 
     def __init__(self, config: VisionConfig):
         super().__init__()
         self.config = config
         self.embeddings = Embeddings(config)
-        self.pre_layrnorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        if config.is_clip:
+            self.pre_layrnorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.encoder = Encoder(config)
         self.post_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
     def __call__(self, pixel_values: mx.array, layers: list[int]) -> list[mx.array]:
-        """Hidden states [n, 1 + patches, D] at `layers`, indexed like transformers'
+        """Hidden states [n, (1 +) patches, D] at `layers`, indexed like transformers'
         `hidden_states` (0 = embeddings, k = output of layer k, negative from the end).
 
         Only the layers up to the deepest requested one are computed.
         """
         total = len(self.encoder.layers) + 1
         wanted = [i % total for i in layers]
-        x = self.pre_layrnorm(self.embeddings(pixel_values))
+        x = self.embeddings(pixel_values)
+        if "pre_layrnorm" in self:
+            x = self.pre_layrnorm(x)
         states = {0: x}
         for i, layer in enumerate(self.encoder.layers[: max(wanted)], start=1):
             x = layer(x)

@@ -1,7 +1,8 @@
 """Checkpoint tensors: reading shards, and the one place that maps key layouts to ours.
 
 Our parameter names are the llava-hf hub names with `vision_model.` dropped:
-`vision_tower.*`, `multi_modal_projector.linear_{1,2}.*`, `image_newline` (LLaVA-NeXT),
+`vision_tower.*` (CLIP or SigLIP), `multi_modal_projector.linear_{1,2}.*`, `image_newline`
+(LLaVA-NeXT, OneVision), `vision_resampler.pool.*` (LLaVA-NeXT-Video's conv pooling),
 `language_model.model.*`, `language_model.lm_head.weight`. Every other layout is renamed here,
 prefix by prefix.
 """
@@ -22,6 +23,7 @@ LLAVA_HF_PREFIXES = [
     ("model.vision_tower.", "vision_tower."),
     ("model.multi_modal_projector.", "multi_modal_projector."),
     ("model.image_newline", "image_newline"),
+    ("model.vision_resampler.", "vision_resampler."),
     ("lm_head.", "language_model.lm_head."),
     # the llava-hf hub layout (transformers < 4.52)
     ("language_model.", "language_model."),
@@ -29,6 +31,7 @@ LLAVA_HF_PREFIXES = [
     ("vision_tower.", "vision_tower."),
     ("multi_modal_projector.", "multi_modal_projector."),
     ("image_newline", "image_newline"),
+    ("vision_resampler.", "vision_resampler."),
 ]
 
 # haotian-liu/LLaVA: LlavaLlamaForCausalLM with the projector inside `model.`.
@@ -67,6 +70,7 @@ LAYOUTS = {
 _DROPPED_SUFFIXES = ("rotary_emb.inv_freq", "position_ids")
 
 PATCH_EMBEDDING = "vision_tower.embeddings.patch_embedding.weight"
+CONV_WEIGHTS = (PATCH_EMBEDDING, "vision_resampler.pool.weight")
 
 
 def to_mlx_key(key: str, layout: str) -> Optional[str]:
@@ -81,7 +85,7 @@ def to_mlx_key(key: str, layout: str) -> Optional[str]:
 
 def to_mlx_tensor(name: str, value: mx.array, layout: str) -> mx.array:
     """Move a PyTorch-layout tensor to MLX's layout (tensors of MLX folders already are)."""
-    if layout != "mlx" and name == PATCH_EMBEDDING and value.ndim == 4:
+    if layout != "mlx" and name in CONV_WEIGHTS and value.ndim == 4:
         # Conv2d weight: PyTorch (out, in, kh, kw) -> MLX (out, kh, kw, in).
         return value.transpose(0, 2, 3, 1)
     return value

@@ -161,9 +161,9 @@ def test_prompt_embeddings_encode_only_the_uncached_pictures(tiny, monkeypatch):
     encoded = []
     features = model.get_image_features
 
-    def spy(pixels, image_sizes=None):
+    def spy(pixels, image_sizes=None, *rest):
         encoded.append(pixels.shape[0])
-        return features(pixels, image_sizes)
+        return features(pixels, image_sizes, *rest)
 
     monkeypatch.setattr(model, "get_image_features", spy)
     ours = prompt_embeddings(model, input_ids, pixel_values, start)

@@ -329,3 +329,19 @@ def test_pipeline_ranks_sample_the_same_tokens(deep_model):
     out, _ = launch("-m", "llava_testing.pipeline_tokens", str(deep_model), str(PICTURE))
     rank0, rank1 = json.loads(out)
     assert rank0 == rank1 and len(rank0) > 1
+
+
+def test_a_qwen2_pipeline_answers_as_one_process():
+    """The language-model wrapper splits any mlx-lm decoder: OneVision's tied Qwen2 (mlx-lm's
+    qwen2 module) on two ranks gives one process's greedy answer about a tiled picture."""
+    from mlx_llava import generate
+
+    folder = ROOT / "tests" / "fixtures" / "data" / "ov-hub"
+    picture = str(folder.parent / "images" / "wide.png")
+    model, processor = load(folder)
+    prompt = processor.format_prompt("What is in the picture?", 1)
+    expected = generate(model, processor, prompt, picture, max_tokens=12)
+    argv = ["--model", str(folder), "--image", picture, "-p", "What is in the picture?"]
+    out, err = launch("generate.py", *argv, "-m", "12", "--pipeline", "--verbose")
+    assert expected and out == expected + "\n"
+    assert set(_rank_lines(err)) == {0, 1}

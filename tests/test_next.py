@@ -337,9 +337,9 @@ def test_chat_caption_and_evaluation_with_anyres(hub_folder, anyres_data, tmp_pa
     calls = []
     encode = model.get_image_features
 
-    def counting(pixel_values, image_sizes=None):
+    def counting(pixel_values, image_sizes=None, *rest):
         calls.append(image_sizes)
-        return encode(pixel_values, image_sizes)
+        return encode(pixel_values, image_sizes, *rest)
 
     monkeypatch.setattr(model, "get_image_features", counting)
     chat = ChatSession(model, processor, image=picture)
@@ -586,9 +586,9 @@ def test_prompt_embeddings_encode_only_the_uncached_pictures_tiles(hub_folder, m
     encoded = []
     features = model.get_image_features
 
-    def spy(pixels, image_sizes=None):
+    def spy(pixels, image_sizes=None, *rest):
         encoded.append((pixels.shape[0], image_sizes))
-        return features(pixels, image_sizes)
+        return features(pixels, image_sizes, *rest)
 
     monkeypatch.setattr(model, "get_image_features", spy)
     ours = prompt_embeddings(model, input_ids, pixel_values, start, sizes)

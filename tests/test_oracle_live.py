@@ -138,3 +138,20 @@ def test_live_next_features_logits_and_greedy(live_next):
             r.token for r in stream_generate(model, processor, prompt, image=image, max_tokens=24)
         ]
         assert tokens == expected[f"{picture}_greedy_tokens"].tolist(), picture
+
+
+@pytest.mark.parametrize(
+    "kind, layout, option",
+    [("ov", "v5", True), ("nv", "hub", "max")],
+    ids=["onevision-tied-v5", "next-video-max-hub"],
+)
+def test_live_onevision_and_next_video(kind, layout, option, tmp_path):
+    """OneVision (tied, transformers 5 layout) and NeXT-Video (max pooling, hub layout)
+    rebuilt and run in transformers now, then checked as tests/test_onevision.py checks the
+    recorded ones."""
+    import make_onevision_fixtures
+    from test_onevision import assert_matches_oracle, oracle
+
+    folder = make_onevision_fixtures.write_checkpoint(tmp_path / "ckpt", kind, layout, option, 21)
+    model, processor = load(convert(folder, tmp_path / "mlx", dtype="float32"))
+    assert_matches_oracle(model, processor, *oracle("ckpt", tmp_path))

@@ -25,6 +25,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = make_parser("Ask a LLaVA model about pictures.")
     add_model_args(p)
     p.add_argument("--image", action="append", default=[], help="path or URL (repeatable)")
+    p.add_argument("--video", default=None, help="a video file (OneVision, LLaVA-NeXT-Video; PyAV)")
+    p.add_argument(
+        "--frames", type=int, default=8, help="frames sampled uniformly over --video (default 8)"
+    )
     p.add_argument(
         "--prompt", "-p", default=None, help=f"the question (default: '{DEFAULT_PROMPT}')"
     )
@@ -99,6 +103,15 @@ def run(args: argparse.Namespace) -> None:
     if args.pipeline and sampling.get("kv_bits") is not None:
         raise ValueError("--kv-bits does not go with --pipeline")
     images = [load_image(i) for i in args.image]
+    if args.frames < 1:
+        raise ValueError(f"--frames must be at least 1, got {args.frames}")
+    if args.video and args.image_dir:
+        raise ValueError("--video and --image-dir do not go together")
+    video = None
+    if args.video:
+        from ..video_io import read_video
+
+        video = read_video(args.video, args.frames)  # fails in one line, before loading
     model, processor = load_from_args(args)
     asks_for_picture = "<image>" in (args.prompt or "")
     if not (images or args.image_dir or asks_for_picture) and distributed.is_main():
@@ -114,7 +127,7 @@ def run(args: argparse.Namespace) -> None:
         return
     # Every rank of a pipeline runs the whole conversation; rank 0 alone shows it.
     with _quiet(not distributed.is_main()):
-        answer(model, processor, args, images, sampling)
+        answer(model, processor, args, images, sampling, video)
     if args.pipeline and args.verbose:
         print(
             f"rank {distributed.rank()}: {model.pipeline_stage()}, peak memory "
@@ -135,18 +148,26 @@ def _quiet(quiet: bool):
             yield
 
 
-def answer(model, processor, args: argparse.Namespace, images: list, sampling: dict) -> None:
-    """Stream the answer to `--prompt`, or chat with `--chat`."""
+def answer(
+    model, processor, args: argparse.Namespace, images: list, sampling: dict, video=None
+) -> None:
+    """Stream the answer to `--prompt`, or chat with `--chat` (about `video`'s frames too)."""
     from ..generate import stream_generate
+    from ..processor import VIDEO_PLACEHOLDER
 
     if args.chat:
         from ..chat import ChatSession
 
-        chat(ChatSession(model, processor, images=images), sampling, args.prompt, args.verbose)
+        session = ChatSession(model, processor, images=images, video=video)
+        chat(session, sampling, args.prompt, args.verbose)
         return
-    prompt = processor.format_prompt(args.prompt or DEFAULT_PROMPT, num_images=len(images))
+    question = args.prompt or DEFAULT_PROMPT
+    if video is not None and VIDEO_PLACEHOLDER not in question:
+        question = f"{VIDEO_PLACEHOLDER}\n{question}"
+    prompt = processor.format_prompt(question, num_images=len(images))
     response = None
-    for response in stream_generate(model, processor, prompt, images=images, **sampling):
+    steps = stream_generate(model, processor, prompt, images=images, video=video, **sampling)
+    for response in steps:
         print(response.text, end="", flush=True)
     print()
     if args.verbose and response is not None:

@@ -216,7 +216,7 @@ class Worker:
     ):
         self.model = model
         self.processor = processor
-        lm = model.language_model.model
+        lm = model.language_model
         self.group = distributed.world() if lm.pipeline_size > 1 else None
         self.rank = lm.pipeline_rank
         self.ranks = self._gather(self._stage())  # for /health
@@ -250,7 +250,7 @@ class Worker:
         """This rank's part of the model: its decoder layers [first, last], whether it holds
         the vision tower, and the parameters it alone holds (the token embeddings, final norm
         and lm_head, which every rank keeps, are counted on rank 0)."""
-        held = self.model.language_model.model.layer_range
+        held = self.model.language_model.layer_range
         parameters = sum(
             v.size
             for name, v in tree_flatten(self.model.parameters())

@@ -1,0 +1,198 @@
+"""LLaVA-OneVision and LLaVA-NeXT-Video number for number with transformers, on recorded outputs.
+
+tests/fixtures/make_onevision_fixtures.py wrote tiny random checkpoints: ov-hub (SigLIP, Qwen2
+with GQA and tied embeddings, llava-hf hub layout), ov-v5 (untied, transformers 5 layout),
+nv-hub (CLIP, Llama, average pooling) and nv-v5 (conv pooling), with transformers' outputs on a
+wide and a tall picture (their grids downsampled by "anyres_max_1"), both in one prompt, a video
+of 8 frames, and a picture with the video. tests/test_oracle_live.py reruns transformers live.
+"""
+
+import json
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from PIL import Image
+from test_parity import assert_logits_close
+
+from mlx_llava import convert, load
+
+DATA = Path(__file__).parent / "fixtures" / "data"
+CHECKPOINTS = ["ov-hub", "ov-v5", "nv-hub", "nv-v5"]
+PICTURES = {
+    "wide": ["wide"],
+    "tall": ["tall"],
+    "two": ["wide", "tall"],
+    "video": [],
+    "mixed": ["tall"],
+}
+PIXEL_ATOL = 1e-5
+
+
+def oracle(name: str, root: Path = DATA) -> tuple[dict, dict]:
+    folder = root / name
+    return dict(np.load(folder / "oracle.npz")), json.loads((folder / "oracle.json").read_text())
+
+
+def model_inputs(processor, meta: dict, arrays: dict, case: str) -> dict:
+    """Our processor's outputs for one recorded case (the video given as its uint8 frames)."""
+    question = meta["questions"][case]
+    images = [Image.open(DATA / "images" / f"{p}.png") for p in PICTURES[case]]
+    videos = [arrays["video_frames"]] if "<video>" in question else None
+    return processor(meta["template"].format(q=question), images=images or None, videos=videos)
+
+
+def greedy(model, inputs: dict, n: int) -> list[int]:
+    """n greedy tokens, the prompt through `model(**inputs)` once, then one token a step."""
+    cache = model.make_cache()
+    logits = model(**inputs, cache=cache)[:, -1]
+    tokens = []
+    for _ in range(n):
+        tokens.append(int(mx.argmax(logits, axis=-1).item()))
+        logits = model(mx.array([tokens[-1:]]), cache=cache)[:, -1]
+    return tokens
+
+
+@pytest.fixture(scope="module", params=CHECKPOINTS)
+def checkpoint(request, tmp_path_factory):
+    """(name, model, processor) of each checkpoint after conversion to an MLX folder."""
+    name = request.param
+    out = tmp_path_factory.mktemp(name) / "mlx"
+    convert(DATA / name, out, dtype="float32")
+    model, processor = load(out)
+    return name, model, processor
+
+
+def cases(name: str) -> list[str]:
+    return list(oracle(name)[1]["questions"])
+
+
+def test_config_reads_the_checkpoints_fields(checkpoint):
+    name, model, _ = checkpoint
+    config = model.config
+    if name.startswith("ov"):
+        assert config.model_type == "llava_onevision"
+        assert config.vision_config.model_type == "siglip_vision_model"
+        assert config.text_config.model_type == "qwen2" and config.text_config.rope_theta == 1e6
+        assert config.vision_feature_select_strategy == "full" and config.feature_layers == [-1]
+        assert config.max_num_patches == 1
+        assert config.text_config.tie_word_embeddings == (name == "ov-hub")
+        assert model.language_model.decoder_class.__module__ == "mlx_lm.models.qwen2"
+        assert "lm_head" not in model.language_model or name != "ov-hub"
+    else:
+        assert config.model_type == "llava_next_video"
+        assert config.spatial_pool_mode == ("average" if name == "nv-hub" else "conv")
+    assert (config.image_token_index, config.video_token_index) == (384, 386)
+
+
+def test_pixels_ids_logits_and_greedy_tokens_match_transformers(checkpoint):
+    name, model, processor = checkpoint
+    assert_matches_oracle(model, processor, *oracle(name))
+
+
+def assert_matches_oracle(model, processor, arrays: dict, meta: dict) -> None:
+    """Every recorded case: pixels within 1e-5, ids identical, last logits within 1e-4 of the
+    largest, the greedy tokens identical."""
+    for case in meta["questions"]:
+        inputs = model_inputs(processor, meta, arrays, case)
+        if f"{case}_pixel_values" in arrays:
+            ours = np.array(inputs["pixel_values"]).transpose(0, 3, 1, 2)
+            assert ours.shape == arrays[f"{case}_pixel_values"].shape, case
+            assert np.abs(ours - arrays[f"{case}_pixel_values"]).max() <= PIXEL_ATOL, case
+            assert inputs["image_sizes"] == [tuple(s) for s in arrays[f"{case}_image_sizes"]]
+        if f"{case}_pixel_values_videos" in arrays:
+            ours = np.array(inputs["pixel_values_videos"]).transpose(0, 1, 4, 2, 3)
+            want = arrays[f"{case}_pixel_values_videos"]
+            assert ours.shape == want.shape and np.abs(ours - want).max() <= PIXEL_ATOL, case
+        np.testing.assert_array_equal(np.array(inputs["input_ids"]), arrays[f"{case}_input_ids"])
+        logits = model(**inputs)[0, -1]
+        assert_logits_close(np.array(logits), arrays[f"{case}_last_logits"])
+        tokens = greedy(model, inputs, meta["greedy_tokens"])
+        assert tokens == arrays[f"{case}_greedy_tokens"].tolist(), case
+
+
+def test_token_counts_are_the_processors(checkpoint):
+    """`config.image_tokens` / `video_tokens` give transformers' expansions."""
+    name, model, processor = checkpoint
+    arrays, meta = oracle(name)
+    config = model.config
+    for case, counts in meta["tokens"].items():
+        sizes = [tuple(s) for s in arrays.get(f"{case}_image_sizes", [])]
+        alone = len(sizes) == 1
+        assert sum(config.image_tokens(s, alone) for s in sizes) == counts["image"], case
+        video = counts["video"] and config.video_tokens(len(arrays["video_frames"]))
+        assert video == counts["video"], case
+
+
+def test_mismatched_tokens_and_videos_are_refused(checkpoint):
+    name, model, processor = checkpoint
+    arrays, meta = oracle(name)
+    frames = arrays["video_frames"]
+    with pytest.raises(ValueError, match="1 <video> placeholder"):
+        processor("USER: <video>\nHi ASSISTANT:", videos=[frames, frames])
+    inputs = processor("USER: <video>\nHi ASSISTANT:", videos=[frames])
+    inputs["pixel_values_videos"] = inputs["pixel_values_videos"][:, :4]  # 4 frames, not 8
+    with pytest.raises(ValueError, match="video tokens"):
+        model(**inputs)
+
+
+# The real releases' configs (tests/fixtures/count_parameters.py: transformers' models built on
+# the meta device from each tests/fixtures/<name>.config.json; where each comes from: its
+# docstring).
+REAL_COUNTS = {
+    "llava-onevision-qwen2-0.5b-ov-hf": dict(
+        total=893_675_552, vision_tower=397_747_744, multi_modal_projector=1_836_800
+    ),
+    "llava-onevision-qwen2-7b-ov-hf": dict(
+        total=8_030_807_584, vision_tower=397_747_744, multi_modal_projector=16_980_992
+    ),
+    "LLaVA-NeXT-Video-7B-hf": dict(
+        total=7_063_431_168, vision_tower=303_507_456, multi_modal_projector=20_979_712
+    ),
+}
+
+
+@pytest.mark.parametrize("name", REAL_COUNTS)
+def test_real_configs_build_lazily_with_transformers_parameter_counts(name):
+    from mlx.utils import tree_flatten
+
+    from mlx_llava import Model, ModelConfig
+
+    def count(module) -> int:
+        return sum(v.size for _, v in tree_flatten(module.parameters()))
+
+    raw = json.loads((DATA.parent / f"{name}.config.json").read_text())
+    before = mx.get_active_memory()
+    model = Model(ModelConfig.from_dict(raw))
+    expected = REAL_COUNTS[name]
+    assert count(model) == expected["total"]
+    assert count(model.vision_tower) == expected["vision_tower"]
+    assert count(model.multi_modal_projector) == expected["multi_modal_projector"]
+    assert mx.get_active_memory() - before < 1 << 20  # nothing was evaluated
+    config = model.config
+    if name.startswith("llava-onevision"):
+        assert config.num_image_tokens == 729 and config.video_tokens(8) == 8 * 196 + 1
+        assert len(config.image_grid_pinpoints) == 36 and config.max_num_patches == 9
+        assert config.image_tokens((384, 384), alone=False) == 730
+    else:
+        assert config.video_tokens(8) == 8 * 144 and config.image_tokens((560, 560)) == 2928
+
+
+def test_an_original_lmms_lab_release_reads_as_its_llava_hf_conversion(tmp_path):
+    """ov-orig holds ov-hub's weights as lmms-lab saves a OneVision release (Qwen2, the SigLIP
+    tower inside without its last layer, "(1x1),...,(3x3)" pinpoints, no <image> or <video> in
+    the tokenizer): converted, it gives transformers' outputs recorded for ov-hub."""
+    folder = DATA / "ov-orig"
+    tower = DATA / "ov-orig-siglip"
+    model, processor = load(convert(folder, tmp_path / "mlx", dtype="float32", vision_tower=tower))
+    config = model.config
+    assert (config.model_type, config.text_config.model_type) == ("llava_onevision", "qwen2")
+    assert config.vision_config.num_hidden_layers == 2 and config.feature_layers == [-1]
+    assert len(config.image_grid_pinpoints) == 9
+    assert (config.image_token_index, config.video_token_index) == (-200, -201)
+    arrays, meta = oracle("ov-hub")
+    for case in meta["questions"]:  # the prompt is split at <image> and <video>: our ids
+        ids = arrays[f"{case}_input_ids"]
+        arrays[f"{case}_input_ids"] = np.where(ids == 384, -200, np.where(ids == 386, -201, ids))
+    assert_matches_oracle(model, processor, arrays, meta)
