@@ -25,8 +25,10 @@ from .model import Model
 from .processor import find_processor_file
 from .progress import Progress
 from .weights import (
+    MLX_LAYOUTS,
     ShardWriter,
     dequantized_shards,
+    is_mlx_layout,
     iter_shards,
     to_mlx_key,
     to_mlx_tensor,
@@ -80,9 +82,14 @@ class Source:
 
     def iter_shards(self, folder: Path, layout: str) -> Iterator[dict[str, mx.array]]:
         shards = iter_shards(folder)
-        if layout == "mlx" and self.quantization:
+        if layout in MLX_LAYOUTS and self.quantization:
             shards = dequantized_shards(shards, self.quantization)
         return shards
+
+    @property
+    def is_mlx(self) -> bool:
+        """Every tensor is in MLX's layout already: the folder loads as stored, quantized or not."""
+        return all(layout in MLX_LAYOUTS for _, layout in self.folders)
 
     @property
     def total_bytes(self) -> int:
@@ -212,6 +219,9 @@ def read_source(
     elif model_config.is_next and not model_config.conv_mode:
         # LLaVA-1.6 chats in its decoder's format (vicuna_v1, mistral_instruct, chatml_direct).
         model_config.conv_mode = template_for_config(config, _chat_template(folder))
+    if is_mlx_layout(folder, config):  # mlx-vlm / mlx-community: the llava-hf config, MLX tensors
+        quantization, model_config.quantization = model_config.quantization, None
+        return Source(model_config, [(folder, "mlx_vlm")], [folder], quantization)
     return Source(model_config, folders=[(folder, "llava_hf")], processor_folders=[folder])
 
 

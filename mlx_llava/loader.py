@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import random
 from pathlib import Path
 from typing import Optional, Union
@@ -17,7 +16,7 @@ from .convert import DTYPES, convert, converted_tensors, is_mlx_folder, read_sou
 from .hub import cache_dir, is_repo_id, resolve_folder
 from .model import Model
 from .processor import Processor
-from .weights import load_weights
+from .weights import iter_shards, rename_quantization, to_mlx_key
 
 DEFAULT_MODEL = "llava-hf/llava-1.5-7b-hf"
 
@@ -27,8 +26,12 @@ def resolve_model(name: Union[str, Path], dtype: str = "float16") -> Path:
     if is_repo_id(str(name)):
         cached = cache_dir() / f"{str(name).replace('/', '--')}-{dtype}"
         recover_dir(cached)
-        if not is_mlx_folder(cached):
-            convert(name, cached, dtype=dtype, force=cached.exists())
+        if is_mlx_folder(cached):
+            return cached
+        folder = resolve_folder(name)
+        if read_source(folder).is_mlx:  # mlx-community's MLX folders load from the hub's cache
+            return folder
+        convert(folder, cached, dtype=dtype, force=cached.exists())
         return cached
     if str(name) != "demo":
         recover_dir(Path(name).expanduser())  # a conversion killed while it replaced the folder
@@ -56,20 +59,28 @@ def _apply_quantization(model: Model, config: ModelConfig, weights: dict) -> Non
 
 
 def read_model(folder: Path, dtype: Optional[str]) -> tuple[ModelConfig, dict, list[Path]]:
-    """Config, weights in our layout, and the folders holding the processor files."""
-    if is_mlx_folder(folder):
-        with open(folder / "config.json") as f:
-            config = ModelConfig.from_dict(json.load(f))
-        weights = load_weights(folder)
-        if dtype is not None:
-            weights = {
-                k: v.astype(DTYPES[dtype]) if mx.issubdtype(v.dtype, mx.floating) else v
-                for k, v in weights.items()
-            }
-        return config, weights, [folder]
+    """Config, weights in our layout, and the folders holding the processor files.
+
+    MLX folders (this project's, mlx-vlm's) load as stored, quantized layers kept quantized;
+    other layouts are converted in memory.
+    """
     source = read_source(folder)
-    weights = dict(converted_tensors(source, DTYPES[dtype or "float16"]))
-    return source.config, weights, source.processor_folders
+    if not source.is_mlx:
+        weights = dict(converted_tensors(source, DTYPES[dtype or "float16"]))
+        return source.config, weights, source.processor_folders
+    config = source.config
+    weights = {}
+    for path, layout in source.folders:
+        config.quantization = rename_quantization(source.quantization, layout)
+        for shard in iter_shards(path):
+            for key, value in shard.items():
+                name = to_mlx_key(key, layout)
+                if name is None:
+                    continue
+                if dtype is not None and mx.issubdtype(value.dtype, mx.floating):
+                    value = value.astype(DTYPES[dtype])
+                weights[name] = value
+    return config, weights, source.processor_folders
 
 
 def build_model(

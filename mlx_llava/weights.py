@@ -56,12 +56,24 @@ CLIP_PREFIXES = [
 # A folder written by this project (convert.py, train.py): our names and MLX layout already.
 MLX_PREFIXES = [("", "")]
 
+# A folder written by mlx-vlm (mlx-community's): the module tree of its llava / llava_next,
+# MLX layout already, quantized layers as `weight` (uint32) + `scales` + `biases`.
+MLX_VLM_PREFIXES = [
+    ("vision_tower.vision_model.", "vision_tower."),
+    ("language_model.", "language_model."),
+    ("multi_modal_projector.", "multi_modal_projector."),
+    ("image_newline", "image_newline"),
+]
+
 LAYOUTS = {
     "llava_hf": LLAVA_HF_PREFIXES,
     "original": ORIGINAL_PREFIXES,
     "clip": CLIP_PREFIXES,
     "mlx": MLX_PREFIXES,
+    "mlx_vlm": MLX_VLM_PREFIXES,
 }
+# Layouts whose tensors are in MLX's layout already (nothing to transpose).
+MLX_LAYOUTS = ("mlx", "mlx_vlm")
 
 # Buffers, the unused CLIP text tower and heads: nothing of LLaVA's.
 _DROPPED_SUFFIXES = ("rotary_emb.inv_freq", "position_ids")
@@ -81,10 +93,53 @@ def to_mlx_key(key: str, layout: str) -> Optional[str]:
 
 def to_mlx_tensor(name: str, value: mx.array, layout: str) -> mx.array:
     """Move a PyTorch-layout tensor to MLX's layout (tensors of MLX folders already are)."""
-    if layout != "mlx" and name == PATCH_EMBEDDING and value.ndim == 4:
+    if layout not in MLX_LAYOUTS and name == PATCH_EMBEDDING and value.ndim == 4:
         # Conv2d weight: PyTorch (out, in, kh, kw) -> MLX (out, kh, kw, in).
         return value.transpose(0, 2, 3, 1)
     return value
+
+
+def rename_quantization(quantization: Optional[dict], layout: str) -> Optional[dict]:
+    """A `quantization` config entry with its per-module overrides under our module names."""
+    if not quantization:
+        return quantization
+    out = {}
+    for key, value in quantization.items():
+        if isinstance(value, (dict, bool)):  # a module path: its own settings, or False
+            key = to_mlx_key(f"{key}.weight", layout)
+            if key is None:
+                continue
+            key = key[: -len(".weight")]
+        out[key] = value
+    return out
+
+
+def safetensors_header(path: Path) -> dict:
+    """The JSON header of a safetensors file (tensor dtypes, shapes, `__metadata__`), read
+    without touching the tensors."""
+    with open(path, "rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        if not 2 <= size <= 100 << 20:
+            raise ValueError(f"{path} is not a safetensors file")
+        return json.loads(f.read(size))
+
+
+def is_mlx_layout(folder: Path, config: dict) -> bool:
+    """Whether a llava-hf-style folder holds MLX tensors (mlx-vlm, mlx-community), judged by what
+    it holds: safetensors metadata `format: mlx`, a `quantization` entry, or a patch embedding
+    stored (out, kh, kw, in) rather than PyTorch's (out, in, kh, kw)."""
+    if config.get("quantization"):
+        return True
+    channels = (config.get("vision_config") or {}).get("num_channels", 3)
+    for path in sorted(folder.glob("*.safetensors")):
+        header = safetensors_header(path)
+        if (header.get("__metadata__") or {}).get("format") == "mlx":
+            return True
+        for key, info in header.items():
+            shape = info.get("shape", []) if isinstance(info, dict) else []
+            if key.endswith("patch_embedding.weight") and len(shape) == 4:
+                return shape[3] == channels and shape[1] != channels
+    return False
 
 
 def weight_files(folder: Path) -> list[Path]:
