@@ -370,7 +370,7 @@ def stream_generate(
         quantized_kv_start=quantized_kv_start,
         input_embeddings=embeddings,
     )
-    stops = StopMatcher(stop or [])
+    stops = StopMatcher([*(stop or []), *processor.stop])
     known_tokens = len(tokenizer)
     prompt_tokens = len(keys)
     generated: list[int] = []

@@ -13,6 +13,7 @@ from . import distributed
 from .atomic import recover_dir
 from .config import ModelConfig
 from .convert import DTYPES, convert, converted_tensors, is_mlx_folder, read_source
+from .gguf import find_pair, read_pair
 from .hub import cache_dir, is_repo_id, resolve_folder
 from .model import Model
 from .processor import Processor
@@ -122,12 +123,16 @@ def load(
     conv_mode: Optional[str] = None,
     lazy: bool = False,
     pipeline: bool = False,
+    mmproj: Optional[Union[str, Path]] = None,
 ) -> tuple[Model, Processor]:
     """Load a LLaVA model and its processor.
 
     Args:
-        path_or_repo: an MLX folder, a llava-hf or original LLaVA folder (converted in memory),
-            a hub repo id (downloaded and converted once, then cached), or "demo".
+        path_or_repo: an MLX folder (this project's or mlx-vlm's), a llava-hf or original LLaVA
+            folder (converted in memory), a hub repo id (downloaded and converted once, then
+            cached), "demo", a llama.cpp GGUF language model (with `mmproj`), a folder holding
+            one GGUF pair, or "ollama:NAME" (a model in Ollama's store).
+        mmproj: the mmproj GGUF (CLIP tower and projector) of a GGUF language model.
         dtype: cast the floating-point weights ("float16", "bfloat16", "float32").
         pad_to_square: pad pictures to a square with the mean colour before preprocessing, as
             the original LLaVA-1.5 did; the default follows the checkpoint.
@@ -140,8 +145,14 @@ def load(
     Returns:
         (model, processor)
     """
-    folder = resolve_model(path_or_repo, dtype or "float16")
-    config, weights, processor_folders = read_model(folder, dtype)
+    pair = find_pair(path_or_repo, mmproj)
+    if pair is not None:
+        text, tower, ollama = pair
+        gguf = read_pair(text, tower, DTYPES[dtype] if dtype else None, ollama and ollama.template)
+        config, weights = gguf.config, gguf.weights
+    else:
+        folder = resolve_model(path_or_repo, dtype or "float16")
+        config, weights, processor_folders = read_model(folder, dtype)
     if conv_mode:
         config.conv_mode = conv_mode
     group = distributed.world() if pipeline else None
@@ -150,5 +161,9 @@ def load(
         distributed.barrier(group)  # as mlx-lm's sharded_load: every rank's weights are in
         # One random state on every rank: unseeded sampling then picks the same tokens on all.
         mx.random.seed(distributed.broadcast(random.getrandbits(62), group))
-    processor = Processor.from_pretrained(processor_folders, config, pad_to_square=pad_to_square)
+    if pair is not None:
+        processor = Processor.from_gguf(gguf, pad_to_square=pad_to_square)
+        processor.stop = ollama.stop if ollama else []
+    else:
+        processor = Processor.from_pretrained(processor_folders, config, pad_to_square)
     return model, processor

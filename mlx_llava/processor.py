@@ -8,11 +8,16 @@ from typing import Any, Optional, Sequence, Union
 
 import mlx.core as mx
 import numpy as np
-from mlx_lm.tokenizer_utils import TokenizerWrapper
+from mlx_lm.tokenizer_utils import (
+    NaiveStreamingDetokenizer,
+    SPMStreamingDetokenizer,
+    TokenizerWrapper,
+)
 from mlx_lm.tokenizer_utils import load as load_tokenizer
 
 from .config import ModelConfig
 from .conversation import format_prompt, get_template
+from .gguf import GGUFModel, hf_tokenizer, original_tokenizer
 from .image_processor import CLIPImageProcessor, image_processor_from_dict
 from .llama_tokenizer import SlowLlamaTokenizer, Span, is_slow_llama_folder
 
@@ -63,6 +68,7 @@ class Processor:
         vocab = tokenizer.get_vocab()
         self.image_token_in_vocab = vocab.get(IMAGE_PLACEHOLDER) == config.image_token_index
         self.original_tokenizer = original_tokenizer
+        self.stop: list[str] = []  # strings that end every answer (an Ollama model's `stop`)
 
     @classmethod
     def from_pretrained(
@@ -90,12 +96,7 @@ class Processor:
         else:
             side = config.vision_config.image_size
             settings = {"size": {"shortest_edge": side}, "crop_size": side}
-        image_processor = image_processor_from_dict(settings, config)
-        if pad_to_square and config.is_next:
-            raise ValueError("pad to square does not apply to LLaVA-NeXT: it tiles each picture")
-        if pad_to_square is None:
-            pad_to_square = config.image_aspect_ratio == "pad"
-        image_processor.pad_to_square = pad_to_square
+        image_processor = _image_processor(settings, config, pad_to_square)
         own = (folders[0] / n for n in CHAT_TEMPLATE_FILES)
         template_file = next((f for f in own if f.exists()), None)
         chat_template = None
@@ -105,6 +106,20 @@ class Processor:
         elif template_file is not None:
             chat_template = template_file.read_text()
         return cls(tokenizer, image_processor, config, chat_template, original)
+
+    @classmethod
+    def from_gguf(cls, model: GGUFModel, pad_to_square: Optional[bool] = None) -> "Processor":
+        """The processor of a GGUF pair: transformers' tokenizer of the GGUF for decoding, the
+        original code's ids for encoding (see `gguf.original_tokenizer`), the mmproj's image
+        settings."""
+        meta = model.text_metadata
+        detokenizer = SPMStreamingDetokenizer
+        if meta.get("tokenizer.ggml.model") != "llama":
+            detokenizer = NaiveStreamingDetokenizer
+        eos = int(meta["tokenizer.ggml.eos_token_id"].item())
+        tokenizer = TokenizerWrapper(hf_tokenizer(model.text_path), detokenizer, [eos])
+        image_processor = _image_processor(model.image_settings, model.config, pad_to_square)
+        return cls(tokenizer, image_processor, model.config, None, original_tokenizer(meta))
 
     # Prompts -----------------------------------------------------------------------------
 
@@ -255,6 +270,18 @@ class Processor:
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+
+def _image_processor(
+    settings: dict, config: ModelConfig, pad_to_square: Optional[bool]
+) -> CLIPImageProcessor:
+    image_processor = image_processor_from_dict(settings, config)
+    if pad_to_square and config.is_next:
+        raise ValueError("pad to square does not apply to LLaVA-NeXT: it tiles each picture")
+    if pad_to_square is None:
+        pad_to_square = config.image_aspect_ratio == "pad"
+    image_processor.pad_to_square = pad_to_square
+    return image_processor
 
 
 def _encode_chunk(

@@ -75,6 +75,53 @@ LAYOUTS = {
 # Layouts whose tensors are in MLX's layout already (nothing to transpose).
 MLX_LAYOUTS = ("mlx", "mlx_vlm")
 
+# llama.cpp's GGUF names. The language model (convert_legacy_llama.py, convert_hf_to_gguf.py):
+# whole-model tensors, then each block's `blk.N.<name>`.
+GGUF_NAMES = {
+    "token_embd": "language_model.model.embed_tokens",
+    "output_norm": "language_model.model.norm",
+    "output": "language_model.lm_head",
+}
+GGUF_BLOCK_NAMES = {
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "attn_norm": "input_layernorm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+    "ffn_norm": "post_attention_layernorm",
+}
+# The mmproj (convert_image_encoder_to_gguf.py): `v.*` the CLIP tower without its last layer and
+# post_layernorm, `mm.*` the projector, LLaVA-1.6's newline. It names CLIP's fc1 `ffn_down`.
+MMPROJ_NAMES = {
+    "v.class_embd": "vision_tower.embeddings.class_embedding",
+    "v.patch_embd": "vision_tower.embeddings.patch_embedding",
+    "v.position_embd": "vision_tower.embeddings.position_embedding",
+    "v.pre_ln": "vision_tower.pre_layrnorm",
+    "v.post_ln": "vision_tower.post_layernorm",
+    "mm.0": "multi_modal_projector.linear_1",
+    "mm.2": "multi_modal_projector.linear_2",
+    "model.image_newline": "image_newline",
+}
+MMPROJ_BLOCK_NAMES = {
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_out": "self_attn.out_proj",
+    "ln1": "layer_norm1",
+    "ln2": "layer_norm2",
+    "ffn_down": "mlp.fc1",
+    "ffn_up": "mlp.fc2",
+}
+# layout -> (block prefix, our block prefix, whole-model names, block names)
+GGUF_TABLES = {
+    "gguf": ("blk.", "language_model.model.layers.", GGUF_NAMES, GGUF_BLOCK_NAMES),
+    "mmproj": ("v.blk.", "vision_tower.encoder.layers.", MMPROJ_NAMES, MMPROJ_BLOCK_NAMES),
+}
+_LEAVES = ("weight", "bias", "scales", "biases")
+
 # Buffers, the unused CLIP text tower and heads: nothing of LLaVA's.
 _DROPPED_SUFFIXES = ("rotary_emb.inv_freq", "position_ids")
 
@@ -85,10 +132,23 @@ def to_mlx_key(key: str, layout: str) -> Optional[str]:
     """Our name for a checkpoint key, or None for a tensor LLaVA does not use."""
     if key.endswith(_DROPPED_SUFFIXES):
         return None
+    if layout in GGUF_TABLES:
+        return _gguf_key(key, *GGUF_TABLES[layout])
     for old, new in LAYOUTS[layout]:
         if key.startswith(old):
             return new + key[len(old) :]
     return None
+
+
+def _gguf_key(key: str, block: str, our_block: str, names: dict, block_names: dict):
+    stem, _, leaf = key.rpartition(".")
+    if leaf not in _LEAVES:  # a parameter without a leaf name (v.class_embd)
+        stem, leaf = key, ""
+    suffix = f".{leaf}" if leaf else ""
+    if stem.startswith(block):
+        index, _, name = stem[len(block) :].partition(".")
+        return f"{our_block}{index}.{block_names[name]}{suffix}" if name in block_names else None
+    return f"{names[stem]}{suffix}" if stem in names else None
 
 
 def to_mlx_tensor(name: str, value: mx.array, layout: str) -> mx.array:
