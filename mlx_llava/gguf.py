@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Optional, Union
 
 import mlx.core as mx
+import numpy as np
 
 from .config import ConfigError, ModelConfig, TextConfig, VisionConfig
 from .llama_tokenizer import SlowLlamaTokenizer
@@ -78,7 +79,7 @@ def read_gguf(path: Path) -> tuple[dict[str, mx.array], dict]:
         ValueError: tensors of a type MLX cannot read.
     """
     try:
-        return mx.load(str(path), return_metadata=True)
+        return mx.load(str(path), format="gguf", return_metadata=True)
     except Exception as e:  # MLX refuses the whole file for one unreadable tensor
         unreadable = sorted(set(tensor_types(path).values()) - NATIVE_TYPES - set(REQUANTIZED_BITS))
         if not unreadable:
@@ -94,9 +95,12 @@ def _value(meta: dict, key: str, default=None):
     if key not in meta:
         return default
     value = meta[key]
-    if isinstance(value, mx.array):
-        return value.item() if value.ndim == 0 else value.tolist()
-    return value
+    if not isinstance(value, mx.array):
+        return value
+    if value.dtype == mx.float32:  # 1e-05, not 9.999999747378752e-06: the shortest float32 text
+        floats = [float(str(np.float32(v))) for v in np.array(value).reshape(-1)]
+        return floats[0] if value.ndim == 0 else floats
+    return value.item() if value.ndim == 0 else value.tolist()
 
 
 def text_config(meta: dict) -> TextConfig:
