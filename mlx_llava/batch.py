@@ -102,7 +102,7 @@ class Row:
         self.eos = tokenizer.eos_token_ids
         self.known_tokens = len(tokenizer)
         self.detokenizer = tokenizer.detokenizer
-        self.stops = StopMatcher(stop)
+        self.stops = StopMatcher([*stop, *processor.stop])  # the model's own stops too
         self.max_tokens = max_tokens
         self.sampler = sampler
         self.logits_processors = list(logits_processors)

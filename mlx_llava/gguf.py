@@ -218,8 +218,10 @@ def _requantize_kquants(tensors: dict, types: dict, path: Path) -> None:
 
 
 def _renamed(tensors: dict, layout: str) -> dict[str, mx.array]:
+    """`tensors` under our names (emptied as it goes: each tensor is held once)."""
     out = {}
-    for key, value in tensors.items():
+    for key in list(tensors):
+        value = tensors.pop(key)
         name = to_mlx_key(key, layout)
         if name is not None:
             out[name] = to_mlx_tensor(name, value, layout)
@@ -256,11 +258,14 @@ def read_pair(
         **fields,
     )
     weights = {**_renamed(text, "gguf"), **_renamed(mmproj, "mmproj")}
+    del text, mmproj
     heads = {"q_proj": text_cfg.num_attention_heads, "k_proj": text_cfg.num_key_value_heads}
     for name in list(weights):
         parts = name.split(".")
         if name.startswith("language_model.") and parts[-2] in heads:
+            # One at a time, so that a layer's old rows are freed before the next is copied.
             weights[name] = unpermute_rows(weights[name], heads[parts[-2]])
+            mx.eval(weights[name])
     # The mmproj drops post_layernorm (unused by LLaVA); the tower keeps one for loading.
     width = config.vision_config.hidden_size
     weights.setdefault("vision_tower.post_layernorm.weight", mx.ones((width,)))
