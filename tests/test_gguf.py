@@ -29,12 +29,24 @@ PAIR = DATA / "gguf-v15"
 SOURCE, TOWER = DATA / "gguf-src", DATA / "orig-spm-clip"
 MMPROJ = PAIR / "mmproj-model-f16.gguf"
 IMAGE = DATA / "images" / "a.png"
-TYPES = {"f16": "F16", "q8_0": "Q8_0", "q4_0": "Q4_0"}
 QUESTION = "What is in the picture?"
+# kind: (original checkpoint, language-model GGUF, mmproj, GGML type of its matrices)
+PAIRS = {
+    "f16": (SOURCE, PAIR / "ggml-model-f16.gguf", MMPROJ, "F16"),
+    "q8_0": (SOURCE, PAIR / "ggml-model-q8_0.gguf", MMPROJ, "Q8_0"),
+    "q4_0": (SOURCE, PAIR / "ggml-model-q4_0.gguf", MMPROJ, "Q4_0"),
+    "next-q8_0": (
+        DATA / "gguf-src-next",
+        DATA / "gguf-v16" / "ggml-model-q8_0.gguf",
+        DATA / "gguf-v16" / "mmproj-model-f16.gguf",
+        "Q8_0",
+    ),
+}
+NEXT_IMAGE = DATA / "images" / "wide.png"
 
 
 def text_gguf(kind: str) -> Path:
-    return PAIR / f"ggml-model-{kind}.gguf"
+    return PAIRS[kind][1]
 
 
 def llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -59,53 +71,56 @@ def as_stored(w: np.ndarray, tensor) -> np.ndarray:
 
 
 def reference_checkpoint(kind: str, out: Path) -> tuple[Path, Path]:
-    """gguf-src and its tower with the pair's weights put back, in the original format.
+    """The original checkpoint and its tower with the pair's weights put back, in the original
+    format.
 
     Each original tensor W becomes its GGUF tensor dequantized. Quantization works on rows, so
     for q and k (whose rows llama.cpp permutes) that is W through the same quantizer: asserted
     against the file, tensor by tensor.
     """
-    config = json.loads((SOURCE / "config.json").read_text())
+    source, text_file, mmproj_file, matrix_type = PAIRS[kind]
+    config = json.loads((source / "config.json").read_text())
     heads = {"q_proj": config["num_attention_heads"], "k_proj": config["num_key_value_heads"]}
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config["num_hidden_layers"])
-    text = {t.name: t for t in gguf.GGUFReader(text_gguf(kind)).tensors}
-    state = load_file(SOURCE / "model.safetensors")
+    text = {t.name: t for t in gguf.GGUFReader(text_file).tensors}
+    state = load_file(source / "model.safetensors")
     for key, w in state.items():
         name = names.get_name(key, try_suffixes=(".weight", ".bias"))
-        if name is None or name not in text:  # the projector (in the mmproj), rope buffers
+        if name is None or name not in text:  # projector, tower, newline (mmproj), rope buffers
             continue
         tensor = text[name]
-        assert tensor.tensor_type.name == (TYPES[kind] if w.ndim == 2 else "F32"), name
+        assert tensor.tensor_type.name == (matrix_type if w.ndim == 2 else "F32"), name
         state[key] = as_stored(w, tensor)
         head = next((n for k, n in heads.items() if f".{k}." in key), None)
         expected = llama_cpp_permute(state[key], head) if head else state[key]
         np.testing.assert_array_equal(stored(tensor), expected, err_msg=name)
     # convert_image_encoder_to_gguf.py: every matrix (and the patch kernel) f16, the rest f32.
-    mmproj = gguf.GGUFReader(MMPROJ).tensors
+    mmproj = gguf.GGUFReader(mmproj_file).tensors
     assert {t.tensor_type.name for t in mmproj if len(t.shape) >= 2} == {"F16"}
     assert {t.tensor_type.name for t in mmproj if len(t.shape) == 1} == {"F32"}
-    for key in [k for k in state if k.startswith("model.mm_projector.") and k.endswith("weight")]:
+    vision = ("model.mm_projector.", "model.vision_tower.")  # LLaVA-1.6 ships its tower inside
+    for key in [k for k in state if k.startswith(vision) and state[k].ndim >= 2]:
         state[key] = state[key].astype(np.float16).astype(np.float32)
     tower = load_file(TOWER / "model.safetensors")
     for key, w in tower.items():
         if key.startswith("vision_model.") and w.ndim >= 2:
             tower[key] = w.astype(np.float16).astype(np.float32)
     ref, ref_tower = out / "ref", out / "ref-clip"
-    shutil.copytree(SOURCE, ref)
+    shutil.copytree(source, ref)
     shutil.copytree(TOWER, ref_tower)
     save_file(state, ref / "model.safetensors", metadata={"format": "pt"})
     save_file(tower, ref_tower / "model.safetensors", metadata={"format": "pt"})
     return ref, ref_tower
 
 
-@pytest.fixture(scope="module", params=list(TYPES))
+@pytest.fixture(scope="module", params=list(PAIRS))
 def pair(request, tmp_path_factory):
     """(kind, GGUF model, its processor, reference model, reference processor)."""
     kind = request.param
     tmp = tmp_path_factory.mktemp(f"gguf-{kind}")
     ref, ref_tower = reference_checkpoint(kind, tmp)
     reference = load(convert(ref, tmp / "mlx", dtype="float32", vision_tower=ref_tower))
-    model, processor = load(text_gguf(kind), mmproj=MMPROJ, dtype="float32")
+    model, processor = load(text_gguf(kind), mmproj=PAIRS[kind][2], dtype="float32")
     return (kind, model, processor, *reference)
 
 
@@ -114,8 +129,12 @@ def test_config_and_template(pair):
     ours, theirs = model.config, reference.config
     assert ours.text_config == theirs.text_config
     assert ours.vision_config.num_hidden_layers == theirs.vision_config.num_hidden_layers - 1
-    assert (ours.image_aspect_ratio, ours.image_token_index) == ("pad", -200)
-    assert ours.conv_mode == "vicuna_v1"
+    assert ours.image_token_index == -200 and ours.conv_mode == "vicuna_v1"
+    assert (ours.model_type, ours.image_aspect_ratio) == (
+        theirs.model_type,
+        theirs.image_aspect_ratio,
+    )
+    assert ours.image_grid_pinpoints == theirs.image_grid_pinpoints
     assert processor.format_prompt(QUESTION) == (
         "A chat between a curious user and an artificial intelligence assistant. The assistant "
         "gives helpful, detailed, and polite answers to the user's questions. USER: <image>\n"
@@ -142,7 +161,7 @@ def test_quantized_files_stay_quantized(pair):
     if kind == "f16":
         assert not any(hasattr(layer, "scales") for layer in layers)
         return
-    bits = int(kind[1])
+    bits = int(kind.split("-")[-1][1])
     for layer in layers:
         assert isinstance(layer, (nn.QuantizedLinear, nn.QuantizedEmbedding))
         assert (layer.bits, layer.group_size) == (bits, 32)
@@ -151,16 +170,19 @@ def test_quantized_files_stay_quantized(pair):
 def test_logits_and_greedy_tokens_match_the_reference(pair):
     kind, model, processor, reference, ref_processor = pair
     prompt = processor.format_prompt(QUESTION)
-    inputs = processor(prompt, [IMAGE])
-    expected = ref_processor(prompt, [IMAGE])
+    image = NEXT_IMAGE if model.config.is_next else IMAGE
+    inputs = processor(prompt, [image])
+    expected = ref_processor(prompt, [image])
     np.testing.assert_array_equal(np.array(inputs["input_ids"]), np.array(expected["input_ids"]))
     np.testing.assert_allclose(
         np.array(inputs["pixel_values"]), np.array(expected["pixel_values"]), atol=1e-6
     )
-    logits = model(inputs["input_ids"], pixel_values=inputs["pixel_values"])
-    assert_logits_close(logits, reference(inputs["input_ids"], pixel_values=inputs["pixel_values"]))
-    tokens = greedy_tokens(model, processor, prompt, [IMAGE], 24)
-    assert tokens == greedy_tokens(reference, ref_processor, prompt, [IMAGE], 24)
+    assert inputs["image_sizes"] == expected["image_sizes"]
+    pictures = dict(pixel_values=inputs["pixel_values"], image_sizes=inputs["image_sizes"])
+    logits = model(inputs["input_ids"], **pictures)
+    assert_logits_close(logits, reference(inputs["input_ids"], **pictures))
+    tokens = greedy_tokens(model, processor, prompt, [image], 24)
+    assert tokens == greedy_tokens(reference, ref_processor, prompt, [image], 24)
 
 
 def test_convert_gguf_to_an_mlx_folder(tmp_path):
