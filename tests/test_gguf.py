@@ -1,10 +1,10 @@
 """llama.cpp GGUF pairs and Ollama's store, against the original checkpoint they were made from.
 
 tests/fixtures/data/gguf-v15 was written by llama.cpp's own converters from gguf-src (an original
-LLaVA-1.5 checkpoint with a real SentencePiece tokenizer) and its tower orig-spm-clip; the Q4_0
-file by the gguf package's reference quantizer (tests/fixtures/make_gguf_fixtures.py). The
-reference is that checkpoint with the GGUF's weights put back (dequantized by the gguf package),
-loaded from the original format.
+LLaVA-1.5 checkpoint with a real SentencePiece tokenizer) and its tower orig-spm-clip, the Q4_0
+and Q4_1 files by the gguf package's reference quantizer; gguf-v16 the same way from gguf-src-next
+(LLaVA-1.6) (tests/fixtures/make_gguf_fixtures.py). The reference is the checkpoint with the
+GGUF's weights put back (dequantized by the gguf package), loaded from the original format.
 """
 
 import json
@@ -35,6 +35,7 @@ PAIRS = {
     "f16": (SOURCE, PAIR / "ggml-model-f16.gguf", MMPROJ, "F16"),
     "q8_0": (SOURCE, PAIR / "ggml-model-q8_0.gguf", MMPROJ, "Q8_0"),
     "q4_0": (SOURCE, PAIR / "ggml-model-q4_0.gguf", MMPROJ, "Q4_0"),
+    "q4_1": (SOURCE, PAIR / "ggml-model-q4_1.gguf", MMPROJ, "Q4_1"),
     "next-q8_0": (
         DATA / "gguf-src-next",
         DATA / "gguf-v16" / "ggml-model-q8_0.gguf",
