@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import sys
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Union
@@ -337,12 +338,49 @@ def original_tokenizer(meta: dict) -> Optional[SlowLlamaTokenizer]:
     )
 
 
-def hf_tokenizer(path: Path):
-    """transformers' tokenizer of a GGUF file (its GGUF support reads `tokenizer.ggml.*`)."""
-    from transformers import AutoTokenizer
+def write_tokenizer_files(meta: dict, out: Path) -> None:
+    """Tokenizer files of a GGUF's vocabulary in `out`. A SentencePiece (Llama) vocabulary
+    becomes the release's tokenizer.model, rebuilt (`spm_model_proto`), with a
+    tokenizer_config.json as llava-v1.5's (slow LlamaTokenizer, `legacy: false`); any other is
+    saved from transformers' GGUF support (which needs torch)."""
+    if _value(meta, "tokenizer.ggml.model") != "llama":
+        raise ValueError("only the GGUF's own file can describe a non-SentencePiece vocabulary")
+    tokens = _value(meta, "tokenizer.ggml.tokens")
 
-    _gguf_package()
-    return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    def token(key: str, default: int) -> str:
+        return tokens[_value(meta, f"tokenizer.ggml.{key}_token_id", default)]
+
+    (out / "tokenizer.model").write_bytes(spm_model_proto(meta))
+    config = {
+        "tokenizer_class": "LlamaTokenizer",
+        "bos_token": token("bos", 1),
+        "eos_token": token("eos", 2),
+        "unk_token": token("unknown", 0),
+        "add_bos_token": bool(_value(meta, "tokenizer.ggml.add_bos_token", True)),
+        "add_eos_token": bool(_value(meta, "tokenizer.ggml.add_eos_token", False)),
+        "legacy": False,
+        "clean_up_tokenization_spaces": False,
+    }
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+
+
+def load_hf_tokenizer(model: GGUFModel):
+    """mlx-lm's TokenizerWrapper over transformers' tokenizer of the GGUF's vocabulary: built
+    from the rebuilt tokenizer.model for SentencePiece vocabularies (no torch needed), else by
+    transformers' GGUF support."""
+    from mlx_lm.tokenizer_utils import load as load_tokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        if _value(model.text_metadata, "tokenizer.ggml.model") == "llama":
+            write_tokenizer_files(model.text_metadata, Path(tmp))
+        else:
+            from transformers import AutoTokenizer
+
+            _gguf_package()
+            path = model.text_path
+            tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+            tokenizer.save_pretrained(tmp)
+        return load_tokenizer(Path(tmp))
 
 
 def find_pair(
@@ -383,21 +421,12 @@ def find_pair(
 
 
 def write_processor_files(model: GGUFModel, out: Path) -> None:
-    """Tokenizer and image-processor files for a folder converted from a GGUF pair: transformers'
-    tokenizer of the GGUF, and for a SentencePiece vocabulary the release's tokenizer.model
-    rebuilt (`spm_model_proto`) with a tokenizer_config.json as llava-v1.5's, so that the folder
-    encodes as the original code did."""
+    """Tokenizer and image-processor files for a folder converted from a GGUF pair (see
+    `write_tokenizer_files`): the folder encodes as the original code did."""
     meta = model.text_metadata
-    hf_tokenizer(model.text_path).save_pretrained(out)
     if _value(meta, "tokenizer.ggml.model") == "llama":
-        (out / "tokenizer.model").write_bytes(spm_model_proto(meta))
-        config = json.loads((out / "tokenizer_config.json").read_text())
-        config.update(
-            tokenizer_class="LlamaTokenizer",
-            legacy=False,
-            add_bos_token=bool(_value(meta, "tokenizer.ggml.add_bos_token", True)),
-            add_eos_token=bool(_value(meta, "tokenizer.ggml.add_eos_token", False)),
-        )
-        (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+        write_tokenizer_files(meta, out)
+    else:
+        load_hf_tokenizer(model)._tokenizer.save_pretrained(out)
     settings = {"image_processor_type": "CLIPImageProcessor", **model.image_settings}
     (out / "preprocessor_config.json").write_text(json.dumps(settings, indent=2))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -19,6 +20,7 @@ from .config import ConfigError
 PREFIX = "ollama:"
 REGISTRY = "registry.ollama.ai"
 MEDIA_TYPE = "application/vnd.ollama.image."
+DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
 
 
 @dataclass
@@ -81,6 +83,8 @@ def find_model(name: str, store: Optional[Path] = None) -> OllamaModel:
         raise ConfigError(f"Ollama model '{name}' has no projector layer: not a LLaVA model")
 
     def blob(kind: str) -> Path:
+        if not DIGEST.match(layers[kind]):
+            raise ConfigError(f"Ollama model '{name}': bad {kind} digest '{layers[kind]}'")
         file = store / "blobs" / layers[kind].replace(":", "-")
         if not file.is_file():
             raise FileNotFoundError(f"Ollama model '{name}': its {kind} blob {file} is missing")

@@ -8,16 +8,12 @@ from typing import Any, Optional, Sequence, Union
 
 import mlx.core as mx
 import numpy as np
-from mlx_lm.tokenizer_utils import (
-    NaiveStreamingDetokenizer,
-    SPMStreamingDetokenizer,
-    TokenizerWrapper,
-)
+from mlx_lm.tokenizer_utils import TokenizerWrapper
 from mlx_lm.tokenizer_utils import load as load_tokenizer
 
 from .config import ModelConfig
 from .conversation import format_prompt, get_template
-from .gguf import GGUFModel, hf_tokenizer, original_tokenizer
+from .gguf import GGUFModel, load_hf_tokenizer, original_tokenizer
 from .image_processor import CLIPImageProcessor, image_processor_from_dict
 from .llama_tokenizer import SlowLlamaTokenizer, Span, is_slow_llama_folder
 
@@ -109,17 +105,13 @@ class Processor:
 
     @classmethod
     def from_gguf(cls, model: GGUFModel, pad_to_square: Optional[bool] = None) -> "Processor":
-        """The processor of a GGUF pair: transformers' tokenizer of the GGUF for decoding, the
-        original code's ids for encoding (see `gguf.original_tokenizer`), the mmproj's image
-        settings."""
-        meta = model.text_metadata
-        detokenizer = SPMStreamingDetokenizer
-        if meta.get("tokenizer.ggml.model") != "llama":
-            detokenizer = NaiveStreamingDetokenizer
-        eos = int(meta["tokenizer.ggml.eos_token_id"].item())
-        tokenizer = TokenizerWrapper(hf_tokenizer(model.text_path), detokenizer, [eos])
+        """The processor of a GGUF pair: transformers' tokenizer of the GGUF's vocabulary for
+        decoding, the original code's ids for encoding (see `gguf.original_tokenizer`), the
+        mmproj's image settings."""
+        tokenizer = load_hf_tokenizer(model)
         image_processor = _image_processor(model.image_settings, model.config, pad_to_square)
-        return cls(tokenizer, image_processor, model.config, None, original_tokenizer(meta))
+        original = original_tokenizer(model.text_metadata)
+        return cls(tokenizer, image_processor, model.config, None, original)
 
     # Prompts -----------------------------------------------------------------------------
 

@@ -50,7 +50,7 @@ def make_parser(description: str) -> argparse.ArgumentParser:
 
 
 def add_model_args(p: argparse.ArgumentParser, default_model: bool = True) -> None:
-    """--model, --dtype, --pad-to-square, --conv-mode."""
+    """--model, --mmproj, --dtype, --pad-to-square, --conv-mode."""
     if default_model:
         p.add_argument(
             "--model",
