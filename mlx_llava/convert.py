@@ -21,13 +21,16 @@ from mlx.utils import tree_flatten
 from .atomic import recover_dir, replace_dir, staging_dir
 from .config import ConfigError, ModelConfig, TextConfig, is_original_config
 from .conversation import template_for_config
+from .gguf import GGUFModel, find_pair, read_pair, write_processor_files
 from .hub import resolve_folder
 from .model import Model
 from .processor import find_processor_file
 from .progress import Progress
 from .weights import (
+    MLX_LAYOUTS,
     ShardWriter,
     dequantized_shards,
+    is_mlx_layout,
     iter_shards,
     to_mlx_key,
     to_mlx_tensor,
@@ -80,16 +83,24 @@ class Source:
     # processor's settings may be (see processor.find_processor_file).
     processor_folders: list[Path] = field(default_factory=list)
     quantization: Optional[dict] = None
+    gguf: Optional[GGUFModel] = None  # a GGUF pair's tensors, read already (our names)
 
     def iter_shards(self, folder: Path, layout: str) -> Iterator[dict[str, mx.array]]:
-        shards = iter_shards(folder)
-        if layout == "mlx" and self.quantization:
+        shards = iter([self.gguf.weights]) if self.gguf else iter_shards(folder)
+        if layout in MLX_LAYOUTS and self.quantization:
             shards = dequantized_shards(shards, self.quantization)
         return shards
 
     @property
+    def is_mlx(self) -> bool:
+        """Every tensor is in MLX's layout already: the folder loads as stored, quantized or not."""
+        return all(layout in MLX_LAYOUTS for _, layout in self.folders)
+
+    @property
     def total_bytes(self) -> int:
         """The size of the weight files, for progress reports."""
+        if self.gguf:
+            return sum(v.nbytes for v in self.gguf.weights.values())
         return sum(f.stat().st_size for folder, _ in self.folders for f in weight_files(folder))
 
 
@@ -211,9 +222,20 @@ def read_source(
     hf_path: Union[str, Path],
     vision_tower: Optional[Union[str, Path]] = None,
     conv_mode: Optional[str] = None,
+    mmproj: Optional[Union[str, Path]] = None,
 ) -> Source:
     """Find the config, the weight folders and the processor files of a checkpoint: a llava-hf
-    or original checkpoint, or an MLX folder (to convert again: re-quantize, change dtype)."""
+    or original checkpoint, an MLX folder (to convert again: re-quantize, change dtype), or a
+    GGUF pair (`mmproj` beside a GGUF language model, a folder holding a pair, "ollama:NAME")."""
+    pair = find_pair(hf_path, mmproj)
+    if pair is not None:
+        text, tower, ollama = pair
+        # float32 scales: a layer dequantized at float16 would round its products.
+        model = read_pair(text, tower, mx.float32, ollama.template if ollama else None)
+        quantization, model.config.quantization = model.config.quantization, None
+        if conv_mode:
+            model.config.conv_mode = conv_mode
+        return Source(model.config, [(text, "mlx")], [], quantization, gguf=model)
     folder = resolve_folder(hf_path)
     config = read_json(folder / "config.json")
     if is_mlx_folder(folder):
@@ -246,6 +268,9 @@ def read_source(
     elif model_config.is_next and not model_config.conv_mode:
         # LLaVA-1.6 chats in its decoder's format (vicuna_v1, mistral_instruct, chatml_direct).
         model_config.conv_mode = template_for_config(config, _chat_template(folder))
+    if is_mlx_layout(folder, config):  # mlx-vlm / mlx-community: the llava-hf config, MLX tensors
+        quantization, model_config.quantization = model_config.quantization, None
+        return Source(model_config, [(folder, "mlx_vlm")], [folder], quantization)
     return Source(model_config, folders=[(folder, "llava_hf")], processor_folders=[folder])
 
 
@@ -290,6 +315,7 @@ def convert(
     conv_mode: Optional[str] = None,
     force: bool = False,
     progress: bool = True,
+    mmproj: Optional[Union[str, Path]] = None,
 ) -> Path:
     """Convert a checkpoint into an MLX folder at `mlx_path` and return that path.
 
@@ -303,6 +329,7 @@ def convert(
         conv_mode: record a conversation template other than the checkpoint's default.
         force: replace an existing output folder (by renames, once the new one is complete).
         progress: show the bytes converted on a terminal's stderr.
+        mmproj: the mmproj GGUF of a GGUF language model `hf_path`.
     """
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype '{dtype}' (choose from: {', '.join(DTYPES)})")
@@ -310,7 +337,7 @@ def convert(
     recover_dir(mlx_path)  # a conversion killed while it swapped folders
     if mlx_path.exists() and not force:
         raise FileExistsError(f"{mlx_path} already exists: choose another path or pass --force")
-    source = read_source(hf_path, vision_tower, conv_mode)
+    source = read_source(hf_path, vision_tower, conv_mode, mmproj)
     staged = staging_dir(mlx_path)
     try:
         _write(source, staged, DTYPES[dtype], quantize, progress)
@@ -393,6 +420,8 @@ def _write(
         out_config["quantization"] = _quantization_entry(quantize, quantized_paths(model, quantize))
         out_config["quantization_config"] = out_config["quantization"]  # as mlx-lm writes it
     out_config["mlx_llava"] = {"format": 1}
+    if source.gguf:
+        write_processor_files(source.gguf, out)
     for name in PROCESSOR_FILES:
         path = find_processor_file(source.processor_folders, name)
         if path is not None:

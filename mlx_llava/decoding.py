@@ -130,7 +130,7 @@ class Row:
         self.known_tokens = len(tokenizer)
         self.detokenizer = tokenizer.detokenizer  # a fresh copy
         self.params = params
-        self.stops = StopMatcher(params.stop)
+        self.stops = StopMatcher([*params.stop, *processor.stop])  # the model's own too
         self.max_tokens = max_tokens
         self.logits_processors = logits_processors(params)
         self.constraint = constraint

@@ -85,7 +85,7 @@ class SlowLlamaTokenizer:
     """Encodes text exactly as transformers 4.31's `LlamaTokenizer(use_fast=False)`.
 
     Args:
-        model_file: the SentencePiece `tokenizer.model`.
+        model_file: the SentencePiece `tokenizer.model` (or its serialized bytes).
         special: no-split tokens -> (lstrip, rstrip) applied to the text beside them.
         added: tokens outside the SentencePiece vocabulary -> their ids.
         add_bos_token, add_eos_token, legacy: as in tokenizer_config.json (4.31's defaults).
@@ -93,14 +93,17 @@ class SlowLlamaTokenizer:
 
     def __init__(
         self,
-        model_file: Union[str, Path],
+        model_file: Union[str, Path, bytes],
         special: dict[str, tuple[bool, bool]],
         added: Optional[dict[str, int]] = None,
         add_bos_token: bool = True,
         add_eos_token: bool = False,
         legacy: Optional[bool] = True,
     ):
-        self.sp = spm.SentencePieceProcessor(model_file=str(model_file))
+        if isinstance(model_file, bytes):
+            self.sp = spm.SentencePieceProcessor(model_proto=model_file)
+        else:
+            self.sp = spm.SentencePieceProcessor(model_file=str(model_file))
         self.special = dict(special)
         self.added = dict(added or {})
         self.add_bos_token = add_bos_token

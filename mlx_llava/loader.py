@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import random
 from pathlib import Path
 from typing import Optional, Union
@@ -14,10 +13,11 @@ from . import distributed
 from .atomic import recover_dir
 from .config import ModelConfig
 from .convert import DTYPES, convert, converted_tensors, is_mlx_folder, read_source
+from .gguf import find_pair, read_pair
 from .hub import cache_dir, is_repo_id, resolve_folder
 from .model import Model
 from .processor import Processor
-from .weights import load_weights
+from .weights import iter_shards, rename_quantization, to_mlx_key
 
 DEFAULT_MODEL = "llava-hf/llava-1.5-7b-hf"
 
@@ -27,8 +27,12 @@ def resolve_model(name: Union[str, Path], dtype: str = "float16") -> Path:
     if is_repo_id(str(name)):
         cached = cache_dir() / f"{str(name).replace('/', '--')}-{dtype}"
         recover_dir(cached)
-        if not is_mlx_folder(cached):
-            convert(name, cached, dtype=dtype, force=cached.exists())
+        if is_mlx_folder(cached):
+            return cached
+        folder = resolve_folder(name)
+        if read_source(folder).is_mlx:  # mlx-community's MLX folders load from the hub's cache
+            return folder
+        convert(folder, cached, dtype=dtype, force=cached.exists())
         return cached
     if str(name) != "demo":
         recover_dir(Path(name).expanduser())  # a conversion killed while it replaced the folder
@@ -56,20 +60,28 @@ def _apply_quantization(model: Model, config: ModelConfig, weights: dict) -> Non
 
 
 def read_model(folder: Path, dtype: Optional[str]) -> tuple[ModelConfig, dict, list[Path]]:
-    """Config, weights in our layout, and the folders holding the processor files."""
-    if is_mlx_folder(folder):
-        with open(folder / "config.json") as f:
-            config = ModelConfig.from_dict(json.load(f))
-        weights = load_weights(folder)
-        if dtype is not None:
-            weights = {
-                k: v.astype(DTYPES[dtype]) if mx.issubdtype(v.dtype, mx.floating) else v
-                for k, v in weights.items()
-            }
-        return config, weights, [folder]
+    """Config, weights in our layout, and the folders holding the processor files.
+
+    MLX folders (this project's, mlx-vlm's) load as stored, quantized layers kept quantized;
+    other layouts are converted in memory.
+    """
     source = read_source(folder)
-    weights = dict(converted_tensors(source, DTYPES[dtype or "float16"]))
-    return source.config, weights, source.processor_folders
+    if not source.is_mlx:
+        weights = dict(converted_tensors(source, DTYPES[dtype or "float16"]))
+        return source.config, weights, source.processor_folders
+    config = source.config
+    weights = {}
+    for path, layout in source.folders:
+        config.quantization = rename_quantization(source.quantization, layout)
+        for shard in iter_shards(path):
+            for key, value in shard.items():
+                name = to_mlx_key(key, layout)
+                if name is None:
+                    continue
+                if dtype is not None and mx.issubdtype(value.dtype, mx.floating):
+                    value = value.astype(DTYPES[dtype])
+                weights[name] = value
+    return config, weights, source.processor_folders
 
 
 def build_model(
@@ -111,12 +123,16 @@ def load(
     conv_mode: Optional[str] = None,
     lazy: bool = False,
     pipeline: bool = False,
+    mmproj: Optional[Union[str, Path]] = None,
 ) -> tuple[Model, Processor]:
     """Load a LLaVA model and its processor.
 
     Args:
-        path_or_repo: an MLX folder, a llava-hf or original LLaVA folder (converted in memory),
-            a hub repo id (downloaded and converted once, then cached), or "demo".
+        path_or_repo: an MLX folder (this project's or mlx-vlm's), a llava-hf or original LLaVA
+            folder (converted in memory), a hub repo id (downloaded and converted once, then
+            cached), "demo", a llama.cpp GGUF language model (with `mmproj`), a folder holding
+            one GGUF pair, or "ollama:NAME" (a model in Ollama's store).
+        mmproj: the mmproj GGUF (CLIP tower and projector) of a GGUF language model.
         dtype: cast the floating-point weights ("float16", "bfloat16", "float32").
         pad_to_square: pad pictures to a square with the mean colour before preprocessing, as
             the original LLaVA-1.5 did; the default follows the checkpoint.
@@ -129,8 +145,14 @@ def load(
     Returns:
         (model, processor)
     """
-    folder = resolve_model(path_or_repo, dtype or "float16")
-    config, weights, processor_folders = read_model(folder, dtype)
+    pair = find_pair(path_or_repo, mmproj)
+    if pair is not None:
+        text, tower, ollama = pair
+        gguf = read_pair(text, tower, DTYPES[dtype] if dtype else None, ollama and ollama.template)
+        config, weights = gguf.config, gguf.weights
+    else:
+        folder = resolve_model(path_or_repo, dtype or "float16")
+        config, weights, processor_folders = read_model(folder, dtype)
     if conv_mode:
         config.conv_mode = conv_mode
     group = distributed.world() if pipeline else None
@@ -139,5 +161,9 @@ def load(
         distributed.barrier(group)  # as mlx-lm's sharded_load: every rank's weights are in
         # One random state on every rank: unseeded sampling then picks the same tokens on all.
         mx.random.seed(distributed.broadcast(random.getrandbits(62), group))
-    processor = Processor.from_pretrained(processor_folders, config, pad_to_square=pad_to_square)
+    if pair is not None:
+        processor = Processor.from_gguf(gguf, pad_to_square=pad_to_square)
+        processor.stop = ollama.stop if ollama else []
+    else:
+        processor = Processor.from_pretrained(processor_folders, config, pad_to_square)
     return model, processor

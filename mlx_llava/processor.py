@@ -14,6 +14,7 @@ from mlx_lm.tokenizer_utils import load as load_tokenizer
 
 from .config import ModelConfig
 from .conversation import format_prompt, get_template
+from .gguf import GGUFModel, load_hf_tokenizer, original_tokenizer
 from .image_processor import CLIPImageProcessor, image_processor_from_dict
 from .llama_tokenizer import SlowLlamaTokenizer, Span, is_slow_llama_folder
 from .video_io import DEFAULT_NUM_FRAMES, VideoInput, read_video
@@ -72,6 +73,7 @@ class Processor:
                 f"{config.video_token_index}"
             )
         self.original_tokenizer = original_tokenizer
+        self.stop: list[str] = []  # strings that end every answer (an Ollama model's `stop`)
 
     @classmethod
     def from_pretrained(
@@ -99,12 +101,7 @@ class Processor:
         else:
             side = config.vision_config.image_size
             settings = {"size": {"shortest_edge": side}, "crop_size": side}
-        image_processor = image_processor_from_dict(settings, config)
-        if pad_to_square and config.is_next:
-            raise ValueError("pad to square does not apply to LLaVA-NeXT: it tiles each picture")
-        if pad_to_square is None:
-            pad_to_square = config.image_aspect_ratio == "pad"
-        image_processor.pad_to_square = pad_to_square
+        image_processor = _image_processor(settings, config, pad_to_square)
         own = (folders[0] / n for n in CHAT_TEMPLATE_FILES)
         template_file = next((f for f in own if f.exists()), None)
         chat_template = None
@@ -114,6 +111,16 @@ class Processor:
         elif template_file is not None:
             chat_template = template_file.read_text()
         return cls(tokenizer, image_processor, config, chat_template, original)
+
+    @classmethod
+    def from_gguf(cls, model: GGUFModel, pad_to_square: Optional[bool] = None) -> "Processor":
+        """The processor of a GGUF pair: transformers' tokenizer of the GGUF's vocabulary for
+        decoding, the original code's ids for encoding (see `gguf.original_tokenizer`), the
+        mmproj's image settings."""
+        tokenizer = load_hf_tokenizer(model)
+        image_processor = _image_processor(model.image_settings, model.config, pad_to_square)
+        original = original_tokenizer(model.text_metadata)
+        return cls(tokenizer, image_processor, model.config, None, original)
 
     # Prompts -----------------------------------------------------------------------------
 
@@ -324,6 +331,18 @@ class Processor:
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+
+def _image_processor(
+    settings: dict, config: ModelConfig, pad_to_square: Optional[bool]
+) -> CLIPImageProcessor:
+    image_processor = image_processor_from_dict(settings, config)
+    if pad_to_square and config.is_next:
+        raise ValueError("pad to square does not apply to LLaVA-NeXT: it tiles each picture")
+    if pad_to_square is None:
+        pad_to_square = config.image_aspect_ratio == "pad"
+    image_processor.pad_to_square = pad_to_square
+    return image_processor
 
 
 def _encode_chunk(

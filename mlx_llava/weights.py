@@ -59,12 +59,71 @@ CLIP_PREFIXES = [
 # A folder written by this project (convert.py, train.py): our names and MLX layout already.
 MLX_PREFIXES = [("", "")]
 
+# A folder written by mlx-vlm (mlx-community's): the module tree of its llava / llava_next,
+# MLX layout already, quantized layers as `weight` (uint32) + `scales` + `biases`.
+MLX_VLM_PREFIXES = [
+    ("vision_tower.vision_model.", "vision_tower."),
+    ("language_model.", "language_model."),
+    ("multi_modal_projector.", "multi_modal_projector."),
+    ("image_newline", "image_newline"),
+]
+
 LAYOUTS = {
     "llava_hf": LLAVA_HF_PREFIXES,
     "original": ORIGINAL_PREFIXES,
     "clip": CLIP_PREFIXES,
     "mlx": MLX_PREFIXES,
+    "mlx_vlm": MLX_VLM_PREFIXES,
 }
+# Layouts whose tensors are in MLX's layout already (nothing to transpose).
+MLX_LAYOUTS = ("mlx", "mlx_vlm")
+
+# llama.cpp's GGUF names. The language model (convert_legacy_llama.py, convert_hf_to_gguf.py):
+# whole-model tensors, then each block's `blk.N.<name>`.
+GGUF_NAMES = {
+    "token_embd": "language_model.model.embed_tokens",
+    "output_norm": "language_model.model.norm",
+    "output": "language_model.lm_head",
+}
+GGUF_BLOCK_NAMES = {
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "attn_norm": "input_layernorm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+    "ffn_norm": "post_attention_layernorm",
+}
+# The mmproj (convert_image_encoder_to_gguf.py): `v.*` the CLIP tower without its last layer and
+# post_layernorm, `mm.*` the projector, LLaVA-1.6's newline. It names CLIP's fc1 `ffn_down`.
+MMPROJ_NAMES = {
+    "v.class_embd": "vision_tower.embeddings.class_embedding",
+    "v.patch_embd": "vision_tower.embeddings.patch_embedding",
+    "v.position_embd": "vision_tower.embeddings.position_embedding",
+    "v.pre_ln": "vision_tower.pre_layrnorm",
+    "v.post_ln": "vision_tower.post_layernorm",
+    "mm.0": "multi_modal_projector.linear_1",
+    "mm.2": "multi_modal_projector.linear_2",
+    "model.image_newline": "image_newline",
+}
+MMPROJ_BLOCK_NAMES = {
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_out": "self_attn.out_proj",
+    "ln1": "layer_norm1",
+    "ln2": "layer_norm2",
+    "ffn_down": "mlp.fc1",
+    "ffn_up": "mlp.fc2",
+}
+# layout -> (block prefix, our block prefix, whole-model names, block names)
+GGUF_TABLES = {
+    "gguf": ("blk.", "language_model.model.layers.", GGUF_NAMES, GGUF_BLOCK_NAMES),
+    "mmproj": ("v.blk.", "vision_tower.encoder.layers.", MMPROJ_NAMES, MMPROJ_BLOCK_NAMES),
+}
+_LEAVES = ("weight", "bias", "scales", "biases")
 
 # Buffers, the unused CLIP text tower and heads: nothing of LLaVA's.
 _DROPPED_SUFFIXES = ("rotary_emb.inv_freq", "position_ids")
@@ -77,18 +136,74 @@ def to_mlx_key(key: str, layout: str) -> Optional[str]:
     """Our name for a checkpoint key, or None for a tensor LLaVA does not use."""
     if key.endswith(_DROPPED_SUFFIXES):
         return None
+    if layout in GGUF_TABLES:
+        return _gguf_key(key, *GGUF_TABLES[layout])
     for old, new in LAYOUTS[layout]:
         if key.startswith(old):
             return new + key[len(old) :]
     return None
 
 
+def _gguf_key(key: str, block: str, our_block: str, names: dict, block_names: dict):
+    stem, _, leaf = key.rpartition(".")
+    if leaf not in _LEAVES:  # a parameter without a leaf name (v.class_embd)
+        stem, leaf = key, ""
+    suffix = f".{leaf}" if leaf else ""
+    if stem.startswith(block):
+        index, _, name = stem[len(block) :].partition(".")
+        return f"{our_block}{index}.{block_names[name]}{suffix}" if name in block_names else None
+    return f"{names[stem]}{suffix}" if stem in names else None
+
+
 def to_mlx_tensor(name: str, value: mx.array, layout: str) -> mx.array:
     """Move a PyTorch-layout tensor to MLX's layout (tensors of MLX folders already are)."""
-    if layout != "mlx" and name in CONV_WEIGHTS and value.ndim == 4:
+    if layout not in MLX_LAYOUTS and name in CONV_WEIGHTS and value.ndim == 4:
         # Conv2d weight: PyTorch (out, in, kh, kw) -> MLX (out, kh, kw, in).
         return value.transpose(0, 2, 3, 1)
     return value
+
+
+def rename_quantization(quantization: Optional[dict], layout: str) -> Optional[dict]:
+    """A `quantization` config entry with its per-module overrides under our module names."""
+    if not quantization:
+        return quantization
+    out = {}
+    for key, value in quantization.items():
+        if isinstance(value, (dict, bool)):  # a module path: its own settings, or False
+            key = to_mlx_key(f"{key}.weight", layout)
+            if key is None:
+                continue
+            key = key[: -len(".weight")]
+        out[key] = value
+    return out
+
+
+def safetensors_header(path: Path) -> dict:
+    """The JSON header of a safetensors file (tensor dtypes, shapes, `__metadata__`), read
+    without touching the tensors."""
+    with open(path, "rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        if not 2 <= size <= 100 << 20:
+            raise ValueError(f"{path} is not a safetensors file")
+        return json.loads(f.read(size))
+
+
+def is_mlx_layout(folder: Path, config: dict) -> bool:
+    """Whether a llava-hf-style folder holds MLX tensors (mlx-vlm, mlx-community), judged by what
+    it holds: safetensors metadata `format: mlx`, a `quantization` entry, or a patch embedding
+    stored (out, kh, kw, in) rather than PyTorch's (out, in, kh, kw)."""
+    if config.get("quantization"):
+        return True
+    channels = (config.get("vision_config") or {}).get("num_channels", 3)
+    for path in sorted(folder.glob("*.safetensors")):
+        header = safetensors_header(path)
+        if (header.get("__metadata__") or {}).get("format") == "mlx":
+            return True
+        for key, info in header.items():
+            shape = info.get("shape", []) if isinstance(info, dict) else []
+            if key.endswith("patch_embedding.weight") and len(shape) == 4:
+                return shape[3] == channels and shape[1] != channels
+    return False
 
 
 def weight_files(folder: Path) -> list[Path]:

@@ -54,21 +54,29 @@ def make_parser(description: str) -> argparse.ArgumentParser:
 
 
 def add_model_args(p: argparse.ArgumentParser, default_model: bool = True) -> None:
-    """--model, --dtype, --pad-to-square, --conv-mode."""
+    """--model, --mmproj, --dtype, --pad-to-square, --conv-mode."""
     if default_model:
         p.add_argument(
             "--model",
             default=DEFAULT_MODEL,
-            help="MLX folder, llava-hf or original LLaVA folder, hub repo id, or 'demo' (the "
-            f"bundled toy model) (default: {DEFAULT_MODEL}, downloaded (~14 GB) and converted "
-            "into ~/.cache/mlx_llava on first use)",
+            help="MLX folder (this project's or mlx-vlm's), llava-hf or original LLaVA folder, "
+            "hub repo id, a llama.cpp GGUF (with --mmproj) or a folder holding a GGUF pair, "
+            "ollama:NAME, or 'demo' (the bundled toy model) (default: "
+            f"{DEFAULT_MODEL}, downloaded (~14 GB) and converted into ~/.cache/mlx_llava on "
+            "first use)",
         )
     else:
         p.add_argument(
             "--model",
             required=True,
-            help="MLX folder, llava-hf or original LLaVA folder, hub repo id, or 'demo'",
+            help="MLX folder, llava-hf or original LLaVA folder, hub repo id, GGUF, "
+            "ollama:NAME, or 'demo'",
         )
+    p.add_argument(
+        "--mmproj",
+        default=None,
+        help="the mmproj GGUF (CLIP tower and projector) of a GGUF language model --model",
+    )
     p.add_argument(
         "--dtype",
         choices=DTYPE_CHOICES,
@@ -208,4 +216,5 @@ def load_from_args(args: argparse.Namespace):
         pad_to_square=args.pad_to_square,
         conv_mode=args.conv_mode,
         pipeline=getattr(args, "pipeline", False),
+        mmproj=args.mmproj,
     )

@@ -17,7 +17,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--hf-path",
         required=True,
         help="a llava-hf or original LLaVA folder, a hub repo id, an MLX folder (to convert "
-        "again, e.g. quantize), or 'demo'",
+        "again, e.g. quantize), a GGUF language model (with --mmproj), ollama:NAME, or 'demo'",
     )
     p.add_argument("--mlx-path", required=True, help="output folder")
     p.add_argument("--dtype", choices=list(DTYPES), default=DEFAULT_DTYPE)
@@ -33,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--vision-tower",
         help="CLIP checkpoint for original releases (default: mm_vision_tower)",
     )
+    p.add_argument("--mmproj", help="the mmproj GGUF of a GGUF language model --hf-path")
     p.add_argument("--conv-mode", help="record this conversation template in the output")
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
     p.add_argument("--quiet", action="store_true", help="no progress line on a terminal")
@@ -59,6 +60,7 @@ def main(argv=None) -> None:
             conv_mode=args.conv_mode,
             force=args.force,
             progress=not args.quiet,
+            mmproj=args.mmproj,
         )
         print(f"wrote {out}")
 

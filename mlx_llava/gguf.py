@@ -1,0 +1,432 @@
+"""llama.cpp GGUF files: a LLaVA pair (the language model's GGUF and its mmproj, the CLIP tower
+and projector) read into our config, weights and tokenizer.
+
+`mx.load` reads the tensors: Q4_0, Q4_1 and Q8_0 come back quantized (MLX affine, group 32)
+and stay so in memory; f16 / bf16 / f32 as stored. Keys are renamed in `weights.py` (layouts
+"gguf" and "mmproj"); llama.cpp's permutation of the q and k rows for its rope is undone here,
+on the rows of the quantized tensors, so no float copy of a weight is ever made.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Union
+
+import mlx.core as mx
+import numpy as np
+
+from .config import ConfigError, ModelConfig, TextConfig, VisionConfig
+from .llama_tokenizer import SlowLlamaTokenizer
+from .ollama_store import OllamaModel, find_model, is_ollama_name
+from .weights import to_mlx_key, to_mlx_tensor
+
+GGUF_GROUP_SIZE = 32  # every block quantization MLX reads: 32 weights per scale
+NATIVE_TYPES = {"F32", "F16", "BF16", "Q4_0", "Q4_1", "Q8_0"}
+# k-quants that MLX dequantizes on reading: re-quantized to MLX affine at these bits.
+REQUANTIZED_BITS = {"Q2_K": 4, "Q3_K": 4, "Q4_K": 4, "Q5_K": 8, "Q6_K": 8, "Q8_K": 8}
+ORIGINAL_IMAGE_TOKEN_INDEX = -200  # the original LLaVA's: llama.cpp GGUFs have no <image> token
+# llava-v1.5's tokenizer_config.json: bos / eos / unk strip nothing, `legacy: false`.
+SPECIAL_TOKENS = ("<s>", "</s>", "<unk>")
+
+
+@dataclass
+class GGUFModel:
+    """What a GGUF pair holds, in our terms.
+
+    `image_settings` are a preprocessor_config.json's (size, crop, mean, std); `stop` the stop
+    strings an Ollama store adds.
+    """
+
+    config: ModelConfig
+    weights: dict[str, mx.array]
+    text_path: Path
+    text_metadata: dict
+    image_settings: dict
+    stop: list[str] = field(default_factory=list)
+
+
+def _gguf_package():
+    try:
+        import gguf
+    except ImportError:
+        raise RuntimeError(
+            "reading GGUF files needs the gguf package (pip install 'mlx-llava[gguf]')"
+        ) from None
+    return gguf
+
+
+def tensor_types(path: Path) -> dict[str, str]:
+    """Each tensor's GGML type name (`Q4_0`, `F16`, `Q6_K`, ...), from the file's header."""
+    reader = _gguf_package().GGUFReader(path)
+    return {t.name: t.tensor_type.name for t in reader.tensors}
+
+
+def architecture(path: Path) -> str:
+    """`general.architecture` of a GGUF file ("llama" for a language model, "clip" for an
+    mmproj), read from its header."""
+    reader = _gguf_package().GGUFReader(path)
+    field_ = reader.fields.get("general.architecture")
+    return field_.contents() if field_ is not None else ""
+
+
+def read_gguf(path: Path) -> tuple[dict[str, mx.array], dict]:
+    """Tensors (quantized ones as `weight`, `scales`, `biases`) and metadata of a GGUF file.
+
+    Raises:
+        ValueError: tensors of a type MLX cannot read.
+    """
+    try:
+        return mx.load(str(path), format="gguf", return_metadata=True)
+    except Exception as e:  # MLX refuses the whole file for one unreadable tensor
+        unreadable = sorted(set(tensor_types(path).values()) - NATIVE_TYPES - set(REQUANTIZED_BITS))
+        if not unreadable:
+            raise ValueError(f"{path.name}: not a readable GGUF file ({e})") from None
+        raise ValueError(
+            f"{path.name} holds {', '.join(unreadable)} tensors, which MLX cannot read: use a "
+            "Q4_0, Q4_1, Q8_0 or f16 GGUF of the model"
+        ) from None
+
+
+def _value(meta: dict, key: str, default=None):
+    """A metadata value as a Python scalar, list or string."""
+    if key not in meta:
+        return default
+    value = meta[key]
+    if not isinstance(value, mx.array):
+        return value
+    if value.dtype == mx.float32:  # 1e-05, not 9.999999747378752e-06: the shortest float32 text
+        floats = [float(str(np.float32(v))) for v in np.array(value).reshape(-1)]
+        return floats[0] if value.ndim == 0 else floats
+    return value.item() if value.ndim == 0 else value.tolist()
+
+
+def text_config(meta: dict) -> TextConfig:
+    """The decoder's config from a language-model GGUF's `llama.*` metadata."""
+    arch = _value(meta, "general.architecture")
+    if arch != "llama":
+        raise ConfigError(f"a '{arch}' GGUF is not a LLaVA language model (llama)")
+
+    def get(key, default=None):
+        return _value(meta, f"llama.{key}", default)
+
+    heads = get("attention.head_count")
+    hidden = get("embedding_length")
+    tokens = meta.get("tokenizer.ggml.tokens") or []
+    return TextConfig(
+        hidden_size=hidden,
+        intermediate_size=get("feed_forward_length"),
+        num_hidden_layers=get("block_count"),
+        num_attention_heads=heads,
+        num_key_value_heads=get("attention.head_count_kv", heads),
+        head_dim=get("attention.key_length", hidden // heads),
+        rms_norm_eps=get("attention.layer_norm_rms_epsilon", 1e-6),
+        rope_theta=get("rope.freq_base", 10000.0),
+        max_position_embeddings=get("context_length", 2048),
+        vocab_size=get("vocab_size", len(tokens)),
+    )
+
+
+def mmproj_settings(meta: dict) -> tuple[dict, dict]:
+    """ModelConfig fields and image-processor settings from an mmproj's `clip.*` metadata.
+
+    llama.cpp keeps the tower up to the feature layer: its last layer is the one LLaVA reads
+    (the original's -2), unless `clip.vision.feature_layer` names hidden states.
+    """
+    if _value(meta, "general.architecture") != "clip" or not _value(
+        meta, "clip.has_llava_projector", False
+    ):
+        raise ConfigError("not a LLaVA mmproj GGUF (general.architecture clip with a projector)")
+    projector = _value(meta, "clip.projector_type", "mlp")
+    if projector != "mlp":
+        raise ConfigError(f"mmproj projector type '{projector}' is not supported (mlp)")
+
+    def get(key, default=None):
+        return _value(meta, f"clip.vision.{key}", default)
+
+    vision = VisionConfig(
+        hidden_size=get("embedding_length"),
+        intermediate_size=get("feed_forward_length"),
+        num_hidden_layers=get("block_count"),
+        num_attention_heads=get("attention.head_count"),
+        image_size=get("image_size"),
+        patch_size=get("patch_size"),
+        layer_norm_eps=get("attention.layer_norm_epsilon", 1e-5),
+        hidden_act="gelu" if _value(meta, "clip.use_gelu", False) else "quick_gelu",
+    )
+    feature = get("feature_layer")
+    fields: dict = dict(
+        vision_config=vision,
+        vision_feature_layer=(feature if len(feature) > 1 else feature[0]) if feature else -1,
+        projector_type="mlp2x_gelu",
+    )
+    flat = get("image_grid_pinpoints")
+    if flat:  # LLaVA-1.6: anyres tiles, spatial_unpad with image_newline
+        merge = get("mm_patch_merge_type", "spatial_unpad")
+        if merge != "spatial_unpad":
+            raise ConfigError(f"mm_patch_merge_type '{merge}' is not supported (spatial_unpad)")
+        pairs = [[int(flat[i]), int(flat[i + 1])] for i in range(0, len(flat), 2)]
+        fields.update(model_type="llava_next", image_grid_pinpoints=pairs)
+    else:  # LLaVA-1.5: pictures padded to a square, as llama.cpp's clip does
+        fields.update(image_aspect_ratio="pad")
+    side = vision.image_size
+    image = {"size": {"shortest_edge": side}, "crop_size": side}
+    if "clip.vision.image_mean" in meta:
+        image.update(image_mean=get("image_mean"), image_std=get("image_std"))
+    return fields, image
+
+
+def conv_mode_for(meta: dict, template: Optional[str] = None) -> str:
+    """The conversation template: from an Ollama template or the GGUF's chat template when
+    they speak Mistral's or ChatML's format, else Vicuna's (LLaVA-1.5 and 1.6-vicuna)."""
+    text = template or _value(meta, "tokenizer.chat_template", "") or ""
+    if "[INST]" in text:
+        return "mistral_instruct"
+    if "<|im_start|>" in text:
+        return "chatml_direct"
+    return "vicuna_v1"
+
+
+def unpermute_rows(w: mx.array, n_head: int) -> mx.array:
+    """Undo llama.cpp's q/k permutation for ggml's rope, which stores each head's rows as
+    `w.reshape(n_head, 2, rows // n_head // 2, cols).swapaxes(1, 2)`. Works on any row-wise
+    tensor: a weight, packed quantized weight, its scales and biases [rows, cols]."""
+    rows = w.shape[0]
+    return w.reshape(n_head, rows // n_head // 2, 2, -1).swapaxes(1, 2).reshape(w.shape)
+
+
+def _layer_bits(weight: mx.array, scales: mx.array) -> int:
+    """Bits of an MLX affine layer of group 32 (uint32 words per group of scales)."""
+    return weight.shape[-1] * 32 // (scales.shape[-1] * GGUF_GROUP_SIZE)
+
+
+def _requantize_kquants(tensors: dict, types: dict, path: Path) -> None:
+    """k-quant tensors come back as floats: quantize them again to MLX 4 or 8 bits."""
+    done = {}
+    for name, ggml_type in types.items():
+        if ggml_type in REQUANTIZED_BITS and name in tensors and name.endswith(".weight"):
+            bits = REQUANTIZED_BITS[ggml_type]
+            w, scales, biases = mx.quantize(tensors[name], group_size=GGUF_GROUP_SIZE, bits=bits)
+            stem = name[: -len(".weight")]
+            tensors.update({name: w, f"{stem}.scales": scales, f"{stem}.biases": biases})
+            done[ggml_type] = bits
+    if done:
+        notes = ", ".join(f"{t} -> {b}-bit" for t, b in sorted(done.items()))
+        print(f"note: {path.name}: MLX cannot keep k-quants; re-quantized {notes}", file=sys.stderr)
+
+
+def _renamed(tensors: dict, layout: str) -> dict[str, mx.array]:
+    """`tensors` under our names (emptied as it goes: each tensor is held once)."""
+    out = {}
+    for key in list(tensors):
+        value = tensors.pop(key)
+        name = to_mlx_key(key, layout)
+        if name is not None:
+            out[name] = to_mlx_tensor(name, value, layout)
+    return out
+
+
+def read_pair(
+    text_path: Union[str, Path],
+    mmproj_path: Union[str, Path],
+    dtype: Optional[mx.Dtype] = None,
+    template: Optional[str] = None,
+) -> GGUFModel:
+    """A LLaVA model from a llama.cpp GGUF pair: config, weights in our names (quantized layers
+    as `weight` / `scales` / `biases`), and the image processor's settings.
+
+    Args:
+        text_path: the language model (`ggml-model-q4_0.gguf`).
+        mmproj_path: the CLIP tower and projector (`mmproj-model-f16.gguf`).
+        dtype: cast the floating-point tensors (scales included); None keeps them as stored.
+        template: an Ollama template, which decides the conversation format.
+    """
+    text_path, mmproj_path = Path(text_path), Path(mmproj_path)
+    text, text_meta = read_gguf(text_path)
+    _requantize_kquants(text, tensor_types(text_path), text_path)
+    mmproj, mmproj_meta = read_gguf(mmproj_path)
+    fields, image = mmproj_settings(mmproj_meta)
+    text_cfg = text_config(text_meta)
+    text_cfg.tie_word_embeddings = "output.weight" not in text
+    config = ModelConfig(
+        text_config=text_cfg,
+        image_token_index=ORIGINAL_IMAGE_TOKEN_INDEX,
+        conv_mode=conv_mode_for(text_meta, template),
+        pad_token_id=_value(text_meta, "tokenizer.ggml.padding_token_id"),
+        **fields,
+    )
+    weights = {**_renamed(text, "gguf"), **_renamed(mmproj, "mmproj")}
+    del text, mmproj
+    heads = {"q_proj": text_cfg.num_attention_heads, "k_proj": text_cfg.num_key_value_heads}
+    for name in list(weights):
+        parts = name.split(".")
+        if name.startswith("language_model.") and parts[-2] in heads:
+            # One at a time, so that a layer's old rows are freed before the next is copied.
+            weights[name] = unpermute_rows(weights[name], heads[parts[-2]])
+            mx.eval(weights[name])
+    # The mmproj drops post_layernorm (unused by LLaVA); the tower keeps one for loading.
+    width = config.vision_config.hidden_size
+    weights.setdefault("vision_tower.post_layernorm.weight", mx.ones((width,)))
+    weights.setdefault("vision_tower.post_layernorm.bias", mx.zeros((width,)))
+    if dtype is not None:
+        weights = {
+            k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v
+            for k, v in weights.items()
+        }
+    config.quantization = quantization_entry(weights)
+    return GGUFModel(config, weights, text_path, text_meta, image)
+
+
+def quantization_entry(weights: dict[str, mx.array]) -> Optional[dict]:
+    """mlx-lm's `quantization` config for the quantized layers: group 32, each layer's bits."""
+    layers = {
+        name[: -len(".scales")]: {
+            "group_size": GGUF_GROUP_SIZE,
+            "bits": _layer_bits(weights[name[: -len("scales")] + "weight"], value),
+        }
+        for name, value in weights.items()
+        if name.endswith(".scales")
+    }
+    if not layers:
+        return None
+    bits = max(layer["bits"] for layer in layers.values())
+    return {"group_size": GGUF_GROUP_SIZE, "bits": bits, "mode": "affine", **layers}
+
+
+def spm_model_proto(meta: dict) -> bytes:
+    """The SentencePiece model a Llama GGUF was converted from (`tokenizer.ggml.tokens`,
+    `scores`, `token_type`, as llama.cpp's converter copied them from tokenizer.model), with
+    Llama's normalizer: no rewriting, a dummy prefix (`tokenizer.ggml.add_space_prefix`)."""
+    from sentencepiece import sentencepiece_model_pb2 as pb
+
+    proto = pb.ModelProto()
+    tokens = _value(meta, "tokenizer.ggml.tokens")
+    scores = _value(meta, "tokenizer.ggml.scores") or [0.0] * len(tokens)
+    types = _value(meta, "tokenizer.ggml.token_type") or [1] * len(tokens)
+    for token, score, kind in zip(tokens, scores, types):
+        piece = proto.pieces.add()
+        piece.piece, piece.score, piece.type = token, score, kind  # GGUF numbers types as SPM
+    trainer = proto.trainer_spec
+    trainer.model_type = pb.TrainerSpec.BPE
+    trainer.byte_fallback = 6 in types
+    trainer.unk_id = _value(meta, "tokenizer.ggml.unknown_token_id", 0)
+    trainer.bos_id = _value(meta, "tokenizer.ggml.bos_token_id", 1)
+    trainer.eos_id = _value(meta, "tokenizer.ggml.eos_token_id", 2)
+    trainer.pad_id = -1
+    normalizer = proto.normalizer_spec
+    normalizer.name = "identity"
+    normalizer.add_dummy_prefix = bool(_value(meta, "tokenizer.ggml.add_space_prefix", True))
+    normalizer.remove_extra_whitespaces = False
+    normalizer.escape_whitespaces = True
+    return proto.SerializeToString()
+
+
+def original_tokenizer(meta: dict) -> Optional[SlowLlamaTokenizer]:
+    """The original code's tokenizer (transformers 4.31's slow LlamaTokenizer over the release's
+    tokenizer.model) for a SentencePiece GGUF; None for other vocabularies."""
+    if _value(meta, "tokenizer.ggml.model") != "llama":
+        return None
+    return SlowLlamaTokenizer(
+        spm_model_proto(meta),
+        {token: (False, False) for token in SPECIAL_TOKENS},
+        add_bos_token=bool(_value(meta, "tokenizer.ggml.add_bos_token", True)),
+        add_eos_token=bool(_value(meta, "tokenizer.ggml.add_eos_token", False)),
+        legacy=False,
+    )
+
+
+def write_tokenizer_files(meta: dict, out: Path) -> None:
+    """Tokenizer files of a GGUF's vocabulary in `out`. A SentencePiece (Llama) vocabulary
+    becomes the release's tokenizer.model, rebuilt (`spm_model_proto`), with a
+    tokenizer_config.json as llava-v1.5's (slow LlamaTokenizer, `legacy: false`); any other is
+    saved from transformers' GGUF support (which needs torch)."""
+    if _value(meta, "tokenizer.ggml.model") != "llama":
+        raise ValueError("only the GGUF's own file can describe a non-SentencePiece vocabulary")
+    tokens = _value(meta, "tokenizer.ggml.tokens")
+
+    def token(key: str, default: int) -> str:
+        return tokens[_value(meta, f"tokenizer.ggml.{key}_token_id", default)]
+
+    (out / "tokenizer.model").write_bytes(spm_model_proto(meta))
+    config = {
+        "tokenizer_class": "LlamaTokenizer",
+        "bos_token": token("bos", 1),
+        "eos_token": token("eos", 2),
+        "unk_token": token("unknown", 0),
+        "add_bos_token": bool(_value(meta, "tokenizer.ggml.add_bos_token", True)),
+        "add_eos_token": bool(_value(meta, "tokenizer.ggml.add_eos_token", False)),
+        "legacy": False,
+        "clean_up_tokenization_spaces": False,
+    }
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+
+
+def load_hf_tokenizer(model: GGUFModel):
+    """mlx-lm's TokenizerWrapper over transformers' tokenizer of the GGUF's vocabulary: built
+    from the rebuilt tokenizer.model for SentencePiece vocabularies (no torch needed), else by
+    transformers' GGUF support."""
+    from mlx_lm.tokenizer_utils import load as load_tokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        if _value(model.text_metadata, "tokenizer.ggml.model") == "llama":
+            write_tokenizer_files(model.text_metadata, Path(tmp))
+        else:
+            from transformers import AutoTokenizer
+
+            _gguf_package()
+            path = model.text_path
+            tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+            tokenizer.save_pretrained(tmp)
+        return load_tokenizer(Path(tmp))
+
+
+def find_pair(
+    name: Union[str, Path], mmproj: Optional[Union[str, Path]] = None
+) -> Optional[tuple[Path, Path, Optional[OllamaModel]]]:
+    """(language model, mmproj, Ollama model or None) when `name` is a GGUF pair: a GGUF file
+    (with `mmproj`), a folder holding one pair and no config.json, or "ollama:NAME"; else None.
+    """
+    if is_ollama_name(str(name)):
+        found = find_model(str(name))
+        arch = architecture(found.model)
+        if arch != "llama":
+            raise ConfigError(f"Ollama model '{found.name}' is a '{arch}' model, not LLaVA")
+        return found.model, found.projector, found
+    path = Path(name).expanduser()
+    if path.is_file() and (path.suffix == ".gguf" or mmproj is not None):
+        if mmproj is None:
+            raise ConfigError(
+                f"{path.name} is a GGUF language model: pass its mmproj (the CLIP tower and "
+                "projector) too, e.g. --mmproj mmproj-model-f16.gguf"
+            )
+        if not Path(mmproj).expanduser().is_file():
+            raise FileNotFoundError(f"mmproj file '{mmproj}' not found")
+        return path, Path(mmproj).expanduser(), None
+    if path.is_dir() and not (path / "config.json").exists():
+        kinds: dict[str, list[Path]] = {}
+        for file in sorted(path.glob("*.gguf")):
+            kinds.setdefault(architecture(file), []).append(file)
+        if kinds:
+            text, towers = kinds.get("llama", []), kinds.get("clip", [])
+            if len(text) != 1 or len(towers) != 1:
+                raise ConfigError(
+                    f"{path} should hold one GGUF language model (llama) and one mmproj (clip), "
+                    f"found {len(text)} and {len(towers)}"
+                )
+            return text[0], towers[0], None
+    return None
+
+
+def write_processor_files(model: GGUFModel, out: Path) -> None:
+    """Tokenizer and image-processor files for a folder converted from a GGUF pair (see
+    `write_tokenizer_files`): the folder encodes as the original code did."""
+    meta = model.text_metadata
+    if _value(meta, "tokenizer.ggml.model") == "llama":
+        write_tokenizer_files(meta, out)
+    else:
+        load_hf_tokenizer(model)._tokenizer.save_pretrained(out)
+    settings = {"image_processor_type": "CLIPImageProcessor", **model.image_settings}
+    (out / "preprocessor_config.json").write_text(json.dumps(settings, indent=2))
