@@ -38,7 +38,7 @@ from mlx_llava import ChatSession, generate, load
 from mlx_llava.chat import session_template
 from mlx_llava.cli import server as server_cli
 from mlx_llava.conversation import render
-from mlx_llava.server.messages import Message, PicturePolicy, render_conversation
+from mlx_llava.server.messages import ImagePolicy, Message, render_conversation
 from mlx_llava.server.schemas import RequestError
 
 openai = pytest.importorskip("openai")
@@ -162,16 +162,16 @@ def test_picture_policy(tmp_path):
     inside.mkdir()
     (inside / "red.png").write_bytes(RED_CIRCLE.read_bytes())
     (tmp_path / "outside.png").write_bytes(RED_CIRCLE.read_bytes())
-    policy = PicturePolicy(image_dir=inside)
+    policy = ImagePolicy(image_dir=inside)
     assert policy.load("red.png", "p").size == Image.open(RED_CIRCLE).size
     assert policy.load(f"file://{inside}/red.png", "p").size == Image.open(RED_CIRCLE).size
     for refused in ("../outside.png", str(tmp_path / "outside.png"), f"file://{tmp_path}/x.png"):
         with pytest.raises(RequestError, match="inside the --image-dir"):
             policy.load(refused, "p")
     with pytest.raises(RequestError, match="local picture paths are refused"):
-        PicturePolicy().load(str(RED_CIRCLE), "p")
+        ImagePolicy().load(str(RED_CIRCLE), "p")
     with pytest.raises(RequestError, match="image URLs are refused"):
-        PicturePolicy().load("https://example.com/cat.png", "p")
+        ImagePolicy().load("https://example.com/cat.png", "p")
     with pytest.raises(RequestError, match="unsupported picture URL scheme"):
         policy.load("ftp://host/cat.png", "p")
 

@@ -35,7 +35,7 @@ from mlx_llava.image_io import (
     is_public_address,
     load_image,
 )
-from mlx_llava.server.messages import PicturePolicy
+from mlx_llava.server.messages import ImagePolicy
 from mlx_llava.server.schemas import RequestError
 
 SERVER = FetchPolicy(public_only=True, uniform_errors=True)  # what the server uses
@@ -337,10 +337,10 @@ def test_one_deadline_for_the_whole_chain_of_redirects(host):
 def test_private_hosts_only_when_the_operator_allows_them(host):
     url = f"{host.url}/ok"
     assert load_image(url, timeout=5, policy=LOCAL_TRUSTED).size == (12, 9)
-    trusted = PicturePolicy(allow_remote=True, allow_private_hosts=True, timeout=5)
+    trusted = ImagePolicy(allow_remote=True, allow_private_hosts=True, timeout=5)
     assert trusted.load(url, "messages[0]").size == (12, 9)
     with pytest.raises(RequestError, match=UNREACHABLE):
-        PicturePolicy(allow_remote=True, timeout=5).load(url, "messages[0]")
+        ImagePolicy(allow_remote=True, timeout=5).load(url, "messages[0]")
     assert len(host.seen) == 2  # the refused one never reached the host
 
 
@@ -350,7 +350,7 @@ def tiny():
 
 
 def test_the_server_flag_reaches_the_picture_policy(tiny, monkeypatch):
-    """`server.py --allow-private-image-hosts` -> ServerConfig -> the app's PicturePolicy."""
+    """`server.py --allow-private-image-hosts` -> ServerConfig -> the app's ImagePolicy."""
     import mlx_llava.server
 
     class Built(Exception):

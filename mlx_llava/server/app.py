@@ -35,7 +35,7 @@ from ..processor import Processor
 from ..prompt import EncodedPrompt, encode_on_host
 from ..sampling import ResponseFormat, SamplingError, SamplingParams
 from ..structured import token_bytes, token_text
-from .messages import Message, PicturePolicy, render_conversation
+from .messages import ImagePolicy, Message, render_conversation
 from .ollama import ollama_router
 from .schemas import (
     ChatCompletion,
@@ -190,7 +190,7 @@ class Service:
         self.config = config
         self.model_id = config.model_id
         self.created = int(time.time())
-        self.policy = PicturePolicy(
+        self.policy = ImagePolicy(
             allow_remote=config.allow_remote_images,
             allow_private_hosts=config.allow_private_image_hosts,
             image_dir=Path(config.image_dir) if config.image_dir else None,

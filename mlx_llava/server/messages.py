@@ -43,11 +43,11 @@ class Message:
 
     role: str
     text: str = ""
-    pictures: list = field(default_factory=list)
+    images: list = field(default_factory=list)
 
 
 @dataclass
-class PicturePolicy:
+class ImagePolicy:
     """Where pictures may come from, and how big they may be.
 
     Attributes:
@@ -181,7 +181,7 @@ def render_conversation(
     for i, m in enumerate(messages):
         where = f"{param}[{i}]"
         placeholders = m.text.count(IMAGE_TOKEN)
-        if m.role != "user" and (placeholders or m.pictures):
+        if m.role != "user" and (placeholders or m.images):
             raise RequestError(f"only user messages may hold pictures or <image> ({where})", where)
         if m.role == "system":
             system.append(m.text)
@@ -191,19 +191,19 @@ def render_conversation(
             continue
         if m.role == "user":
             if placeholders == 0:
-                text = (IMAGE_TOKEN + "\n") * len(m.pictures) + text
-            elif placeholders != len(m.pictures):
+                text = (IMAGE_TOKEN + "\n") * len(m.images) + text
+            elif placeholders != len(m.images):
                 raise RequestError(
                     f"{where} has {placeholders} <image> placeholder(s) but "
-                    f"{len(m.pictures)} picture(s)",
+                    f"{len(m.images)} picture(s)",
                     where,
                 )
             if not text.strip():
                 raise RequestError(f"{where} is empty: no text and no picture", where)
         if turns and turns[-1][0] == m.role:
-            turns[-1] = (m.role, turns[-1][1] + "\n" + text, turns[-1][2] + list(m.pictures))
+            turns[-1] = (m.role, turns[-1][1] + "\n" + text, turns[-1][2] + list(m.images))
         else:
-            turns.append((m.role, text, list(m.pictures)))
+            turns.append((m.role, text, list(m.images)))
     if not turns or turns[-1][0] != "user":
         raise RequestError("the conversation must end with a user message", param)
     if turns[0][0] != "user":
