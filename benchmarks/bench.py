@@ -570,28 +570,21 @@ def bench_chat(lib: Ours, image, runs: int) -> dict:
 
 @contextmanager
 def token_clock(stamps: list):
-    """Timestamp every token batch_generate hands to its rows (`Row.add`, formerly `_Row.add`),
-    to split its time into prefill and decoding; yields False when that internal is not there."""
-    try:
-        from mlx_llava import batch
-    except ImportError:
-        yield False
-        return
-    row = getattr(batch, "Row", getattr(batch, "_Row", None))
-    if row is None or not hasattr(row, "add"):
-        yield False
-        return
-    original = row.add
+    """Timestamp every token the decoding core hands to its rows (`decoding.Row.add`), to
+    split batch_generate's time into prefill and decoding."""
+    from mlx_llava.decoding import Row
 
-    def add(self, token):
+    original = Row.add
+
+    def add(self, token, *args, **kwargs):
         stamps.append(time.perf_counter())
-        return original(self, token)
+        return original(self, token, *args, **kwargs)
 
-    row.add = add
+    Row.add = add
     try:
         yield True
     finally:
-        row.add = original
+        Row.add = original
 
 
 def bench_batch(lib: Ours, args, runs: int) -> dict:
