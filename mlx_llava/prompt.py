@@ -16,7 +16,7 @@ import mlx.core as mx
 import numpy as np
 from mlx_lm.models.cache import trim_prompt_cache
 
-from .model import Model
+from .model import Model, merge_image_features
 from .processor import IMAGE_PLACEHOLDER, ImageInput, Processor
 from .video_io import DEFAULT_NUM_FRAMES, VideoInput
 
@@ -253,21 +253,83 @@ def prompt_embeddings(
     Only the pictures whose tokens lie after `start` go through the vision tower: a picture
     already in a cached prefix is not encoded again.
     """
-    new_ids = input_ids[:, start:]
+    return embed_prompts(model, [UncachedPrompt(input_ids, pixel_values, start, image_sizes)])[0]
+
+
+@dataclass
+class UncachedPrompt:
+    """What of one prompt is still to be embedded: input_ids [1, L], its pixel values (or
+    None), the positions already cached (`start`) and LLaVA-NeXT's picture sizes."""
+
+    input_ids: mx.array
+    pixel_values: Optional[mx.array] = None
+    start: int = 0
+    image_sizes: Optional[Sequence[tuple[int, int]]] = None
+
+    def new_pictures(self, model: Model) -> Optional[tuple[mx.array, Optional[list]]]:
+        """(pixels, sizes) of the pictures whose tokens all lie after `start`, when those are
+        exactly the ones the new positions need; None when a picture straddles `start` or
+        placeholders touch (then the whole prompt is embedded and cut)."""
+        image_token = model.config.image_token_index
+        runs = image_runs(np.asarray(self.input_ids[0]).tolist(), image_token)
+        sizes = self.image_sizes
+        pictures = self.pixel_values.shape[0] if sizes is None else len(sizes)
+        if len(runs) != pictures or any(s < self.start < e for s, e in runs):
+            return None
+        first = sum(e <= self.start for _, e in runs)  # pictures wholly before `start`
+        if sizes is None:
+            return self.pixel_values[first:], None
+        tiles = sum(model.config.image_tiles(s) for s in sizes[:first])  # LLaVA-NeXT's tiles
+        return self.pixel_values[tiles:], list(sizes[first:])
+
+
+def embed_prompts(model: Model, prompts: Sequence[UncachedPrompt]) -> list[mx.array]:
+    """`prompt_embeddings` of several prompts (each [L_i - start_i, D]), the pictures they
+    still need encoded together in one batched tower call (requests that join a batch at one
+    step)."""
     image_token = model.config.image_token_index
-    if pixel_values is None or not bool((new_ids == image_token).any()):
-        return model.get_input_embeddings(new_ids)[0]
-    runs = image_runs(np.asarray(input_ids[0]).tolist(), image_token)
-    pictures = pixel_values.shape[0] if image_sizes is None else len(image_sizes)
-    if len(runs) == pictures and not any(s < start < e for s, e in runs):
-        first = sum(e <= start for _, e in runs)  # pictures wholly before `start`
-        if image_sizes is not None:  # LLaVA-NeXT: the first pictures' tiles
-            tiles = sum(model.config.image_tiles(s) for s in image_sizes[:first])
-            pixels, sizes = pixel_values[tiles:], image_sizes[first:]
-        else:
-            pixels, sizes = pixel_values[first:], None
-        return model.get_input_embeddings(new_ids, pixels, sizes)[0]
-    return model.get_input_embeddings(input_ids, pixel_values, image_sizes)[0, start:]
+    out: list[Optional[mx.array]] = [None] * len(prompts)
+    batched = []  # (index, new ids, pixels, sizes)
+    for i, p in enumerate(prompts):
+        new_ids = p.input_ids[:, p.start :]
+        if p.pixel_values is None or image_token not in np.asarray(new_ids).tolist()[0]:
+            out[i] = model.get_input_embeddings(new_ids)[0]
+            continue
+        part = p.new_pictures(model)
+        if part is None:
+            whole = model.get_input_embeddings(p.input_ids, p.pixel_values, p.image_sizes)
+            out[i] = whole[0, p.start :]
+            continue
+        batched.append((i, new_ids, *part))
+    if len(batched) == 1:
+        i, new_ids, pixels, sizes = batched[0]
+        out[i] = model.get_input_embeddings(new_ids, pixels, sizes)[0]
+    elif batched:
+        _embed_together(model, batched, out)
+    return out
+
+
+def _embed_together(model: Model, batched: list, out: list) -> None:
+    """Embed prompts whose new pictures all go through the tower in one call: the features
+    (one row per image token, in order) are cut by each prompt's count of image tokens."""
+    pixels = mx.concatenate([b[2] for b in batched])
+    tiled = batched[0][3] is not None
+    sizes = [s for b in batched for s in b[3]] if tiled else None
+    features = None
+    if model.vision_tower is not None:  # (a pipeline rank without the tower: see `pipeline`)
+        features = model.get_image_features(pixels, sizes)
+        features = features.reshape(-1, features.shape[-1])
+    image_token = model.config.image_token_index
+    offset = 0
+    for i, new_ids, _, _ in batched:
+        count = np.asarray(new_ids).tolist()[0].count(image_token)
+        embeddings = model.get_input_embeddings(new_ids)
+        if features is not None:
+            mask = new_ids == image_token
+            own = features[offset : offset + count]
+            embeddings = merge_image_features(embeddings, own, mask)
+        offset += count
+        out[i] = embeddings[0]
 
 
 @dataclass

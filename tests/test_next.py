@@ -594,3 +594,39 @@ def test_prompt_embeddings_encode_only_the_uncached_pictures_tiles(hub_folder, m
     ours = prompt_embeddings(model, input_ids, pixel_values, start, sizes)
     assert encoded == [(model.config.image_tiles(sizes[1]), [sizes[1]])]  # the small one's 3
     np.testing.assert_allclose(np.array(ours), np.array(expected), atol=1e-5)
+
+
+def test_prompts_joining_together_encode_their_tiles_in_one_tower_call(hub_folder, monkeypatch):
+    """Three prompts with pictures of different sizes (one of them half cached): one tower call
+    for every tile still needed, and each prompt's embeddings are the ones it gets alone."""
+    from mlx_llava.prompt import UncachedPrompt, embed_prompts, encode_prompt, image_runs
+
+    model, processor = load(hub_folder)
+    _, meta = oracle("next-hub")
+    cases = [
+        ("<image>\nFirst.\n<image>\nSecond.", [IMAGES["square"], IMAGES["small"]]),
+        ("<image>\nWhat is it?", [IMAGES["wide"]]),
+        ("<image>\nAnd this?", [IMAGES["tall"]]),
+    ]
+    prompts, expected = [], []
+    for i, (text, pictures) in enumerate(cases):
+        input_ids, pixel_values, _, sizes = encode_prompt(
+            model, processor, prompt_for(meta, text), pictures
+        )
+        runs = image_runs(input_ids[0].tolist(), model.config.image_token_index)
+        start = runs[0][1] + 1 if i == 0 else 0  # the first prompt's first picture is cached
+        prompts.append(UncachedPrompt(input_ids, pixel_values, start, sizes))
+        expected.append(model.get_input_embeddings(input_ids, pixel_values, sizes)[0, start:])
+    encoded = []
+    features = model.get_image_features
+
+    def spy(pixels, image_sizes=None, *rest):
+        encoded.append(pixels.shape[0])
+        return features(pixels, image_sizes, *rest)
+
+    monkeypatch.setattr(model, "get_image_features", spy)
+    ours = embed_prompts(model, prompts)
+    tiles = [model.config.image_tiles(p.image_sizes[-1]) for p in prompts]
+    assert encoded == [sum(tiles)]
+    for a, b in zip(ours, expected):
+        np.testing.assert_allclose(np.array(a), np.array(b), atol=1e-5)

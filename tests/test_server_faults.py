@@ -385,16 +385,17 @@ def inject(where: str, error: type, server, monkeypatch) -> None:
 
         monkeypatch.setattr(processor.image_processor, "preprocess", faulty_preprocess)
     else:
-        embeddings = worker_module.prompt_embeddings
+        embeddings = worker_module.embed_prompts
         image_token = model.config.image_token_index
 
-        def faulty_embeddings(model, input_ids, *args, **kwargs):
-            ids = [t for t in np.array(input_ids).reshape(-1).tolist() if t != image_token]
-            if MARKER in processor.decode(ids):
-                raise error("injected fault")
-            return embeddings(model, input_ids, *args, **kwargs)
+        def faulty_embeddings(model, prompts):
+            for prompt in prompts:
+                ids = np.array(prompt.input_ids).reshape(-1).tolist()
+                if MARKER in processor.decode([t for t in ids if t != image_token]):
+                    raise error("injected fault")
+            return embeddings(model, prompts)
 
-        monkeypatch.setattr(worker_module, "prompt_embeddings", faulty_embeddings)
+        monkeypatch.setattr(worker_module, "embed_prompts", faulty_embeddings)
 
 
 @pytest.mark.parametrize("error", [MemoryError, TypeError, RuntimeError])

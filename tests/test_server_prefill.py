@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Optional
 
 import httpx
 import pytest
@@ -18,6 +19,7 @@ from mlx_llava.conversation import render
 
 DATA = Path(__file__).parent / "fixtures" / "data"
 PICTURE = DATA / "images" / "a.png"
+EXAMPLE = Path(__file__).parents[1] / "examples" / "red_circle.png"
 QUESTIONS = ["What is this?", "Describe it.", "What colour is it?", "Is it big?"]
 
 
@@ -31,8 +33,9 @@ def alone(model, processor, question: str) -> str:
     return generate(model, processor, prompt, images=[PICTURE], max_tokens=8)
 
 
-def ask(server, question: str, picture: Path = PICTURE) -> dict:
-    body = {"messages": [user(question, data_url(picture))], "max_tokens": 8}
+def ask(server, question: str, picture: Optional[Path] = PICTURE) -> dict:
+    pictures = [] if picture is None else [data_url(picture)]
+    body = {"messages": [user(question, *pictures)], "max_tokens": 8}
     response = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=60)
     assert response.status_code == 200, response.text
     return response.json()
@@ -70,3 +73,34 @@ def test_concurrent_questions_about_one_new_picture_encode_it_once(
     assert [a["choices"][0]["message"]["content"] for a in answers] == expected
     cached = sorted(a["usage"]["prompt_tokens_details"]["cached_tokens"] for a in answers)
     assert cached[0] < image_tokens and all(c > image_tokens for c in cached[1:])
+
+
+def test_requests_joining_at_one_step_encode_their_pictures_in_one_tower_call(tiny, monkeypatch):
+    """Three requests about three new pictures, taken at one step: one batched tower call for
+    the three, and each answer is the one it gets alone."""
+    model, processor = tiny
+    pictures = [DATA / "images" / f"{name}.png" for name in ("a", "b")] + [EXAMPLE]
+    expected = []
+    for picture in pictures:
+        prompt = render(session_template(processor), [("user", "<image>\nWhat is this?")])
+        expected.append(generate(model, processor, prompt, images=[picture], max_tokens=8))
+    encoded: list[int] = []
+    features = model.get_image_features
+
+    def spy(pixel_values, *args, **kwargs):
+        encoded.append(pixel_values.shape[0])
+        return features(pixel_values, *args, **kwargs)
+
+    monkeypatch.setattr(model, "get_image_features", spy)
+    with serving(tiny, model_id="tiny", max_prefill=4) as server, WorkerGate(server.worker) as gate:
+        gate.hold("step")
+        with ThreadPoolExecutor(len(pictures) + 1) as pool:
+            first = pool.submit(ask, server, "Hello", None)
+            gate.wait_held()
+            answers = [pool.submit(ask, server, "What is this?", p) for p in pictures]
+            gate.wait(lambda: gate.submitted == len(pictures) + 1)
+            gate.release()
+            answers = [a.result() for a in answers]
+            first.result()
+    assert encoded == [len(pictures)]
+    assert [a["choices"][0]["message"]["content"] for a in answers] == expected

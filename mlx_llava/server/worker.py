@@ -36,7 +36,7 @@ from .. import distributed
 from ..decoding import BatchEngine, Row, make_row
 from ..model import Model
 from ..processor import Processor
-from ..prompt import EncodedPrompt, position_keys, prompt_embeddings
+from ..prompt import EncodedPrompt, UncachedPrompt, embed_prompts, position_keys
 from ..sampling import SamplingParams
 
 log = logging.getLogger("mlx_llava.server")
@@ -426,8 +426,8 @@ class Worker:
         try:
             for number in turn.cancels:
                 self._stop(number)
-            for admission in turn.admissions:
-                self._start(admission)
+            if turn.admissions:
+                self._start(turn.admissions)
             if self.engine:
                 for row in self.engine.step():
                     self._emit(row)
@@ -459,38 +459,52 @@ class Worker:
             encoded.image_sizes,
         )
 
-    def _start(self, admission: Admission) -> None:
-        """Every rank: find the prompt's longest cached prefix and add the request to the
-        batch (rank 0 then tells its client). A failure fails this request alone: a 400 for
-        its own fault, a 500 for anything else (split across ranks, an unexpected failure may
-        leave the ranks out of step: it stops the pipeline)."""
-        job = self._encoded.pop(admission.number, None)
-        if job is None:  # a rank other than 0: nobody to tell
-            job = Job(self, None, _ignore, admission.number)
+    def _start(self, admissions: list[Admission]) -> None:
+        """Every rank: find each prompt's longest cached prefix, encode the pictures they
+        still need in one tower call, and add the requests to the batch (rank 0 then tells
+        their clients). A failure fails its request alone: a 400 for its own fault, a 500 for
+        anything else (split across ranks, an unexpected failure may leave the ranks out of
+        step: it stops the pipeline)."""
+        joining = []  # (job, row, cache, what is to embed)
+        for admission in admissions:
+            job = self._encoded.pop(admission.number, None)
+            if job is None:  # a rank other than 0: nobody to tell
+                job = Job(self, None, _ignore, admission.number)
+            try:
+                joining.append((job, *self._admit(admission)))
+            except Exception as e:  # noqa: BLE001 - the request fails, the others go on
+                self._refuse(job, e)
         try:
-            row, cached = self._admit(admission)
-        except ValueError as e:  # the request's fault (the same on every rank)
-            job.finished = True
-            job.emit(Event("error", error=str(e), status=400))
+            embeddings = embed_prompts(self.model, [uncached for *_, uncached in joining])
+        except Exception as e:  # noqa: BLE001 - ours: the requests of this step fail
+            for job, *_ in joining:
+                self._refuse(job, e if isinstance(e, ValueError) else RuntimeError(e))
             return
-        except Exception:  # noqa: BLE001 - ours, but this request's alone
-            if self.group is not None:
-                raise
-            log.exception("a request failed as it joined the batch")
-            job.finished = True
-            job.emit(Event("error", error="the request failed; see the server log", status=500))
-            return
-        job.row = row
-        job.stats.prompt_tokens, job.stats.cached_tokens = len(row.keys), cached
-        job.stats.queued_s = job.admitted - job.submitted
-        with self._wakeup:
-            self._running[id(row)] = job
-        job.emit(Event("start", stats=job.stats))
-        self._notify("admitted", number=job.number)
+        for (job, row, cache, uncached), embedded in zip(joining, embeddings):
+            self.engine.add(row, embedded, cache)
+            job.row = row
+            job.stats.prompt_tokens, job.stats.cached_tokens = len(row.keys), uncached.start
+            job.stats.queued_s = job.admitted - job.submitted
+            with self._wakeup:
+                self._running[id(row)] = job
+            job.emit(Event("start", stats=job.stats))
+            self._notify("admitted", number=job.number)
 
-    def _admit(self, admission: Admission) -> tuple[Row, int]:
-        """The request's row, added to the engine (the last step: nothing is half-added), and
-        the number of its prompt positions found in the prompt cache."""
+    def _refuse(self, job: Job, error: Exception) -> None:
+        """End a request that could not join: 400 for a ValueError (its own fault), else 500."""
+        if not isinstance(error, ValueError):
+            if self.group is not None:
+                raise error
+            log.error("a request failed as it joined the batch", exc_info=error)
+        job.finished = True
+        if isinstance(error, ValueError):
+            job.emit(Event("error", error=str(error), status=400))
+        else:
+            job.emit(Event("error", error="the request failed; see the server log", status=500))
+
+    def _admit(self, admission: Admission) -> tuple[Row, Optional[list], UncachedPrompt]:
+        """The request's row, the KV cache of its longest cached prefix, and what of its
+        prompt is still to be embedded."""
         s = admission.sampling
         if s.seed is not None:
             mx.random.seed(s.seed)
@@ -502,10 +516,8 @@ class Worker:
         pixel_values = admission.pixel_values
         if self.group is not None and image_token in admission.input_ids[start:]:
             pixel_values = self._share_pictures(admission)
-        sizes = admission.image_sizes
-        embeddings = prompt_embeddings(self.model, input_ids, pixel_values, start, sizes)
-        self.engine.add(row, embeddings, cache)
-        return row, start
+        uncached = UncachedPrompt(input_ids, pixel_values, start, admission.image_sizes)
+        return row, cache, uncached
 
     def _keep_prompts(self, rows: list[Row]) -> None:
         """Put the prompts just prefilled into the prompt cache now, not when their answers
