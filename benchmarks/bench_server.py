@@ -219,79 +219,31 @@ def percentile(values: list[float], q: float) -> float:
     return values[lo] + (values[hi] - values[lo]) * (k - lo)
 
 
-def run_load(server: Server, model: str, clients: int, seed: int, max_tokens: int) -> dict:
-    """`clients` conversations at once; aggregate tokens/s and TTFT percentiles."""
-    results: list[Optional[list[Result]]] = [None] * clients
-    errors: list[str] = []
-    barrier = threading.Barrier(clients)
-
-    def client(i: int) -> None:
-        barrier.wait()
-        try:
-            picture = data_url(seed + i)
-            results[i] = conversation(
-                server, model, picture, QUESTIONS[i % len(QUESTIONS)], max_tokens
-            )
-        except Exception as e:  # noqa: BLE001 - reported, the run goes on
-            errors.append(f"client {i}: {e}")
-
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=3600)
-    if errors:
-        raise RuntimeError("; ".join(errors))
-    done = [r for pair in results for r in pair]
-    wall = max(r.end for r in done) - min(r.start for r in done)
-    ttfts = [r.ttft for r in done]
-    turn1 = [pair[0].ttft for pair in results]
-    turn2 = [pair[1].ttft for pair in results]
-    tokens = sum(r.tokens for r in done)
-    return {
-        "requests": len(done),
-        "completion_tokens": tokens,
-        "wall_s": wall,
-        "aggregate_tps": tokens / wall,
-        "ttft_p50_s": percentile(ttfts, 0.5),
-        "ttft_p95_s": percentile(ttfts, 0.95),
-        "turn1_ttft_p50_s": percentile(turn1, 0.5),
-        "turn2_ttft_p50_s": percentile(turn2, 0.5),
-    }
-
-
-def run_shared(
-    server: Server, model: str, clients: int, pictures: int, seed: int, max_tokens: int
-) -> dict:
-    """`clients` clients at once, each asking two questions about one of `pictures` pictures."""
-    urls = [data_url(seed + k) for k in range(pictures)]
+def run_clients(clients: int, client) -> list[list[Result]]:
+    """`client(i)` -> its results, for `clients` clients started together at a barrier."""
     results: list[list[Result]] = [[] for _ in range(clients)]
     errors: list[str] = []
     barrier = threading.Barrier(clients)
 
-    def client(i: int) -> None:
+    def run(i: int) -> None:
         barrier.wait()
         try:
-            for q in range(2):
-                question = QUESTIONS[(i + 3 * q) % len(QUESTIONS)]
-                message = {
-                    "role": "user",
-                    "content": [
-                        {"type": "image_url", "image_url": {"url": urls[i % pictures]}},
-                        {"type": "text", "text": question},
-                    ],
-                }
-                results[i].append(stream(server, model, [message], max_tokens))
+            results[i] = client(i)
         except Exception as e:  # noqa: BLE001 - reported, the run goes on
             errors.append(f"client {i}: {e}")
 
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(clients)]
     for t in threads:
         t.start()
     for t in threads:
         t.join(timeout=3600)
     if errors:
         raise RuntimeError("; ".join(errors))
+    return results
+
+
+def load_figures(results: list[list[Result]]) -> dict:
+    """Aggregate tokens/s over the wall time of all requests, TTFT p50 and p95."""
     done = [r for rs in results for r in rs]
     wall = max(r.end for r in done) - min(r.start for r in done)
     ttfts = [r.ttft for r in done]
@@ -304,6 +256,43 @@ def run_shared(
         "ttft_p50_s": percentile(ttfts, 0.5),
         "ttft_p95_s": percentile(ttfts, 0.95),
     }
+
+
+def run_load(server: Server, model: str, clients: int, seed: int, max_tokens: int) -> dict:
+    """`clients` conversations at once; aggregate tokens/s and TTFT percentiles."""
+
+    def client(i: int) -> list[Result]:
+        question = QUESTIONS[i % len(QUESTIONS)]
+        return conversation(server, model, data_url(seed + i), question, max_tokens)
+
+    results = run_clients(clients, client)
+    return load_figures(results) | {
+        "turn1_ttft_p50_s": percentile([pair[0].ttft for pair in results], 0.5),
+        "turn2_ttft_p50_s": percentile([pair[1].ttft for pair in results], 0.5),
+    }
+
+
+def run_shared(
+    server: Server, model: str, clients: int, pictures: int, seed: int, max_tokens: int
+) -> dict:
+    """`clients` clients at once, each asking two questions about one of `pictures` pictures."""
+    urls = [data_url(seed + k) for k in range(pictures)]
+
+    def client(i: int) -> list[Result]:
+        answers = []
+        for q in range(2):
+            question = QUESTIONS[(i + 3 * q) % len(QUESTIONS)]
+            message = {
+                "role": "user",
+                "content": [
+                    {"type": "image_url", "image_url": {"url": urls[i % pictures]}},
+                    {"type": "text", "text": question},
+                ],
+            }
+            answers.append(stream(server, model, [message], max_tokens))
+        return answers
+
+    return load_figures(run_clients(clients, client))
 
 
 def run_chat(server: Server, model: str, pictures: int, seed: int, max_tokens: int) -> dict:

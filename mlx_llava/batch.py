@@ -18,7 +18,7 @@ from .decoding import BatchEngine, make_row
 from .model import Model
 from .processor import IMAGE_PLACEHOLDER, ImageInput, Processor
 from .prompt import context_room
-from .sampling import ResponseFormat, SamplingParams
+from .sampling import ResponseFormat, SamplingParams, sampling_of
 
 PromptImages = Optional[Union[ImageInput, Sequence[ImageInput]]]
 
@@ -115,7 +115,9 @@ def batch_generate(
         ValueError: a prompt's placeholders differ from its pictures, a prompt exceeds the
             model's context, or `max_tokens` is not positive.
     """
-    params = sampling or SamplingParams(
+    params = sampling_of(
+        sampling,
+        json_schema,
         max_tokens=max_tokens,
         temperature=temperature,
         top_p=top_p,
@@ -125,9 +127,7 @@ def batch_generate(
         repetition_context_size=repetition_context_size,
         seed=seed,
         stop=stop,
-        response_format=(
-            ResponseFormat.json_schema(json_schema) if json_schema is not None else response_format
-        ),
+        response_format=response_format,
         logprobs=logprobs,
     )
     if kv_bits is not None:

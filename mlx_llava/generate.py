@@ -18,7 +18,7 @@ from .decoding import BatchEngine, TokenLogprob, kv_quantization, make_row
 from .model import Model
 from .processor import ImageInput, Processor
 from .prompt import PromptCache, image_list, prepare_prompt
-from .sampling import ResponseFormat, SamplingParams
+from .sampling import ResponseFormat, SamplingParams, sampling_of
 from .video_io import DEFAULT_NUM_FRAMES, VideoInput
 
 
@@ -106,7 +106,9 @@ def stream_generate(
         ValueError: a sampling setting out of range (`SamplingError`), placeholders and
             pictures that differ, a prompt longer than the context, an unusable `kv_bits`.
     """
-    params = sampling or SamplingParams(
+    params = sampling_of(
+        sampling,
+        json_schema,
         max_tokens=max_tokens,
         temperature=temperature,
         top_p=top_p,
@@ -116,9 +118,7 @@ def stream_generate(
         repetition_context_size=repetition_context_size,
         seed=seed,
         stop=stop,
-        response_format=(
-            ResponseFormat.json_schema(json_schema) if json_schema is not None else response_format
-        ),
+        response_format=response_format,
         logprobs=logprobs,
     )
     quantization = kv_quantization(model, kv_bits, kv_group_size, quantized_kv_start)

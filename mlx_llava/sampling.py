@@ -257,3 +257,16 @@ def logits_processors(params: SamplingParams) -> list:
         repetition_penalty=params.repetition_penalty,
         repetition_context_size=params.repetition_context_size,
     )
+
+
+def sampling_of(
+    sampling: Optional[SamplingParams] = None, json_schema: Any = None, **settings
+) -> SamplingParams:
+    """`sampling` when given, else the `SamplingParams` of the keyword settings that
+    `stream_generate` and `batch_generate` take (`json_schema`: a dict or JSON text, answered
+    as a `json_schema` response format)."""
+    if sampling is not None:
+        return sampling
+    if json_schema is not None:
+        settings["response_format"] = ResponseFormat.json_schema(json_schema)
+    return SamplingParams(**settings)

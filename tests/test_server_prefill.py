@@ -33,6 +33,19 @@ def alone(model, processor, question: str) -> str:
     return generate(model, processor, prompt, images=[PICTURE], max_tokens=8)
 
 
+def tower_calls(model, monkeypatch) -> list[int]:
+    """The number of tiles of each call of the vision tower from now on."""
+    encoded: list[int] = []
+    features = model.get_image_features
+
+    def spy(pixel_values, *args, **kwargs):
+        encoded.append(pixel_values.shape[0])
+        return features(pixel_values, *args, **kwargs)
+
+    monkeypatch.setattr(model, "get_image_features", spy)
+    return encoded
+
+
 def ask(server, question: str, picture: Optional[Path] = PICTURE) -> dict:
     pictures = [] if picture is None else [data_url(picture)]
     body = {"messages": [user(question, *pictures)], "max_tokens": 8}
@@ -47,14 +60,7 @@ def test_concurrent_questions_about_one_new_picture_encode_it_once(
 ):
     model, processor = tiny
     expected = [alone(model, processor, q) for q in QUESTIONS]
-    encoded: list[int] = []
-    features = model.get_image_features
-
-    def spy(pixel_values, *args, **kwargs):
-        encoded.append(pixel_values.shape[0])
-        return features(pixel_values, *args, **kwargs)
-
-    monkeypatch.setattr(model, "get_image_features", spy)
+    encoded = tower_calls(model, monkeypatch)
     image_tokens = model.config.num_image_tokens
     settings = dict(model_id="tiny", max_prefill=prefill_batch)
     with serving(tiny, **settings) as server, WorkerGate(server.worker) as gate:
@@ -84,14 +90,7 @@ def test_requests_joining_at_one_step_encode_their_pictures_in_one_tower_call(ti
     for picture in pictures:
         prompt = render(session_template(processor), [("user", "<image>\nWhat is this?")])
         expected.append(generate(model, processor, prompt, images=[picture], max_tokens=8))
-    encoded: list[int] = []
-    features = model.get_image_features
-
-    def spy(pixel_values, *args, **kwargs):
-        encoded.append(pixel_values.shape[0])
-        return features(pixel_values, *args, **kwargs)
-
-    monkeypatch.setattr(model, "get_image_features", spy)
+    encoded = tower_calls(model, monkeypatch)
     with serving(tiny, model_id="tiny", max_prefill=4) as server, WorkerGate(server.worker) as gate:
         gate.hold("step")
         with ThreadPoolExecutor(len(pictures) + 1) as pool:
