@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import mlx.core as mx
 import numpy as np
+
+from mlx_llava import stream_generate
 
 PIXEL_ATOL = 1e-5  # preprocessing is bit-exact in practice
 FEATURE_ATOL = 1e-4  # vision hidden states and projected features, float32
@@ -16,3 +19,17 @@ def assert_logits_close(ours, theirs) -> None:
     scale = np.abs(theirs).max()
     diff = np.abs(ours - theirs).max()
     assert diff <= LOGIT_RTOL * scale, f"max diff {diff:.3g} > {LOGIT_RTOL} x {scale:.3g}"
+
+
+def nhwc(pixels: np.ndarray) -> mx.array:
+    return mx.array(pixels.transpose(0, 2, 3, 1))
+
+
+def greedy_tokens(model, processor, prompt, images, n, **kwargs) -> list[int]:
+    out = [
+        r.token
+        for r in stream_generate(
+            model, processor, prompt, images=images, max_tokens=n, temperature=0.0, **kwargs
+        )
+    ]
+    return out

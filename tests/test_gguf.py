@@ -15,8 +15,8 @@ from pathlib import Path
 import mlx.nn as nn
 import numpy as np
 import pytest
-from test_parity import assert_logits_close, greedy_tokens
 
+from llava_testing.parity import assert_logits_close, greedy_tokens
 from mlx_llava import convert, load
 from mlx_llava.cli import generate as generate_cli
 from mlx_llava.config import ConfigError

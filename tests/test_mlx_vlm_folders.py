@@ -14,8 +14,8 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
-from test_parity import assert_logits_close, greedy_tokens, nhwc
 
+from llava_testing.parity import assert_logits_close, greedy_tokens, nhwc
 from mlx_llava import convert, load
 from mlx_llava.cli import generate as generate_cli
 from mlx_llava.convert import QuantizeSpec, read_source

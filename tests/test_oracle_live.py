@@ -149,9 +149,9 @@ def test_live_onevision_and_next_video(kind, layout, option, tmp_path):
     """OneVision (tied, transformers 5 layout) and NeXT-Video (max pooling, hub layout)
     rebuilt and run in transformers now, then checked as tests/test_onevision.py checks the
     recorded ones."""
-    import make_onevision_fixtures
-    from test_onevision import assert_matches_oracle, oracle
+    from llava_testing.onevision import assert_matches_oracle, oracle
+    from llava_testing.onevision_oracles import write_checkpoint
 
-    folder = make_onevision_fixtures.write_checkpoint(tmp_path / "ckpt", kind, layout, option, 21)
+    folder = write_checkpoint(tmp_path / "ckpt", kind, layout, option, 21)
     model, processor = load(convert(folder, tmp_path / "mlx", dtype="float32"))
     assert_matches_oracle(model, processor, *oracle("ckpt", tmp_path))

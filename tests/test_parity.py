@@ -12,8 +12,8 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from llava_testing.parity import FEATURE_ATOL, PIXEL_ATOL, assert_logits_close
-from mlx_llava import PromptCache, convert, load, stream_generate
+from llava_testing.parity import FEATURE_ATOL, PIXEL_ATOL, assert_logits_close, greedy_tokens, nhwc
+from mlx_llava import PromptCache, convert, load
 from mlx_llava.prompt import prepare_prompt
 
 DATA = Path(__file__).parent / "fixtures" / "data"
@@ -29,20 +29,6 @@ def oracle(name: str) -> tuple[dict, dict]:
         arrays = {**dict(np.load(DATA / meta["same_weights_as"] / "oracle.npz")), **arrays}
         meta = {**json.loads((DATA / meta["same_weights_as"] / "oracle.json").read_text()), **meta}
     return arrays, meta
-
-
-def nhwc(pixels: np.ndarray) -> mx.array:
-    return mx.array(pixels.transpose(0, 2, 3, 1))
-
-
-def greedy_tokens(model, processor, prompt, images, n, **kwargs) -> list[int]:
-    out = [
-        r.token
-        for r in stream_generate(
-            model, processor, prompt, images=images, max_tokens=n, temperature=0.0, **kwargs
-        )
-    ]
-    return out
 
 
 @pytest.fixture(scope="module", params=HF_CHECKPOINTS)

@@ -90,7 +90,7 @@ def test_processor_takes_files_arrays_and_pictures(tmp_path):
 @pytest.fixture(scope="module")
 def onevision():
     """ov-hub converted in memory (float32), with its recorded oracle."""
-    from test_onevision import oracle
+    from llava_testing.onevision import oracle
 
     model, processor = load(DATA / "ov-hub", dtype="float32")
     return model, processor, *oracle("ov-hub")
@@ -145,8 +145,7 @@ def test_a_chat_about_a_video_reuses_its_tokens_and_answers_as_without_cache(one
 
 
 def test_generate_cli_reads_a_video(tmp_path, capsys):
-    from test_cli import run_main
-
+    from llava_testing.cli import run_main
     from mlx_llava import generate
     from mlx_llava.cli import generate as generate_cli
 
