@@ -120,3 +120,36 @@ def test_frames_flag_and_bad_videos(clips, tmp_path):
         response = post(server, [video_turn("Hi", video_url(clips[0]))])
         assert response.status_code == 400
         assert "does not see videos" in response.json()["error"]["message"]
+
+
+def test_video_urls_and_files_are_fetched_under_the_pictures_limits(clips, tmp_path):
+    import functools
+    import http.server
+    import threading
+
+    model, processor = loaded = load(DATA / "nv-hub", dtype="float32")
+    want = ChatSession(model, processor, video=clips[0]).send("Hi", max_tokens=6)
+    folder = clips[0].parent
+    big = write_clip(folder / "big.mp4", 3, frames=40)
+    limit = (clips[0].stat().st_size + big.stat().st_size) / 2
+    assert clips[0].stat().st_size < limit < big.stat().st_size
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(folder))
+    handler.log_message = lambda *args: None
+    host = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=host.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{host.server_address[1]}"
+    settings = dict(allow_remote_images=True, allow_private_image_hosts=True)
+    try:
+        with serving(
+            loaded, image_dir=str(folder), max_image_mb=limit / (1 << 20), **settings
+        ) as s:
+            for source in (f"{url}/a.mp4", "a.mp4"):
+                answer = post(s, [video_turn("Hi", source)]).json()
+                assert answer["choices"][0]["message"]["content"] == want, source
+            for source in (f"{url}/big.mp4", "big.mp4"):
+                response = post(s, [video_turn("Hi", source)])
+                assert response.status_code == 400, source
+                assert "more than the limit" in response.json()["error"]["message"], source
+    finally:
+        host.shutdown()
+        host.server_close()
