@@ -1,4 +1,4 @@
-"""Batched generation: several prompts (and their pictures) answered together.
+"""Batched generation: several prompts (and their pictures and videos) answered together.
 
 `batch_generate` encodes every prompt's pictures in one vision pass and decodes all rows with
 the one decoding core (`decoding.make_row` + `BatchEngine`, as the server's continuous
@@ -16,9 +16,10 @@ from mlx_lm.generate import wired_limit
 
 from .decoding import BatchEngine, make_row
 from .model import Model
-from .processor import IMAGE_PLACEHOLDER, ImageInput, Processor
+from .processor import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, ImageInput, Processor
 from .prompt import context_room
 from .sampling import ResponseFormat, SamplingParams, sampling_of
+from .video_io import DEFAULT_NUM_FRAMES, VideoInput
 
 PromptImages = Optional[Union[ImageInput, Sequence[ImageInput]]]
 
@@ -48,6 +49,28 @@ def _images_per_prompt(
             )
         out.append(list(entry))
     return out
+
+
+def _videos_of(
+    prompts: Sequence[str], videos: Optional[Sequence[Optional[VideoInput]]]
+) -> list[VideoInput]:
+    """The prompts' videos in order (one entry per prompt, None for none), checked against
+    each prompt's `<video>`."""
+    if videos is None:
+        return []
+    if len(videos) != len(prompts):
+        raise ValueError(
+            f"videos must hold one entry per prompt: {len(prompts)} prompt(s), "
+            f"{len(videos)} entries"
+        )
+    for i, (prompt, video) in enumerate(zip(prompts, videos)):
+        found, given = prompt.count(VIDEO_PLACEHOLDER), int(video is not None)
+        if found != given:
+            raise ValueError(
+                f"prompt {i} has {found} <video> placeholder(s) but {given} video(s) were given "
+                "for it"
+            )
+    return [v for v in videos if v is not None]
 
 
 @dataclass
@@ -91,6 +114,8 @@ def batch_generate(
     kv_bits: Optional[int] = None,
     return_results: bool = False,
     sampling: Optional[SamplingParams] = None,
+    videos: Optional[Sequence[Optional[VideoInput]]] = None,
+    num_frames: int = DEFAULT_NUM_FRAMES,
 ) -> Union[list[str], list[BatchResult]]:
     """Answer several prompts together; greedy answers equal `generate`'s one by one.
 
@@ -107,13 +132,16 @@ def batch_generate(
         return_results: return a `BatchResult` per prompt (text, token ids, prompt size,
             finish reason) instead of the text alone.
         sampling: a `SamplingParams` instead of the keyword settings.
+        videos: OneVision / NeXT-Video: one entry per prompt, None or the video of its
+            `<video>` (as for `generate`; the videos of one batch need one frame count).
+        num_frames: frames read from each video file.
 
     Returns:
         The answers (or their `BatchResult`s), in prompt order.
 
     Raises:
-        ValueError: a prompt's placeholders differ from its pictures, a prompt exceeds the
-            model's context, or `max_tokens` is not positive.
+        ValueError: a prompt's placeholders differ from its pictures or video, a prompt exceeds
+            the model's context, or `max_tokens` is not positive.
     """
     params = sampling_of(
         sampling,
@@ -140,14 +168,22 @@ def batch_generate(
     if params.seed is not None:
         mx.random.seed(params.seed)
 
-    inputs = processor(prompts, flat_images or None)
+    inputs = processor(
+        prompts, flat_images or None, videos=_videos_of(prompts, videos), num_frames=num_frames
+    )
     input_ids, pixel_values = inputs["input_ids"], inputs["pixel_values"]
     lengths = inputs["attention_mask"].sum(axis=1).tolist()
     for i, n in enumerate(lengths):
         context_room(model, n, f"prompt {i}")
     width = input_ids.shape[1]
-    # One vision pass for every picture of the batch.
-    embeddings = model.get_input_embeddings(input_ids, pixel_values, inputs["image_sizes"])
+    # One vision pass for every picture of the batch, one for every video.
+    embeddings = model.get_input_embeddings(
+        input_ids,
+        pixel_values,
+        inputs["image_sizes"],
+        inputs.get("pixel_values_videos"),
+        inputs.get("batch_num_images"),
+    )
     engine = BatchEngine(model, prefill_step_size)
     rows = []
     for i, n in enumerate(lengths):

@@ -1,4 +1,4 @@
-"""Caption every picture of a folder into a JSON-lines file, in batches, resumably."""
+"""Caption every picture (or video) of a folder into a JSON-lines file, in batches, resumably."""
 
 from __future__ import annotations
 
@@ -10,14 +10,18 @@ from typing import Iterable, Optional, Union
 
 from . import distributed
 from .progress import Progress
+from .video_io import DEFAULT_NUM_FRAMES
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
+VIDEO_EXTENSIONS = (".mp4", ".mov", ".webm", ".mkv", ".gif")
 DEFAULT_CAPTION_PROMPT = "Describe this image."
+DEFAULT_VIDEO_PROMPT = "Describe this video."
 DEFAULT_BATCH_SIZE = 8
 
 
-def list_images(image_dir: Union[str, Path]) -> list[str]:
-    """Picture files under `image_dir` (recursively), as sorted relative POSIX paths."""
+def list_images(image_dir: Union[str, Path], extensions: tuple = IMAGE_EXTENSIONS) -> list[str]:
+    """Picture (or `extensions`) files under `image_dir` (recursively), as sorted relative
+    POSIX paths."""
     root = Path(image_dir)
     if not root.is_dir():
         raise FileNotFoundError(f"no such folder: {image_dir}")
@@ -25,7 +29,7 @@ def list_images(image_dir: Union[str, Path]) -> list[str]:
     for folder, dirs, files in os.walk(root):
         dirs.sort()
         for name in files:
-            if name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith("."):
+            if name.lower().endswith(extensions) and not name.startswith("."):
                 found.append((Path(folder) / name).relative_to(root).as_posix())
     return sorted(found)
 
@@ -69,6 +73,8 @@ def caption_folder(
     progress: bool = True,
     seed: Optional[int] = None,
     group: Optional[distributed.Group] = None,
+    videos: bool = False,
+    num_frames: int = DEFAULT_NUM_FRAMES,
     **sampling,
 ) -> int:
     """Caption the pictures of a folder with `batch_generate`, one JSONL record per picture.
@@ -92,6 +98,8 @@ def caption_folder(
         progress: report progress on stderr.
         seed: seed MLX's random generator once, before the first batch.
         group: the ranks to split the pictures across (default: all of `mlx.launch`'s).
+        videos: caption the folder's videos (mp4, mov, webm, mkv, gif; OneVision,
+            NeXT-Video) instead of its pictures, `num_frames` frames sampled from each.
         **sampling: as for `batch_generate` (max_tokens, temperature, top_p, stop, ...).
 
     Returns:
@@ -102,7 +110,7 @@ def caption_folder(
     group = group or distributed.world()
     main = distributed.is_main(group)
     root = Path(image_dir)
-    files = list_images(root)
+    files = list_images(root, VIDEO_EXTENSIONS if videos else IMAGE_EXTENSIONS)
     to_stdout = output is None or str(output) == "-"
     todo = None
     if main:  # rank 0 owns the output: it says what is left to do
@@ -120,7 +128,13 @@ def caption_folder(
         import mlx.core as mx
 
         mx.random.seed(seed)
-    template_prompt = processor.format_prompt(prompt, num_images=1)
+    if videos:
+        from .processor import VIDEO_PLACEHOLDER
+
+        template_prompt = processor.format_prompt(VIDEO_PLACEHOLDER + "\n" + prompt, 0)
+    else:
+        template_prompt = processor.format_prompt(prompt, num_images=1)
+    media = (num_frames,) if videos else None
     out = None
     if main:
         out = sys.stdout if to_stdout else _open_for_append(output)
@@ -130,7 +144,9 @@ def caption_folder(
     try:
         for names in _batches(todo, batch_size * group.size()):
             mine = distributed.shard(names, group)
-            answered = _caption_batch(model, processor, root, mine, template_prompt, sampling)
+            answered = _caption_batch(
+                model, processor, root, mine, template_prompt, sampling, media
+            )
             for records, warnings in distributed.gather(answered, group):
                 for warning in warnings:
                     skipped += 1
@@ -160,19 +176,33 @@ def _parsed(answer: str):
         return answer
 
 
-def _caption_batch(model, processor, root: Path, names, prompt: str, sampling: dict):
-    """([file, answer] for each readable picture of `names`, warnings for the others)."""
+def _caption_batch(
+    model, processor, root: Path, names, prompt: str, sampling: dict, videos: Optional[tuple]
+):
+    """([file, answer] for each readable picture of `names`, warnings for the others);
+    `videos` = (num_frames,): the files are videos."""
     from .batch import batch_generate
     from .image_io import ImageLoadError, load_image
+    from .video_io import VideoLoadError, read_video
 
-    kept, pictures, warnings = [], [], []
+    kept, media, warnings = [], [], []
     for name in names:
         try:
-            pictures.append(load_image(root / name))
+            media.append(
+                load_image(root / name) if videos is None else read_video(root / name, *videos)
+            )
             kept.append(name)
-        except ImageLoadError as e:
+        except (ImageLoadError, VideoLoadError) as e:
             warnings.append(f"warning: skipping {name}: {e}")
     if not kept:
         return [], warnings
-    answers = batch_generate(model, processor, [prompt] * len(kept), images=pictures, **sampling)
-    return [[name, answer.strip()] for name, answer in zip(kept, answers)], warnings
+    if videos is None:
+        answers = batch_generate(model, processor, [prompt] * len(kept), images=media, **sampling)
+        return [[name, answer.strip()] for name, answer in zip(kept, answers)], warnings
+    answers = {}
+    for frames in sorted({len(m) for m in media}):  # a batch's videos have one frame count
+        mine = [i for i, m in enumerate(media) if len(m) == frames]
+        batch = [media[i] for i in mine]
+        texts = batch_generate(model, processor, [prompt] * len(mine), videos=batch, **sampling)
+        answers.update(zip(mine, texts))
+    return [[name, answers[i].strip()] for i, name in enumerate(kept)], warnings

@@ -9,7 +9,7 @@ server can tokenize and preprocess on other threads than the model's.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 import mlx.core as mx
@@ -86,12 +86,17 @@ class EncodedPrompt:
         pixel_values: float32 [n, H, W, 3] (LLaVA-NeXT: every picture's tiles), or None.
         digests: the pictures' digests (see `image_digests`).
         image_sizes: the pictures' (height, width) for LLaVA-NeXT, else None.
+        video_pixels: the videos' preprocessed frames [V, F, H, W, 3] float32 (OneVision,
+            LLaVA-NeXT-Video), or None.
+        video_digests: the videos' digests (their identity in prompt caches).
     """
 
     input_ids: list[int]
     pixel_values: Optional[np.ndarray]
     digests: list[str]
     image_sizes: Optional[list[tuple[int, int]]]
+    video_pixels: Optional[np.ndarray] = None
+    video_digests: list[str] = field(default_factory=list)
 
 
 def encode_on_host(
@@ -100,15 +105,19 @@ def encode_on_host(
     prompt: str,
     images: Sequence[ImageInput],
     max_chars: Optional[int] = None,
+    videos: Sequence[VideoInput] = (),
+    num_frames: int = DEFAULT_NUM_FRAMES,
 ) -> EncodedPrompt:
-    """Tokenize a prompt and preprocess its pictures without touching MLX.
+    """Tokenize a prompt and preprocess its pictures and videos without touching MLX.
 
     Args:
         max_chars: refuse longer prompts before tokenizing them (bounded work).
+        videos: the videos of the prompt's `<video>` placeholders (see `Processor.__call__`).
 
     Raises:
-        ValueError: the prompt is longer than `max_chars`, its placeholders and pictures differ
-            in number, or it leaves no room in the model's context (see `context_room`).
+        ValueError: the prompt is longer than `max_chars`, its placeholders and pictures (or
+            videos) differ in number, the model does not see videos, or the prompt leaves no
+            room in the model's context (see `context_room`).
     """
     if max_chars is not None and len(prompt) > max_chars:
         raise ValueError(
@@ -120,10 +129,16 @@ def encode_on_host(
             f"the prompt has {found} <image> placeholder(s) but {len(images)} image(s) were given"
         )
     pixels, digests, sizes = _preprocess_on_host(processor, images)
-    input_ids = processor.tokenize(prompt, image_sizes=sizes)
+    frames = processor.video_frames(videos, num_frames)
+    if len({f.shape for f in frames}) > 1:
+        raise ValueError("the videos of one prompt need the same number of frames")
+    lengths = [len(f) for f in frames]
+    input_ids = processor.tokenize(prompt, image_sizes=sizes, video_frames=lengths)
     context_room(model, len(input_ids))
     sizes = None if sizes is None else [tuple(s) for s in sizes]
-    return EncodedPrompt(input_ids, pixels, digests, sizes)
+    video_pixels = np.stack(frames) if frames else None
+    video_digests = image_digests(video_pixels) if frames else []
+    return EncodedPrompt(input_ids, pixels, digests, sizes, video_pixels, video_digests)
 
 
 class PromptCache:
@@ -184,24 +199,37 @@ def image_runs(ids: Sequence[int], image_token: int) -> list[tuple[int, int]]:
     return runs
 
 
-def position_keys(input_ids: np.ndarray, digests: Sequence[str], image_token: int) -> list:
+def position_keys(
+    input_ids: np.ndarray,
+    digests: Sequence[str],
+    image_token: int,
+    video_digests: Sequence[str] = (),
+    video_token: Optional[int] = None,
+) -> list:
     """One hashable key per position of a single prompt: the token id, or (picture digest, k)
     for the k-th token of a picture. Pictures are told apart by their runs of image tokens;
     when placeholders touch (fewer runs than pictures) every image position is keyed by all the
-    prompt's digests instead."""
-    keys = np.asarray(input_ids).tolist()
+    prompt's digests instead. Videos' positions are keyed likewise by `video_digests`."""
+    ids = np.asarray(input_ids).tolist()
+    keys = list(ids)
+    _key_runs(keys, ids, digests, image_token)
+    _key_runs(keys, ids, video_digests, video_token)
+    return keys
+
+
+def _key_runs(keys: list, ids: list, digests: Sequence[str], token: Optional[int]) -> None:
+    """Key the positions of `token` in `keys` by `digests` (see `position_keys`)."""
     if not digests:
-        return keys
-    runs = image_runs(keys, image_token)
+        return
+    runs = image_runs(ids, token)
     if len(runs) == len(digests):
         for (start, end), digest in zip(runs, digests):
             keys[start:end] = [(digest, k) for k in range(end - start)]
-        return keys
+        return
     whole = tuple(digests)
     image_positions = [i for start, end in runs for i in range(start, end)]
     for k, i in enumerate(image_positions):
         keys[i] = (whole, k)
-    return keys
 
 
 def encode_prompt(
@@ -265,6 +293,7 @@ class UncachedPrompt:
     pixel_values: Optional[mx.array] = None
     start: int = 0
     image_sizes: Optional[Sequence[tuple[int, int]]] = None
+    video_pixels: Optional[mx.array] = None
 
     def new_pictures(self, model: Model) -> Optional[tuple[mx.array, Optional[list]]]:
         """(pixels, sizes) of the pictures whose tokens all lie after `start`, when those are
@@ -286,12 +315,18 @@ class UncachedPrompt:
 def embed_prompts(model: Model, prompts: Sequence[UncachedPrompt]) -> list[mx.array]:
     """`prompt_embeddings` of several prompts (each [L_i - start_i, D]), the pictures they
     still need encoded together in one batched tower call (requests that join a batch at one
-    step)."""
+    step); a prompt whose new positions hold a video is embedded whole, and cut."""
     image_token = model.config.image_token_index
     out: list[Optional[mx.array]] = [None] * len(prompts)
     batched = []  # (index, new ids, pixels, sizes)
     for i, p in enumerate(prompts):
         new_ids = p.input_ids[:, p.start :]
+        if p.video_pixels is not None and model.config.video_token_index in new_ids.tolist()[0]:
+            whole = model.get_input_embeddings(
+                p.input_ids, p.pixel_values, p.image_sizes, p.video_pixels
+            )
+            out[i] = whole[0, p.start :]
+            continue
         if p.pixel_values is None or image_token not in np.asarray(new_ids).tolist()[0]:
             out[i] = model.get_input_embeddings(new_ids)[0]
             continue

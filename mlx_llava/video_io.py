@@ -8,13 +8,15 @@ with frames over `MLX_LLAVA_MAX_IMAGE_PIXELS` are refused before decoding. Every
 
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
-from typing import Sequence, Union
+from typing import BinaryIO, Optional, Sequence, Union
 
 import numpy as np
 from PIL import Image
 
+from .image_io import FetchLimits, FetchPolicy, fetch
 from .image_processor import DEFAULT_MAX_IMAGE_PIXELS
 
 DEFAULT_NUM_FRAMES = 8
@@ -52,19 +54,49 @@ def read_video(path: Union[str, Path], num_frames: int = DEFAULT_NUM_FRAMES) -> 
         VideoLoadError: the file is missing, unreadable, has no video stream, or is over the
             length or frame-size limits (one line, naming the file).
     """
+    path = Path(path)
+    if not path.is_file():
+        raise VideoLoadError(f"cannot read video {path}: no such file")
+    return _decode(str(path), str(path), num_frames)
+
+
+def decode_video(data: bytes, name: str, num_frames: int = DEFAULT_NUM_FRAMES) -> np.ndarray:
+    """`read_video` of an encoded video held in memory (`name` names it in errors)."""
+    return _decode(io.BytesIO(data), name, num_frames)
+
+
+def load_video(
+    source: Union[str, Path],
+    num_frames: int = DEFAULT_NUM_FRAMES,
+    timeout: Optional[float] = None,
+    max_bytes: Optional[int] = None,
+    policy: Optional[FetchPolicy] = None,
+) -> np.ndarray:
+    """`read_video` of a path or an http(s) URL, fetched as `image_io.load_image` fetches
+    pictures (the same bounds and host policy).
+
+    Raises:
+        ImageLoadError: the URL cannot be fetched (see `image_io.fetch`).
+        VideoLoadError: the video cannot be read.
+    """
+    name = str(source)
+    if not name.startswith(("http://", "https://")):
+        return read_video(name, num_frames)
+    limits = FetchLimits.from_env(timeout=timeout, max_bytes=max_bytes)
+    return decode_video(fetch(name, limits, policy), name, num_frames)
+
+
+def _decode(source: Union[str, BinaryIO], name: str, num_frames: int) -> np.ndarray:
     try:
         import av
     except ImportError:
         raise VideoLoadError("reading videos needs PyAV: pip install 'mlx-llava[video]'") from None
-    path = Path(path)
 
     def fail(reason: str) -> VideoLoadError:
-        return VideoLoadError(f"cannot read video {path}: {reason}")
+        return VideoLoadError(f"cannot read video {name}: {reason}")
 
-    if not path.is_file():
-        raise fail("no such file")
     try:
-        with av.open(str(path)) as container:
+        with av.open(source) as container:
             if not container.streams.video:
                 raise fail("no video stream")
             stream = container.streams.video[0]

@@ -11,6 +11,7 @@ import sys
 from typing import Optional
 
 from ..image_processor import DEFAULT_MAX_IMAGE_PIXELS
+from ..video_io import DEFAULT_NUM_FRAMES
 from . import run_cli
 from .args import add_model_args, add_sampling_args, load_from_args, make_parser, sampling_params
 
@@ -54,6 +55,13 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--image-timeout", type=float, default=10.0, help="seconds a remote picture may take"
+    )
+    p.add_argument(
+        "--frames",
+        type=int,
+        default=DEFAULT_NUM_FRAMES,
+        help="frames sampled uniformly over each video of a request "
+        f"(default {DEFAULT_NUM_FRAMES})",
     )
     p.add_argument(
         "--max-image-mb", type=float, default=20.0, help="largest picture file or download, MB"
@@ -163,6 +171,8 @@ def _check(args: argparse.Namespace) -> None:
     if args.max_queue < 0 or args.prompt_cache_size < 0 or args.prompt_cache_mb < 0:
         raise ValueError("--max-queue, --prompt-cache-size and --prompt-cache-mb must be >= 0")
     sampling_params(args)  # the defaults' ranges, named by flag
+    if args.frames < 1:
+        raise ValueError(f"--frames must be at least 1, got {args.frames}")
     if args.image_dir and not os.path.isdir(args.image_dir):
         raise FileNotFoundError(f"--image-dir: no such folder: {args.image_dir}")
 
@@ -212,6 +222,7 @@ def serve(args: argparse.Namespace) -> None:
         allow_private_image_hosts=args.allow_private_image_hosts,
         image_dir=args.image_dir,
         image_timeout=args.image_timeout,
+        num_frames=args.frames,
         max_image_mb=args.max_image_mb,
         max_image_pixels=args.max_image_pixels,
         max_body_mb=args.max_body_mb,

@@ -35,6 +35,7 @@ from ..processor import Processor
 from ..prompt import EncodedPrompt, encode_on_host
 from ..sampling import ResponseFormat, SamplingError, SamplingParams
 from ..structured import token_bytes, token_text
+from ..video_io import DEFAULT_NUM_FRAMES
 from .messages import ImagePolicy, Message, render_conversation
 from .ollama import ollama_router
 from .schemas import (
@@ -93,6 +94,7 @@ class ServerConfig:
     prefill_step_size: int = 2048
     max_prompt_chars: Optional[int] = None  # None: 32 characters per position of the context
     prepare_threads: int = 2  # tokenizing and picture preprocessing, off the model's thread
+    num_frames: int = DEFAULT_NUM_FRAMES  # sampled uniformly over each video of a request
     defaults: SamplingParams = field(  # for fields a request leaves out
         default_factory=lambda: SamplingParams(max_tokens=512)
     )
@@ -204,6 +206,16 @@ class Service:
         self.max_prompt_chars = config.max_prompt_chars or 32 * self.context_length
         self.pool = ThreadPoolExecutor(config.prepare_threads, "mlx-llava-prepare")
 
+    def load_video(self, source: str, param: str):
+        """A video part's frames (`ImagePolicy.load_video`), for a model that sees videos."""
+        if not self.model.config.has_video:
+            raise RequestError(
+                f"{self.model.config.model_type} does not see videos: send pictures",
+                param,
+                "invalid_video",
+            )
+        return self.policy.load_video(source, param, self.config.num_frames)
+
     def check_model(self, name: Optional[str], param: str = "model") -> None:
         """Requests name the served model (or leave it out)."""
         if name is None or name in (self.model_id, f"{self.model_id}:latest"):
@@ -236,22 +248,33 @@ class Service:
         return await run_in_threadpool(render_conversation, self.processor, messages, param)
 
     async def generate(
-        self, request: Request, prompt: str, pictures: list, sampling: SamplingParams
+        self,
+        request: Request,
+        prompt: str,
+        pictures: list,
+        sampling: SamplingParams,
+        videos: Sequence = (),
     ) -> Generation:
         """Tokenize and preprocess (in the preparation pool), submit, and wait until the
         worker has taken the request (RequestError otherwise)."""
-        encoded = await self.encode(prompt, pictures)
+        encoded = await self.encode(prompt, pictures, videos)
         generation = Generation(self.worker, GenerationRequest(encoded, sampling))
         await generation.start(request)
         return generation
 
-    async def encode(self, prompt: str, pictures: list) -> EncodedPrompt:
+    async def encode(self, prompt: str, pictures: list, videos: Sequence = ()) -> EncodedPrompt:
         """The prompt's token ids and pixels, computed by the small preparation pool so that a
         big request delays nobody's decoding. A request at fault gets a 400; anything else
         that fails here (ours) a 500 for this request alone."""
         loop = asyncio.get_running_loop()
         work = functools.partial(
-            encode_on_host, self.model, self.processor, prompt, pictures, self.max_prompt_chars
+            encode_on_host,
+            self.model,
+            self.processor,
+            prompt,
+            pictures,
+            self.max_prompt_chars,
+            videos,
         )
         try:
             return await loop.run_in_executor(self.pool, work)
@@ -301,13 +324,16 @@ async def openai_messages(service: Service, messages: list[ChatMessage]) -> list
             if m.content is None or isinstance(m.content, str):
                 out.append(Message(role, m.content or ""))
                 continue
-            texts, pictures = [], []
+            texts, pictures, videos = [], [], []
             for j, part in enumerate(m.content):
+                param = f"messages[{i}].content[{j}]"
                 if part.type == "text":
                     texts.append(part.text)
+                elif part.type == "video_url":
+                    videos.append(service.load_video(part.url, param))
                 else:
-                    pictures.append(service.policy.load(part.url, f"messages[{i}].content[{j}]"))
-            out.append(Message(role, "\n".join(texts), pictures))
+                    pictures.append(service.policy.load(part.url, param))
+            out.append(Message(role, "\n".join(texts), pictures, videos))
         return out
 
     return await run_in_threadpool(convert)
@@ -380,7 +406,8 @@ def chat_routes(app: FastAPI, service: Service) -> None:
         )
         messages = await openai_messages(service, body.messages)
         prompt, pictures = await service.prompt(messages)
-        generation = await service.generate(request, prompt, pictures, sampling)
+        videos = [v for m in messages if m.role == "user" for v in m.videos]
+        generation = await service.generate(request, prompt, pictures, sampling, videos)
         ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
+import numpy as np
 from PIL import Image
 
 from ..chat import session_template
@@ -31,19 +32,23 @@ from ..image_io import (
     decode_image,
     load_image,
 )
-from ..processor import Processor
+from ..processor import VIDEO_PLACEHOLDER, Processor
+from ..video_io import VideoLoadError, decode_video, load_video, read_video
 from .schemas import RequestError
 
 log = logging.getLogger("mlx_llava.server")
+_EXAMPLES = {"image": "data:image/png;base64,...", "video": "data:video/mp4;base64,..."}
 
 
 @dataclass
 class Message:
-    """One chat message: a role ("system", "user" or "assistant"), text, decoded pictures."""
+    """One chat message: a role ("system", "user" or "assistant"), text, decoded pictures and
+    videos (uint8 frames [T, H, W, 3])."""
 
     role: str
     text: str = ""
     images: list = field(default_factory=list)
+    videos: list = field(default_factory=list)
 
 
 @dataclass
@@ -81,27 +86,56 @@ class ImagePolicy:
             if source.startswith("data:"):
                 return decode_image(self._data_url(source, param), "data URL", self.max_pixels)
             if source.startswith(("http://", "https://")):
-                if not self.allow_remote:
-                    raise RequestError(
-                        "image URLs are refused: send the picture as a data URL "
-                        "(data:image/png;base64,...), or start the server with "
-                        "--allow-remote-images",
-                        param,
-                        "image_url_refused",
-                    )
-                fetch = FetchPolicy(public_only=not self.allow_private_hosts, uniform_errors=True)
+                fetch = self._fetch_policy(param)
                 return load_image(source, self.timeout, self.max_bytes, self.max_pixels, fetch)
-            path = self._local_path(source, param)
-            if path.is_file() and path.stat().st_size > self.max_bytes:
-                raise ImageLoadError(
-                    f"cannot read image '{source}': more than the limit of {self.max_bytes} bytes"
-                )
+            path = self._local_file(source, param)
             return load_image(str(path), max_pixels=self.max_pixels)
         except ImageFetchError as e:
             log.info("image URL '%s' not fetched: %s", source, e.detail)
             raise RequestError(str(e), param, "invalid_image") from None
         except ImageLoadError as e:
             raise RequestError(str(e), param, "invalid_image") from e
+
+    def load_video(self, source: str, param: str, num_frames: int) -> np.ndarray:
+        """`num_frames` frames [T, H, W, 3] of a video named as `load` names pictures, under
+        the same policy and byte limit.
+
+        Raises:
+            RequestError: the source is refused, malformed, too big or not a video.
+        """
+        try:
+            if source.startswith("data:"):
+                data = self._data_url(source, param, "video")
+                return decode_video(data, "data URL", num_frames)
+            if source.startswith(("http://", "https://")):
+                fetch = self._fetch_policy(param, "video")
+                return load_video(source, num_frames, self.timeout, self.max_bytes, fetch)
+            return read_video(self._local_file(source, param, "video"), num_frames)
+        except ImageFetchError as e:
+            log.info("video URL '%s' not fetched: %s", source, e.detail)
+            raise RequestError(str(e), param, "invalid_video") from None
+        except (ImageLoadError, VideoLoadError) as e:
+            raise RequestError(str(e), param, "invalid_video") from e
+
+    def _fetch_policy(self, param: str, kind: str = "image") -> FetchPolicy:
+        if not self.allow_remote:
+            what = "picture" if kind == "image" else kind
+            raise RequestError(
+                f"{kind} URLs are refused: send the {what} as a data URL "
+                f"({_EXAMPLES[kind]}), or start the server with --allow-remote-images",
+                param,
+                f"{kind}_url_refused",
+            )
+        return FetchPolicy(public_only=not self.allow_private_hosts, uniform_errors=True)
+
+    def _local_file(self, source: str, param: str, kind: str = "image") -> Path:
+        path = self._local_path(source, param)
+        if path.is_file() and path.stat().st_size > self.max_bytes:
+            error = ImageLoadError if kind == "image" else VideoLoadError
+            raise error(
+                f"cannot read {kind} '{source}': more than the limit of {self.max_bytes} bytes"
+            )
+        return path
 
     def load_base64(self, data: str, param: str) -> Image.Image:
         """Decode a picture sent as bare base64 (Ollama's `images`) or as a data URL."""
@@ -113,18 +147,19 @@ class ImagePolicy:
             raise RequestError(str(e), param, "invalid_image") from e
 
     @staticmethod
-    def _data_url(url: str, param: str) -> bytes:
+    def _data_url(url: str, param: str, kind: str = "image") -> bytes:
         header, comma, payload = url[len("data:") :].partition(",")
         media_type, *options = header.split(";")
         if not comma or "base64" not in options:
             raise RequestError(
-                "image data URLs must be base64: data:image/png;base64,...", param, "invalid_image"
+                f"{kind} data URLs must be base64: {_EXAMPLES[kind]}", param, f"invalid_{kind}"
             )
-        if not media_type.startswith("image/"):
+        if not media_type.startswith(f"{kind}/"):
+            what = "a picture" if kind == "image" else "a video"
             raise RequestError(
-                f"the data URL holds {media_type or 'no media type'}, not a picture (image/...)",
+                f"the data URL holds {media_type or 'no media type'}, not {what} ({kind}/...)",
                 param,
-                "invalid_image",
+                f"invalid_{kind}",
             )
         return _b64decode(payload, param)
 
@@ -165,7 +200,9 @@ def _b64decode(data: str, param: str) -> bytes:
 def render_conversation(
     processor: Processor, messages: Sequence[Message], param: str = "messages"
 ) -> tuple[str, list]:
-    """The prompt of a conversation that the model answers next, and its pictures in order.
+    """The prompt of a conversation that the model answers next, and its pictures in order
+    (its videos, `Message.videos` of the user messages in order, each get a `<video>` in front
+    of their message's text, after its pictures', unless the text places its own).
 
     System messages replace the template's system prompt (joined by newlines); consecutive
     messages of one role are joined; empty assistant messages are skipped; assistant answers are
@@ -183,6 +220,8 @@ def render_conversation(
         placeholders = m.text.count(IMAGE_TOKEN)
         if m.role != "user" and (placeholders or m.images):
             raise RequestError(f"only user messages may hold pictures or <image> ({where})", where)
+        if m.role != "user" and m.videos:
+            raise RequestError(f"only user messages may hold videos ({where})", where)
         if m.role == "system":
             system.append(m.text)
             continue
@@ -190,6 +229,8 @@ def render_conversation(
         if m.role == "assistant" and not text:
             continue
         if m.role == "user":
+            if m.videos and VIDEO_PLACEHOLDER not in text:  # as `ChatSession`: after pictures
+                text = (VIDEO_PLACEHOLDER + "\n") * len(m.videos) + text
             if placeholders == 0:
                 text = (IMAGE_TOKEN + "\n") * len(m.images) + text
             elif placeholders != len(m.images):

@@ -122,7 +122,16 @@ class ImageURLPart(_Request):
         return self.image_url if isinstance(self.image_url, str) else self.image_url.url
 
 
-ContentPart = Annotated[Union[TextPart, ImageURLPart], Field(discriminator="type")]
+class VideoURLPart(_Request):
+    type: Literal["video_url"]
+    video_url: Union[ImageURL, str]
+
+    @property
+    def url(self) -> str:
+        return self.video_url if isinstance(self.video_url, str) else self.video_url.url
+
+
+ContentPart = Annotated[Union[TextPart, ImageURLPart, VideoURLPart], Field(discriminator="type")]
 
 
 class ChatMessage(_Request):

@@ -96,6 +96,8 @@ class Admission:
             tower has to see them.
         image_sizes: the pictures' (height, width) for LLaVA-NeXT (see `encode_prompt`), else
             None.
+        video_pixels: the videos' frames [V, F, H, W, 3] on rank 0 (OneVision, NeXT-Video), or
+            None; video_digests: their digests, which key the videos' positions.
     """
 
     number: int
@@ -105,11 +107,13 @@ class Admission:
     pixel_values: Optional[mx.array] = None
     pixel_shape: Optional[list[int]] = None
     image_sizes: Optional[list[tuple[int, int]]] = None
+    video_pixels: Optional[mx.array] = None
+    video_digests: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict:
         fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         fields["sampling"] = self.sampling.to_json()
-        fields["pixel_values"] = None
+        fields["pixel_values"] = fields["video_pixels"] = None
         return fields
 
     @classmethod
@@ -447,7 +451,7 @@ class Worker:
             return None
         job.admitted = time.perf_counter()
         encoded = job.request.encoded
-        pixels = encoded.pixel_values
+        pixels, videos = encoded.pixel_values, encoded.video_pixels
         self._encoded[job.number] = job
         return Admission(
             job.number,
@@ -457,6 +461,8 @@ class Worker:
             None if pixels is None else mx.array(pixels),
             None if pixels is None else list(pixels.shape),
             encoded.image_sizes,
+            None if videos is None else mx.array(videos),
+            encoded.video_digests,
         )
 
     def _start(self, admissions: list[Admission]) -> None:
@@ -508,15 +514,26 @@ class Worker:
         s = admission.sampling
         if s.seed is not None:
             mx.random.seed(s.seed)
-        image_token = self.model.config.image_token_index
+        config = self.model.config
+        image_token = config.image_token_index
+        if admission.video_digests and self.group is not None:
+            raise ValueError("videos are not served by a pipeline split across machines")
         input_ids = mx.array([admission.input_ids])
-        keys = position_keys(admission.input_ids, admission.digests, image_token)
+        keys = position_keys(
+            admission.input_ids,
+            admission.digests,
+            image_token,
+            admission.video_digests,
+            config.video_token_index,
+        )
         row = make_row(self.model, self.processor, input_ids[0], s, keys)
         cache, start = self._cached_prefix(keys)
         pixel_values = admission.pixel_values
         if self.group is not None and image_token in admission.input_ids[start:]:
             pixel_values = self._share_pictures(admission)
-        uncached = UncachedPrompt(input_ids, pixel_values, start, admission.image_sizes)
+        uncached = UncachedPrompt(
+            input_ids, pixel_values, start, admission.image_sizes, admission.video_pixels
+        )
         return row, cache, uncached
 
     def _keep_prompts(self, rows: list[Row]) -> None:
