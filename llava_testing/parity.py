@@ -33,3 +33,27 @@ def greedy_tokens(model, processor, prompt, images, n, **kwargs) -> list[int]:
         )
     ]
     return out
+
+
+def build_with_counts(config_file, expected: dict):
+    """The Model of a real checkpoint's config.json, built lazily (nothing is evaluated), after
+    checking its parameter counts against transformers' (`expected`: total, vision_tower,
+    multi_modal_projector)."""
+    import json
+    from pathlib import Path
+
+    from mlx.utils import tree_flatten
+
+    from mlx_llava import Model, ModelConfig
+
+    def count(module) -> int:
+        return sum(v.size for _, v in tree_flatten(module.parameters()))
+
+    raw = json.loads(Path(config_file).read_text())
+    before = mx.get_active_memory()
+    model = Model(ModelConfig.from_dict(raw))
+    assert count(model) == expected["total"]
+    assert count(model.vision_tower) == expected["vision_tower"]
+    assert count(model.multi_modal_projector) == expected["multi_modal_projector"]
+    assert mx.get_active_memory() - before < 1 << 20  # nothing was evaluated
+    return model

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from llava_testing.cli import run_main
-from llava_testing.parity import assert_logits_close
+from llava_testing.parity import assert_logits_close, build_with_counts
 from mlx_llava import PromptCache, batch_generate, convert, load, stream_generate
 from mlx_llava.prompt import prepare_prompt
 
@@ -385,24 +385,12 @@ REAL_TEMPLATES = {
 
 @pytest.mark.parametrize("name", REAL_COUNTS)
 def test_real_configs_build_lazily_with_transformers_parameter_counts(name):
-    from mlx.utils import tree_flatten
-
-    from mlx_llava import Model, ModelConfig
     from mlx_llava.conversation import template_for_config
 
-    def count(module) -> int:
-        return sum(v.size for _, v in tree_flatten(module.parameters()))
-
-    raw = json.loads((DATA.parent / f"{name}.config.json").read_text())
-    before = mx.get_active_memory()
-    model = Model(ModelConfig.from_dict(raw))
-    expected = REAL_COUNTS[name]
-    assert count(model) == expected["total"]
-    assert count(model.vision_tower) == expected["vision_tower"]
-    assert count(model.multi_modal_projector) == expected["multi_modal_projector"]
+    config_file = DATA.parent / f"{name}.config.json"
+    model = build_with_counts(config_file, REAL_COUNTS[name])
     assert model.image_newline.size == model.config.text_config.hidden_size
-    assert mx.get_active_memory() - before < 1 << 20  # nothing was evaluated
-    assert template_for_config(raw) == REAL_TEMPLATES[name]
+    assert template_for_config(json.loads(config_file.read_text())) == REAL_TEMPLATES[name]
     config = model.config
     assert config.image_tokens((560, 560)) == 2928 and config.image_tiles((560, 560)) == 5
     if "mistral" in name:

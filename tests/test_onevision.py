@@ -7,9 +7,6 @@ wide and a tall picture (their grids downsampled by "anyres_max_1"), both in one
 of 8 frames, and a picture with the video. tests/test_oracle_live.py reruns transformers live.
 """
 
-import json
-
-import mlx.core as mx
 import numpy as np
 import pytest
 
@@ -18,6 +15,7 @@ from llava_testing.onevision import (
     assert_matches_oracle,
     oracle,
 )
+from llava_testing.parity import build_with_counts
 from mlx_llava import convert, load
 
 CHECKPOINTS = ["ov-hub", "ov-v5", "nv-hub", "nv-v5"]
@@ -103,21 +101,7 @@ REAL_COUNTS = {
 
 @pytest.mark.parametrize("name", REAL_COUNTS)
 def test_real_configs_build_lazily_with_transformers_parameter_counts(name):
-    from mlx.utils import tree_flatten
-
-    from mlx_llava import Model, ModelConfig
-
-    def count(module) -> int:
-        return sum(v.size for _, v in tree_flatten(module.parameters()))
-
-    raw = json.loads((DATA.parent / f"{name}.config.json").read_text())
-    before = mx.get_active_memory()
-    model = Model(ModelConfig.from_dict(raw))
-    expected = REAL_COUNTS[name]
-    assert count(model) == expected["total"]
-    assert count(model.vision_tower) == expected["vision_tower"]
-    assert count(model.multi_modal_projector) == expected["multi_modal_projector"]
-    assert mx.get_active_memory() - before < 1 << 20  # nothing was evaluated
+    model = build_with_counts(DATA.parent / f"{name}.config.json", REAL_COUNTS[name])
     config = model.config
     if name.startswith("llava-onevision"):
         assert config.num_image_tokens == 729 and config.video_tokens(8) == 8 * 196 + 1
