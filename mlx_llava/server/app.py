@@ -301,14 +301,19 @@ class Service:
             for e in entries
         ]
 
-    def sampling(self, names: dict[str, str], **fields) -> SamplingParams:
+    async def sampling(self, names: dict[str, str], **fields) -> SamplingParams:
         """The request's sampling fields over the server's defaults (those left out: None);
-        `names` maps a `SamplingParams` field to the request's name for it."""
-        try:
-            return self.config.defaults.replace(**fields)
-        except SamplingError as e:
-            param = names.get(e.field, e.field)
-            raise RequestError(f"{param} {e.reason}", param, "invalid_value") from None
+        `names` maps a `SamplingParams` field to the request's name for it. Made in a thread:
+        a response format's schema is compiled then."""
+
+        def make() -> SamplingParams:
+            try:
+                return self.config.defaults.replace(**fields)
+            except SamplingError as e:
+                param = names.get(e.field, e.field)
+                raise RequestError(f"{param} {e.reason}", param, "invalid_value") from None
+
+        return await run_in_threadpool(make)
 
 
 # OpenAI ----------------------------------------------------------------------------------------
@@ -388,7 +393,7 @@ def chat_routes(app: FastAPI, service: Service) -> None:
         service.check_model(body.model)
         service.check_length([text for m in body.messages for text in m.texts()])
         max_tokens = body.max_completion_tokens
-        sampling = service.sampling(
+        sampling = await service.sampling(
             {
                 "max_tokens": "max_completion_tokens" if max_tokens is not None else "max_tokens",
                 **LOGPROB_NAMES,

@@ -66,7 +66,7 @@ def _logprobs(body) -> int | None:
     return (body.top_logprobs or 0) if body.logprobs else None
 
 
-def _sampling(service, body) -> SamplingParams:
+async def _sampling(service, body) -> SamplingParams:
     """The request's options, format and logprobs -> `SamplingParams` (num_predict < 0: as
     long as the context allows; repeat_last_n 0: no repetition penalty, -1: the whole
     context)."""
@@ -83,7 +83,7 @@ def _sampling(service, body) -> SamplingParams:
     elif last_n == -1:
         last_n = service.context_length
     names = {f: OPTION_NAMES.get(f, f"options.{f}") for f in SamplingParams.__dataclass_fields__}
-    sampling = service.sampling(
+    sampling = await service.sampling(
         names,
         max_tokens=o.num_predict if o.num_predict is not None and o.num_predict > 0 else None,
         temperature=o.temperature,
@@ -181,7 +181,7 @@ def ollama_router(service) -> APIRouter:
                 "message": {"role": "assistant", "content": ""},
             }
         service.check_length([m.content for m in body.messages])
-        sampling = _sampling(service, body)
+        sampling = await _sampling(service, body)
         messages = [
             Message(m.role, m.content, await pictures(m.images, f"messages[{i}].images"))
             for i, m in enumerate(body.messages)
@@ -207,7 +207,7 @@ def ollama_router(service) -> APIRouter:
                 "done_reason": "load",
             }
         service.check_length([body.prompt, body.system or ""], "prompt")
-        sampling = _sampling(service, body)
+        sampling = await _sampling(service, body)
         messages = [Message("system", body.system)] if body.system else []
         messages.append(Message("user", body.prompt, await pictures(body.images, "images")))
         prompt, images = await service.prompt(messages, "prompt")
