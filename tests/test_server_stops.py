@@ -6,6 +6,8 @@ function freed while the interpreter finalizes aborts the process)."""
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -82,15 +84,34 @@ def test_the_worker_thread_frees_its_mlx_state_before_it_ends(monkeypatch):
     assert freed == ["mlx-llava-worker"]
 
 
+def compiler_spy(directory: Path) -> Path:
+    """A `g++` first on PATH that notes each call in the returned file, then runs the real one
+    (where there is none, MLX's probe finds none either)."""
+    real = shutil.which("g++")
+    calls = directory / "g++.calls"
+    script = directory / "g++"
+    run = f'exec "{real}" "$@"' if real else "exit 127"
+    script.write_text(f'#!/bin/sh\necho "$*" >> "{calls}"\n{run}\n')
+    script.chmod(0o755)
+    return calls
+
+
 def test_ctrl_c_while_answering_lets_the_answer_finish_then_exits(tmp_path):
     """One process: Ctrl-C during a streamed answer; the answer ends, then the command exits
-    130 with "interrupted" and no traceback."""
+    130 with "interrupted" and no traceback. MLX's probe for a C++ compiler (`system()`, which
+    ignores SIGINT while it runs) is over before the server answers: during the first answer it
+    made a Ctrl-C a coin toss."""
+    compiler_calls = compiler_spy(tmp_path)
     port = free_port()
     command = [sys.executable, "-m", "mlx_llava.server", "--model", str(MODEL)]
     command += ["--dtype", "float32", "--port", str(port)]
     log_path = tmp_path / "server.log"
     with open(log_path, "wb") as log:
-        process = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        env = {**os.environ, "PATH": f"{tmp_path}{os.pathsep}{os.environ['PATH']}"}
+        env["PYTHONFAULTHANDLER"] = "1"  # SIGABRT prints every thread's stack
+        process = subprocess.Popen(
+            command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env
+        )
     url = f"http://127.0.0.1:{port}"
     try:
 
@@ -102,6 +123,7 @@ def test_ctrl_c_while_answering_lets_the_answer_finish_then_exits(tmp_path):
                 return False
 
         wait_until(healthy, timeout=60, interval=0.2)
+        assert compiler_calls.exists() and "--version" in compiler_calls.read_text()
         body = {"messages": [user("Go on.")], "stream": True, "max_tokens": 40}
         with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=60) as r:
             lines = (line for line in r.iter_lines() if line)
@@ -111,7 +133,13 @@ def test_ctrl_c_while_answering_lets_the_answer_finish_then_exits(tmp_path):
         assert rest[-1] == "data: [DONE]"
         chunks = [json.loads(line[6:]) for line in rest[:-1]]
         assert [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]][-1] == "length"
-        assert process.wait(timeout=30) == 130, log_path.read_text()
+        try:
+            status = process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.send_signal(signal.SIGABRT)
+            process.wait(timeout=30)
+            raise AssertionError("no exit 30 s after the answer:\n" + log_path.read_text())
+        assert status == 130, log_path.read_text()
     finally:
         if process.poll() is None:
             process.kill()

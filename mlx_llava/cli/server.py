@@ -204,7 +204,7 @@ def serve(args: argparse.Namespace) -> None:
         ) from e
     from ..server import ServerConfig, create_app, make_worker
     from ..server.connections import uvicorn_config
-    from ..server.lifecycle import Server, follow, stop_with_launcher
+    from ..server.lifecycle import Server, follow, prime_cpu_compiler, stop_with_launcher
 
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
     if not _is_loopback(args.host) and not api_key and distributed.is_main():
@@ -214,6 +214,7 @@ def serve(args: argparse.Namespace) -> None:
             file=sys.stderr,
         )
     model, processor = load_from_args(args)
+    prime_cpu_compiler()
     config = ServerConfig(
         model_id=args.model,
         api_key=api_key,

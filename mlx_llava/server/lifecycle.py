@@ -9,6 +9,11 @@ pending signal (only the main thread may handle one), so a signal that arrives w
 thread generates can wait until the main thread next has to wait for the GIL: a Ctrl-C that the
 server does not hear. `loop.add_signal_handler` does not depend on that: the signal wakes the
 event loop through its wakeup fd, and the loop calls the handler.
+
+One more way to lose a Ctrl-C: the first function MLX's CPU backend compiles asks whether a C++
+compiler exists with C's `system("g++ --version")`, and `system()` ignores SIGINT and SIGQUIT in
+the whole process while its child runs. `prime_cpu_compiler` has that happen at startup rather
+than during the first answer.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import threading
 import time
 from typing import Callable, Iterator
 
+import mlx.core as mx
 import uvicorn
 
 HANDLED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -57,6 +63,13 @@ class Server(uvicorn.Server):
                 signal.signal(sig, handler)
         for sig in reversed(received):
             signal.raise_signal(sig)
+
+
+def prime_cpu_compiler() -> None:
+    """Run MLX's one-time probe for a C++ compiler now (a compiled function on the CPU),
+    while a signal ignored for its few milliseconds costs nothing."""
+    with mx.stream(mx.cpu):
+        mx.eval(mx.compile(lambda x: x * x + 1)(mx.zeros((1,))))
 
 
 def follow(worker) -> None:
