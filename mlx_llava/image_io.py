@@ -193,12 +193,33 @@ class _Deadline:
                 pass
 
 
-def _resolve(host: str, port: int, policy: FetchPolicy) -> list[tuple]:
-    """`getaddrinfo`'s TCP addresses of `host`, every one of them checked under `policy`."""
-    try:
-        addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except (socket.gaierror, UnicodeError) as e:
-        raise _Unreachable(f"cannot resolve {host}: {e}") from None
+def _lookup(host: str, port: int, deadline: _Deadline) -> list[tuple]:
+    """`getaddrinfo`'s TCP addresses of `host`, within the deadline. The C lookup cannot be
+    interrupted, so it runs in a daemon thread that a slow resolver is left to finish alone."""
+    answer: list = []
+
+    def look() -> None:
+        try:
+            answer.append(socket.getaddrinfo(host, port, type=socket.SOCK_STREAM))
+        except Exception as e:  # noqa: BLE001 - handed to the caller
+            answer.append(e)
+
+    lookup = threading.Thread(target=look, name="mlx-llava-dns", daemon=True)
+    lookup.start()
+    lookup.join(deadline.left())
+    if not answer:
+        raise deadline.passed()
+    if isinstance(answer[0], (socket.gaierror, UnicodeError)):
+        raise _Unreachable(f"cannot resolve {host}: {answer[0]}")
+    if isinstance(answer[0], Exception):
+        raise answer[0]
+    return answer[0]
+
+
+def _resolve(host: str, port: int, policy: FetchPolicy, deadline: _Deadline) -> list[tuple]:
+    """The TCP addresses of `host` (looked up within the deadline), every one of them checked
+    under `policy`."""
+    addresses = _lookup(host, port, deadline)
     if not addresses:
         raise _Unreachable(f"{host} has no address")
     if policy.public_only:
@@ -298,7 +319,7 @@ def _get(
         raise _Unreachable(f"no host in {url}")
     https = parts.scheme == "https"
     port = port or (443 if https else 80)
-    addresses = _resolve(host, port, policy)
+    addresses = _resolve(host, port, policy, deadline)
     kind = _CheckedHTTPSConnection if https else _CheckedHTTPConnection
     conn = kind(host, port, addresses, deadline)
     try:

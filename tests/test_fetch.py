@@ -152,3 +152,22 @@ def test_pillows_own_bomb_guard_is_one_clear_error(tmp_path, monkeypatch):
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # Pillow refuses > 2x this at open
     with pytest.raises(ImageLoadError, match="decompression bomb"):
         load_image(path, max_pixels=10**9)
+
+
+def test_a_name_that_takes_long_to_resolve_stops_at_the_deadline(monkeypatch):
+    """The lookup is inside the download's deadline: a resolver that never answers (a dead DNS
+    server) costs the deadline, not the resolver's own minutes."""
+    release = threading.Event()
+
+    def stuck(*args, **kwargs):
+        release.wait(30)
+        raise OSError("released")
+
+    monkeypatch.setattr("socket.getaddrinfo", stuck)
+    tic = time.monotonic()
+    try:
+        with pytest.raises(ImageLoadError, match=r"cannot fetch image URL .*took longer than"):
+            load_image("http://pictures.invalid/a.png", timeout=0.5)
+        assert time.monotonic() - tic < 3.0
+    finally:
+        release.set()
