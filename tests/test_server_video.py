@@ -6,6 +6,7 @@ written with PyAV (`llava_testing.videos`: 8 frames of 32x32 noise)."""
 from __future__ import annotations
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -13,7 +14,7 @@ import pytest
 
 pytest.importorskip("av")
 
-from llava_testing.serving import serving  # noqa: E402
+from llava_testing.serving import WorkerGate, serving  # noqa: E402
 from llava_testing.videos import video_turn, video_url, write_clip  # noqa: E402
 from mlx_llava import ChatSession, load  # noqa: E402
 
@@ -132,3 +133,27 @@ def test_video_urls_and_files_are_fetched_under_the_pictures_limits(clips, tmp_p
     finally:
         host.shutdown()
         host.server_close()
+
+
+def test_a_video_asked_about_twice_at_once_is_prefilled_once(clips):
+    """Two questions about one video that arrive together: the second waits a turn and
+    starts from the first's prompt (the video's tokens cached), with the answer it gets alone."""
+    loaded = load(DATA / "nv-hub", dtype="float32")
+    questions = ["What happens?", "Why?"]
+    alone = [ChatSession(*loaded, video=clips[0]).send(q, max_tokens=6) for q in questions]
+    video_tokens = loaded[0].config.video_tokens(8)
+    url = video_url(clips[0])
+    with serving(loaded, max_prefill=4) as server, WorkerGate(server.worker) as gate:
+        gate.hold("step")
+        with ThreadPoolExecutor(3) as pool:
+            first = pool.submit(post, server, [{"role": "user", "content": "Hello"}])
+            gate.wait_held()  # the worker stands still while both questions arrive
+            asked = [pool.submit(post, server, [video_turn(q, url)]) for q in questions]
+            gate.wait(lambda: gate.submitted == 3)
+            gate.release()
+            answers = [a.result().json() for a in asked]
+            first.result()
+    assert [a["choices"][0]["message"]["content"] for a in answers] == alone
+    cached = sorted(a["usage"]["prompt_tokens_details"]["cached_tokens"] for a in answers)
+    assert cached[0] < video_tokens < cached[1]
+    assert [joined for _, joined in gate.steps if joined] == [1, 1, 1]  # one at a time
