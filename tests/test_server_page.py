@@ -194,11 +194,20 @@ def test_a_video_in_a_real_browser(browser, video_model, tmp_path):
         assert "over the server's limit of 25.6 KB a request" in status.text
         assert not browser.find_element(By.ID, "attachment").is_displayed()
 
+        # A format the browser cannot play (MPEG-4 part 2) is named instead; then removed.
+        file.send_keys(str(write_clip(tmp_path / "clip.mp4", seed=0)))
+        note = browser.find_element(By.ID, "attachment-note")
+        video = browser.find_element(By.ID, "preview-video")
+        wait_until(lambda: "no preview" in note.text, timeout=30)
+        assert note.text.startswith("clip.mp4") and not video.is_displayed()
+        browser.find_element(By.ID, "remove-picture").click()
+        assert not browser.find_element(By.ID, "attachment").is_displayed()
+
         # The clip: its first frame is shown (the browser decoded it), then it is sent.
         file.send_keys(str(clip))
-        video = browser.find_element(By.ID, "preview-video")
         wait_until(lambda: video.get_attribute("data-ready") == "true", timeout=30)
         assert video.is_displayed() and browser.find_element(By.ID, "attachment").is_displayed()
+        assert note.text == "clip.webm"
         frame = browser.execute_script(
             "const v = arguments[0]; return [v.readyState, v.videoWidth, v.paused, v.currentTime]",
             video,

@@ -164,13 +164,13 @@ function readAttachment(file) {
   reader.readAsDataURL(file);
 }
 
-// The video's first frame (the element paused there), or its name where the browser cannot
-// play it (the server reads more formats than browsers do).
+// The video's first frame (the element paused there) and its name; its name alone where the
+// browser cannot play it (the server reads more formats than browsers do).
 function showVideo(url, name) {
   const video = ui.previewVideo;
   video.hidden = false;
   ui.note.textContent = name;
-  ui.note.hidden = true;
+  ui.note.hidden = false;
   video.onloadeddata = () => {
     video.dataset.ready = "true";
   };
