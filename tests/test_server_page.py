@@ -1,5 +1,6 @@
 """The chat page in a real headless Chromium, against a live server on the bundled demo model:
-choose a picture, ask, watch the answer stream in, follow up, stop an answer, start over.
+choose a picture, ask, watch the answer stream in, follow up, stop an answer, start over; and
+on the tiny LLaVA-NeXT-Video checkpoint, a video (written with PyAV) asked about the same way.
 
 Skips with the reason where no browser can be had (scripts/install_browser.sh installs
 Debian's chromium + chromedriver and selenium). Set MLX_LLAVA_PAGE_SCREENSHOT=PATH to save a
@@ -9,11 +10,13 @@ screenshot of the conversation (docs/server_page.png was made so).
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import httpx
 import pytest
 
 from llava_testing.serving import EXAMPLES, WorkerGate, chromium_driver, serving, wait_until
+from llava_testing.videos import video_url, write_clip
 from mlx_llava import ChatSession, load
 
 pytest.importorskip("selenium", reason="the browser test needs selenium (install_browser.sh)")
@@ -137,3 +140,126 @@ def test_chat_page_in_a_real_browser(browser, server, demo):
     browser.find_element(By.ID, "new-chat").click()
     assert answers(browser) == [] and browser.find_element(By.ID, "empty").is_displayed()
     assert [e for e in browser.get_log("browser") if e["level"] == "SEVERE"] == []
+
+
+# Videos ------------------------------------------------------------------------------------
+
+VIDEO_MODEL = Path(__file__).parent / "fixtures" / "data" / "nv-hub"  # LLaVA-NeXT-Video
+VIDEO_QUESTIONS = ["What happens in the video?", "Why?"]
+VIDEO_MAX_TOKENS = 12
+VIDEO_MAX_BODY_MB = 0.025  # 26,214 bytes: the small clip fits, the long one does not
+
+
+@pytest.fixture(scope="module")
+def video_model():
+    return load(VIDEO_MODEL, dtype="float32")
+
+
+def text_of(element) -> str:
+    """An element's text exactly as the page wrote it (the random model's answers hold
+    characters that the rendered text would drop)."""
+    return element.get_property("textContent")
+
+
+def test_a_video_in_a_real_browser(browser, video_model, tmp_path):
+    """On a model that sees videos the page takes a video file: it shows its first frame, sends
+    it as a `video_url` part, and the answer streams in as `ChatSession(video=...)` gives it;
+    the follow-up resends it (cached by the server). A file that would make the request larger
+    than --max-body-mb is refused at once, saying so."""
+    clip = write_clip(tmp_path / "clip.webm", seed=0)  # VP8: a browser plays it
+    long_clip = write_clip(tmp_path / "long.webm", seed=1, frames=40)
+    limit = VIDEO_MAX_BODY_MB * (1 << 20)
+    assert clip.stat().st_size * 4 / 3 + 4096 < limit < long_clip.stat().st_size * 4 / 3
+    chat = ChatSession(*video_model, video=clip)
+    first = [r.text for r in chat.stream(VIDEO_QUESTIONS[0], max_tokens=VIDEO_MAX_TOKENS)]
+    second = chat.send(VIDEO_QUESTIONS[1], max_tokens=VIDEO_MAX_TOKENS)
+    shown = next(k for k in range(1, len(first)) if "".join(first[:k]))  # steps to a first text
+    assert "".join(first[:shown]) != "".join(first) != second
+
+    with serving(video_model, model_id="nv-hub", max_body_mb=VIDEO_MAX_BODY_MB) as server:
+        browser.get(server.url + "/")
+        file = browser.find_element(By.ID, "file")
+        wait_until(lambda: "video/*" in file.get_attribute("accept"), timeout=30)
+        wait_until(lambda: browser.find_element(By.ID, "model").text == "nv-hub")
+        assert "picture or video" in browser.find_element(By.ID, "empty").text
+        browser.find_element(By.ID, "settings-toggle").click()
+        browser.find_element(By.ID, "max-tokens").clear()
+        browser.find_element(By.ID, "max-tokens").send_keys(str(VIDEO_MAX_TOKENS))
+        browser.find_element(By.ID, "settings-toggle").click()
+
+        # Too large for the server: refused before anything is sent, with the limit named.
+        file.send_keys(str(long_clip))
+        status = browser.find_element(By.ID, "status")
+        wait_until(lambda: "--max-body-mb" in status.text)
+        assert "over the server's limit of 25.6 KB a request" in status.text
+        assert not browser.find_element(By.ID, "attachment").is_displayed()
+
+        # A format the browser cannot play (MPEG-4 part 2) is named instead; then removed.
+        file.send_keys(str(write_clip(tmp_path / "clip.mp4", seed=0)))
+        note = browser.find_element(By.ID, "attachment-note")
+        video = browser.find_element(By.ID, "preview-video")
+        wait_until(lambda: "no preview" in note.text, timeout=30)
+        assert note.text.startswith("clip.mp4") and not video.is_displayed()
+        browser.find_element(By.ID, "remove-picture").click()
+        assert not browser.find_element(By.ID, "attachment").is_displayed()
+
+        # The clip: its first frame is shown (the browser decoded it), then it is sent.
+        file.send_keys(str(clip))
+        wait_until(lambda: video.get_attribute("data-ready") == "true", timeout=30)
+        assert video.is_displayed() and browser.find_element(By.ID, "attachment").is_displayed()
+        assert note.text == "clip.webm"
+        frame = browser.execute_script(
+            "const v = arguments[0]; return [v.readyState, v.videoWidth, v.paused, v.currentTime]",
+            video,
+        )
+        assert frame == [frame[0], 32, True, 0] and frame[0] >= 2  # HAVE_CURRENT_DATA
+        assert video.get_attribute("src").startswith("data:video/webm;base64,")
+        assert browser.find_element(By.ID, "status").text == ""
+
+        # The answer streams in: the worker stands still after the step that shows a first
+        # text, the page shows what the library's stream had by then, then all of it.
+        with WorkerGate(server.worker) as gate:
+            gate.hold("step")
+            ask(browser, VIDEO_QUESTIONS[0])
+            gate.wait_held()
+            for _ in range(shown):  # a row's tokens are read a step late: k steps, k - 1
+                gate.step()
+            answer = wait_until(lambda: answers(browser) and answers(browser)[0], timeout=30)
+            box = answer.find_element(By.CLASS_NAME, "text")
+            wait_until(lambda: text_of(box) == "".join(first[:shown]), timeout=30)
+            assert answer.get_attribute("data-state") == "streaming"
+            gate.release()
+        wait_until(lambda: answer.get_attribute("data-state") in ("done", "stopped", "error"))
+        assert answer.get_attribute("data-state") == "done"
+        assert text_of(box) == "".join(first)
+        sent = browser.find_elements(By.CSS_SELECTOR, ".message.user video")
+        assert len(sent) == 1 and sent[0].get_attribute("src") == video_url(clip)  # the file
+        assert not browser.find_element(By.ID, "attachment").is_displayed()
+
+        # A follow-up resends the video: the library's answer, the video's tokens cached.
+        ask(browser, VIDEO_QUESTIONS[1])
+        wait_until(lambda: len(answers(browser)) == 2)
+        wait_until(lambda: answers(browser)[1].get_attribute("data-state") in ("done", "error"))
+        follow = answers(browser)[1]
+        assert text_of(follow.find_element(By.CLASS_NAME, "text")) == second
+        meta = follow.find_element(By.CLASS_NAME, "meta").text
+        cached = int(meta.split(" of ")[0].split()[-1])
+        assert cached > video_model[0].config.video_tokens(8), meta
+    assert [e for e in browser.get_log("browser") if e["level"] == "SEVERE"] == []
+
+
+def test_a_model_without_videos_is_not_offered_one(browser, server, tmp_path):
+    """The demo model sees pictures only: the file chooser asks for pictures, and a video
+    dropped on the page anyway is refused with the reason, nothing sent."""
+    clip = write_clip(tmp_path / "clip.webm")
+    browser.get(server.url + "/")
+    wait_until(lambda: browser.find_element(By.ID, "model").text == "demo")
+    file = browser.find_element(By.ID, "file")
+    assert file.get_attribute("accept") == "image/*"
+    assert "video" not in browser.find_element(By.ID, "empty").text
+    with WorkerGate(server.worker) as gate:
+        file.send_keys(str(clip))
+        status = browser.find_element(By.ID, "status")
+        wait_until(lambda: "does not see videos" in status.text)
+        assert not browser.find_element(By.ID, "attachment").is_displayed()
+        assert gate.submitted == 0

@@ -1,15 +1,16 @@
 """The server on pipeline-parallel ranks: `mlx.launch -n 2 --backend ring -- python -m
 mlx_llava.server --pipeline` (rank 0 answers HTTP, rank 1 holds the first decoder layer and the
 vision tower) against one process's server on the same checkpoint, the committed tiny llava-hf
-one in float32.
+one in float32 (and for videos, the tiny LLaVA-NeXT-Video one).
 
-One launch serves every request of this file, each sent to both servers in the same order (so
-that their prompt caches hold the same conversations), and is stopped at the end by Ctrl-C.
-Every wait is bounded.
+One launch serves every picture request of this file, each sent to both servers in the same
+order (so that their prompt caches hold the same conversations), and is stopped at the end by
+Ctrl-C; the videos have a launch of their own. Every wait is bounded.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -27,6 +28,7 @@ import pytest
 
 from llava_testing.launching import FAILED_RANK, LAUNCH_TIMEOUT, ROOT, Launch
 from llava_testing.serving import data_url, free_port, serving, user, wait_until
+from llava_testing.videos import video_turn, video_url, write_clip
 from mlx_llava import distributed, load
 from mlx_llava.cli import server as server_cli
 from mlx_llava.prompt import encode_on_host
@@ -38,6 +40,7 @@ openai = pytest.importorskip("openai")
 
 DATA = Path(__file__).parent / "fixtures" / "data"
 MODEL = DATA / "hf-hub"  # 2 decoder layers: one per rank
+VIDEO_MODEL = DATA / "nv-hub"  # LLaVA-NeXT-Video, 2 decoder layers
 A, B = DATA / "images" / "a.png", DATA / "images" / "b.png"
 SETTINGS = {"prompt_cache_size": 64}  # (as flags: --prompt-cache-size 64)
 
@@ -56,12 +59,13 @@ class Pipeline:
         self.url = url
 
 
-@pytest.fixture(scope="module")
-def pipeline(tmp_path_factory):
+@contextlib.contextmanager
+def launched(model: Path, log: Path):
+    """The server of `model` on 2 ranks (a `Pipeline`), killed at the end."""
     port = free_port()
-    argv = ["-m", "mlx_llava.server", "--model", str(MODEL), "--dtype", "float32", "--pipeline"]
+    argv = ["-m", "mlx_llava.server", "--model", str(model), "--dtype", "float32", "--pipeline"]
     argv += ["--port", str(port), "--prompt-cache-size", str(SETTINGS["prompt_cache_size"])]
-    launch = Launch(*argv, log=tmp_path_factory.mktemp("pipeline") / "launch.log")
+    launch = Launch(*argv, log=log)
     url = f"http://127.0.0.1:{port}"
 
     def healthy():
@@ -76,6 +80,12 @@ def pipeline(tmp_path_factory):
         yield Pipeline(launch, url)
     finally:
         launch.kill()
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    with launched(MODEL, tmp_path_factory.mktemp("pipeline") / "launch.log") as launch:
+        yield launch
 
 
 def client(server) -> "openai.OpenAI":
@@ -133,15 +143,18 @@ def test_a_failed_rank_stops_the_pipeline(tiny_model, monkeypatch):
 
 def test_a_turn_reaches_the_other_ranks_as_rank_0_holds_it():
     """What rank 0 broadcasts (JSON) gives the other ranks its turn: the same request numbers,
-    token ids, digests, sampling and LLaVA-NeXT picture sizes; not the pixels, which follow
-    only when the vision tower needs them."""
+    token ids, digests (of pictures and videos), sampling and LLaVA-NeXT picture sizes; not
+    the pixels of pictures and videos, which follow only when the vision tower needs them."""
     sampling = SamplingParams(max_tokens=7, temperature=0.5, seed=5, stop=["x", "yz"])
     pixels = mx.zeros((6, 4, 4, 3))
     admission = Admission(3, [1, 2, 9, 9, 3], ["d1", "d2"], sampling, pixels, [6, 4, 4, 3])
     admission.image_sizes = [(20, 15), (90, 90)]
+    admission.video_pixels, admission.video_shape = mx.zeros((1, 2, 4, 4, 3)), [1, 2, 4, 4, 3]
+    admission.video_digests = ["v1"]
     turn = Turn(cancels=[1, 2], admissions=[admission])
     shared = Turn.from_json(json.loads(json.dumps(turn.to_json())))
-    assert shared == Turn([1, 2], [dataclasses.replace(admission, pixel_values=None)], False)
+    unshared = dataclasses.replace(admission, pixel_values=None, video_pixels=None)
+    assert shared == Turn([1, 2], [unshared], False)
     assert shared.admissions[0].image_sizes == [(20, 15), (90, 90)]  # tuples, as on rank 0
 
 
@@ -422,3 +435,52 @@ def test_ranks_stop_when_the_launcher_goes_away(under_launch):
         assert process.wait(timeout=30) == (0 if under_launch else 3)
     finally:
         process.kill()
+
+
+# Videos on two ranks -----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def video_servers(tmp_path_factory):
+    """(the pipeline, one process) serving the tiny LLaVA-NeXT-Video checkpoint."""
+    pytest.importorskip("av")
+    log = tmp_path_factory.mktemp("video-pipeline") / "launch.log"
+    loaded = load(VIDEO_MODEL, dtype="float32")
+    with (
+        launched(VIDEO_MODEL, log) as launch,
+        serving(loaded, model_id=str(VIDEO_MODEL), **SETTINGS) as alone,
+    ):
+        yield launch, alone
+
+
+def test_video_questions_get_one_processs_answers(video_servers, tmp_path):
+    """A video goes to the rank with the vision tower as pictures do: a question about it, a
+    follow-up (the video in the cached prefix: not sent to the ranks again), another video,
+    and a video with a picture get one process's greedy answers, usage and cached counts."""
+    pipeline, one_process = video_servers
+    clips = [video_url(write_clip(tmp_path / f"{seed}.mp4", seed)) for seed in (0, 1)]
+    video_tokens = one_process.worker.model.config.video_tokens(8)
+
+    def chat(server):
+        ask = client(server).chat.completions.create
+        turn = [video_turn("What happens?", clips[0])]
+        first = ask(model=str(VIDEO_MODEL), messages=turn, max_tokens=12)
+        follow = turn + [
+            {"role": "assistant", "content": first.choices[0].message.content},
+            {"role": "user", "content": "Why?"},
+        ]
+        second = ask(model=str(VIDEO_MODEL), messages=follow, max_tokens=12)
+        again = [video_turn("What happens?", clips[1])]
+        other = ask(model=str(VIDEO_MODEL), messages=again, max_tokens=12)
+        both_media = video_turn("And the picture?", clips[1])
+        both_media["content"].insert(0, {"type": "image_url", "image_url": {"url": data_url(A)}})
+        mixed = ask(model=str(VIDEO_MODEL), messages=[both_media], max_tokens=12)
+        return [first, second, other, mixed]
+
+    answers, expected = both(pipeline, one_process, chat)
+    texts = [a.choices[0].message.content for a in answers]
+    assert texts == [a.choices[0].message.content for a in expected]
+    assert [a.usage.model_dump() for a in answers] == [a.usage.model_dump() for a in expected]
+    assert len(set(texts)) == 4
+    cached = [a.usage.prompt_tokens_details.cached_tokens for a in answers]
+    assert cached[1] > video_tokens and cached[2] < video_tokens  # reused; not mistaken

@@ -1,47 +1,24 @@
 """The server takes videos (OpenAI `video_url` parts) on OneVision and NeXT-Video: answers as
 `ChatSession(video=...)`, plain and streamed, a follow-up about the same video computes only
 its new tokens, files and URLs under the pictures' policy, bad videos a 400. The clips are
-written here with PyAV (8 frames of 32x32 noise)."""
+written with PyAV (`llava_testing.videos`: 8 frames of 32x32 noise)."""
 
 from __future__ import annotations
 
-import base64
 import json
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
-import numpy as np
 import pytest
 
-av = pytest.importorskip("av")
+pytest.importorskip("av")
 
-from llava_testing.serving import serving  # noqa: E402
+from llava_testing.serving import WorkerGate, serving  # noqa: E402
+from llava_testing.videos import video_turn, video_url, write_clip  # noqa: E402
 from mlx_llava import ChatSession, load  # noqa: E402
 
 DATA = Path(__file__).parent / "fixtures" / "data"
-
-
-def write_clip(path: Path, seed: int = 0, frames: int = 8) -> Path:
-    rng = np.random.default_rng(seed)
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream("mpeg4", rate=10)
-        stream.width, stream.height, stream.pix_fmt = 32, 32, "yuv420p"
-        for _ in range(frames):
-            picture = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
-            for packet in stream.encode(av.VideoFrame.from_ndarray(picture, format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-    return path
-
-
-def video_url(path: Path) -> str:
-    return "data:video/mp4;base64," + base64.b64encode(path.read_bytes()).decode()
-
-
-def video_turn(text: str, url: str) -> dict:
-    parts = [{"type": "video_url", "video_url": {"url": url}}, {"type": "text", "text": text}]
-    return {"role": "user", "content": parts}
 
 
 def post(server, messages, **fields) -> httpx.Response:
@@ -102,7 +79,9 @@ def test_frames_flag_and_bad_videos(clips, tmp_path):
     want = ChatSession(model, processor, video=clips[0], num_frames=4).send("Hi", max_tokens=6)
     broken = tmp_path / "broken.mp4"
     broken.write_bytes(b"not a video at all")
-    with serving(loaded, num_frames=4) as server:
+    with serving(loaded, num_frames=4, max_body_mb=2) as server:
+        health = httpx.get(server.url + "/health").json()  # what the page offers
+        assert (health["inputs"], health["max_body_bytes"]) == (["text", "image", "video"], 2 << 20)
         turn = [video_turn("Hi", video_url(clips[0]))]
         assert post(server, turn).json()["choices"][0]["message"]["content"] == want
         cases = {
@@ -117,6 +96,7 @@ def test_frames_flag_and_bad_videos(clips, tmp_path):
             assert message in response.json()["error"]["message"], url
     pictures_only = load(DATA / "hf-hub", dtype="float32")
     with serving(pictures_only) as server:
+        assert httpx.get(server.url + "/health").json()["inputs"] == ["text", "image"]
         response = post(server, [video_turn("Hi", video_url(clips[0]))])
         assert response.status_code == 400
         assert "does not see videos" in response.json()["error"]["message"]
@@ -153,3 +133,27 @@ def test_video_urls_and_files_are_fetched_under_the_pictures_limits(clips, tmp_p
     finally:
         host.shutdown()
         host.server_close()
+
+
+def test_a_video_asked_about_twice_at_once_is_prefilled_once(clips):
+    """Two questions about one video that arrive together: the second waits a turn and
+    starts from the first's prompt (the video's tokens cached), with the answer it gets alone."""
+    loaded = load(DATA / "nv-hub", dtype="float32")
+    questions = ["What happens?", "Why?"]
+    alone = [ChatSession(*loaded, video=clips[0]).send(q, max_tokens=6) for q in questions]
+    video_tokens = loaded[0].config.video_tokens(8)
+    url = video_url(clips[0])
+    with serving(loaded, max_prefill=4) as server, WorkerGate(server.worker) as gate:
+        gate.hold("step")
+        with ThreadPoolExecutor(3) as pool:
+            first = pool.submit(post, server, [{"role": "user", "content": "Hello"}])
+            gate.wait_held()  # the worker stands still while both questions arrive
+            asked = [pool.submit(post, server, [video_turn(q, url)]) for q in questions]
+            gate.wait(lambda: gate.submitted == 3)
+            gate.release()
+            answers = [a.result().json() for a in asked]
+            first.result()
+    assert [a["choices"][0]["message"]["content"] for a in answers] == alone
+    cached = sorted(a["usage"]["prompt_tokens_details"]["cached_tokens"] for a in answers)
+    assert cached[0] < video_tokens < cached[1]
+    assert [joined for _, joined in gate.steps if joined] == [1, 1, 1]  # one at a time

@@ -202,6 +202,9 @@ class Service:
         )
         self.worker = make_worker(model, processor, config)
         self.model = model
+        self.max_body = int(config.max_body_mb * (1 << 20))
+        # What a request's messages may hold (for clients such as the page).
+        self.inputs = ["text", "image"] + (["video"] if model.config.has_video else [])
         self.context_length = model.config.text_config.max_position_embeddings
         self.max_prompt_chars = config.max_prompt_chars or 32 * self.context_length
         self.pool = ThreadPoolExecutor(config.prepare_threads, "mlx-llava-prepare")
@@ -617,12 +620,18 @@ def create_app(model: Model, processor: Processor, config: ServerConfig) -> Fast
 
     @app.get("/health")
     async def health():
-        """200 and "ok" while the worker serves; 503 and "error" (with why) once it stopped."""
+        """200 and "ok" while the worker serves; 503 and "error" (with why) once it stopped.
+        With the model's name, what its messages may hold (`inputs`: "text", "image", and
+        "video" for a model that sees videos) and the request body's limit (--max-body-mb)."""
         state = service.worker.state()
+        model = {
+            "model": service.model_id,
+            "inputs": service.inputs,
+            "max_body_bytes": service.max_body,
+        }
         if state["failure"] is None and state["alive"]:
-            return {"status": "ok", "model": service.model_id, **state}
-        body = {"status": "error", "model": service.model_id, **state}
-        return JSONResponse(body, 503)
+            return {"status": "ok", **model, **state}
+        return JSONResponse({"status": "error", **model, **state}, 503)
 
     @app.get("/")
     async def page():
@@ -641,7 +650,7 @@ def create_app(model: Model, processor: Processor, config: ServerConfig) -> Fast
     app.add_middleware(
         Guard,
         api_key=config.api_key,
-        max_body=int(config.max_body_mb * (1 << 20)),
+        max_body=service.max_body,
         body_timeout=config.body_timeout,
     )
     return app

@@ -97,7 +97,8 @@ class Admission:
         image_sizes: the pictures' (height, width) for LLaVA-NeXT (see `encode_prompt`), else
             None.
         video_pixels: the videos' frames [V, F, H, W, 3] on rank 0 (OneVision, NeXT-Video), or
-            None; video_digests: their digests, which key the videos' positions.
+            None; video_digests: their digests, which key the videos' positions; the other
+            ranks get the frames, of `video_shape`, as they get pictures.
     """
 
     number: int
@@ -109,6 +110,7 @@ class Admission:
     image_sizes: Optional[list[tuple[int, int]]] = None
     video_pixels: Optional[mx.array] = None
     video_digests: list[str] = field(default_factory=list)
+    video_shape: Optional[list[int]] = None
 
     def to_json(self) -> dict:
         fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -396,15 +398,16 @@ class Worker:
                 return
 
     def _take(self, room: int) -> list[Job]:
-        """Up to `room` waiting requests, in order. One that shows a picture another request
-        taken now shows too waits a turn: it then starts from that request's prompt, in the
-        prompt cache as soon as it is prefilled, rather than encode and prefill the picture
-        again."""
+        """Up to `room` waiting requests, in order. One that shows a picture (or video) another
+        request taken now shows too waits a turn: it then starts from that request's prompt,
+        in the prompt cache as soon as it is prefilled, rather than encode and prefill the
+        picture again."""
         taken, pictures = [], set()
         for job in self._queue:
             if len(taken) == room:
                 break
-            digests = set(job.request.encoded.digests)
+            encoded = job.request.encoded
+            digests = set(encoded.digests) | set(encoded.video_digests)
             if digests & pictures:
                 continue
             pictures |= digests
@@ -463,6 +466,7 @@ class Worker:
             encoded.image_sizes,
             None if videos is None else mx.array(videos),
             encoded.video_digests,
+            None if videos is None else list(videos.shape),
         )
 
     def _start(self, admissions: list[Admission]) -> None:
@@ -516,8 +520,6 @@ class Worker:
             mx.random.seed(s.seed)
         config = self.model.config
         image_token = config.image_token_index
-        if admission.video_digests and self.group is not None:
-            raise ValueError("videos are not served by a pipeline split across machines")
         input_ids = mx.array([admission.input_ids])
         keys = position_keys(
             admission.input_ids,
@@ -528,11 +530,11 @@ class Worker:
         )
         row = make_row(self.model, self.processor, input_ids[0], s, keys)
         cache, start = self._cached_prefix(keys)
-        pixel_values = admission.pixel_values
-        if self.group is not None and image_token in admission.input_ids[start:]:
-            pixel_values = self._share_pictures(admission)
+        pixel_values, video_pixels = admission.pixel_values, admission.video_pixels
+        if self.group is not None:
+            pixel_values, video_pixels = self._share_pixels(admission, start)
         uncached = UncachedPrompt(
-            input_ids, pixel_values, start, admission.image_sizes, admission.video_pixels
+            input_ids, pixel_values, start, admission.image_sizes, video_pixels
         )
         return row, cache, uncached
 
@@ -558,12 +560,23 @@ class Worker:
             trim_prompt_cache(cache, start - agreed)
         return (cache if agreed > 0 else None), agreed
 
-    def _share_pictures(self, admission: Admission) -> mx.array:
-        """Rank 0's pixel values on every rank (the last one runs the vision tower)."""
-        pixels = admission.pixel_values
-        if pixels is None:
-            pixels = mx.zeros(admission.pixel_shape, dtype=mx.float32)
-        return distributed.broadcast_arrays({"pixel_values": pixels}, self.group)["pixel_values"]
+    def _share_pixels(
+        self, admission: Admission, start: int
+    ) -> tuple[Optional[mx.array], Optional[mx.array]]:
+        """Rank 0's pictures and videos on every rank (the last one runs the vision tower),
+        those whose tokens lie after the cached prefix's `start` (None for the others)."""
+        config, uncached = self.model.config, admission.input_ids[start:]
+        wanted = {}
+        if config.image_token_index in uncached:
+            wanted["pixel_values"] = (admission.pixel_values, admission.pixel_shape)
+        if config.has_video and config.video_token_index in uncached:
+            wanted["video_pixels"] = (admission.video_pixels, admission.video_shape)
+        arrays = {
+            name: mx.zeros(shape, dtype=mx.float32) if pixels is None else pixels
+            for name, (pixels, shape) in wanted.items()
+        }
+        shared = distributed.broadcast_arrays(arrays, self.group) if arrays else {}
+        return shared.get("pixel_values"), shared.get("video_pixels")
 
     def _emit(self, row: Row) -> None:
         job = self._running.get(id(row))

@@ -1,12 +1,14 @@
 // The chat page: one conversation, sent whole to /v1/chat/completions each turn (streamed),
 // as any OpenAI client does. The server's prompt cache makes a follow-up cost only its new
-// tokens. No framework, no build step.
+// tokens. A picture goes as an `image_url` part, a video (for a model that sees videos, as
+// /health's `inputs` say) as a `video_url` part. No framework, no build step.
 
 const $ = (id) => document.getElementById(id);
 const ui = {
   model: $("model"), chat: $("chat"), empty: $("empty"), messages: $("messages"),
   form: $("composer"), prompt: $("prompt"), file: $("file"), send: $("send"), stop: $("stop"),
   attachment: $("attachment"), preview: $("preview"), removePicture: $("remove-picture"),
+  previewVideo: $("preview-video"), note: $("attachment-note"), pick: $("pick"),
   newChat: $("new-chat"), settingsToggle: $("settings-toggle"), settings: $("settings"),
   temperature: $("temperature"), maxTokens: $("max-tokens"), system: $("system"),
   jsonSchema: $("json-schema"), apiKey: $("api-key"), status: $("status"), drop: $("drop"),
@@ -15,7 +17,9 @@ const ui = {
 const state = {
   model: null,
   history: [],     // OpenAI messages of this conversation
-  picture: null,   // data URL of the picture to send with the next message
+  inputs: ["text", "image"], // what the model's messages may hold (/health)
+  maxBody: Infinity, // the server's limit on a request's bytes (--max-body-mb)
+  attachment: null, // { kind: "image" or "video", url: data URL } sent with the next message
   controller: null // AbortController of the answer being streamed
 };
 
@@ -63,7 +67,29 @@ async function errorMessage(response) {
   }
 }
 
+const seesVideos = () => state.inputs.includes("video");
+
+const size = (bytes) =>
+  bytes < 1 << 20 ? `${(bytes / 1024).toFixed(1)} KB` : `${(bytes / (1 << 20)).toFixed(1)} MB`;
+
+// What the model sees (pictures, videos) and the body limit, from /health (no key needed).
+async function loadLimits() {
+  try {
+    const response = await fetch("/health");
+    const body = await response.json();
+    if (Array.isArray(body.inputs)) state.inputs = body.inputs;
+    if (body.max_body_bytes > 0) state.maxBody = body.max_body_bytes;
+  } catch {
+    // an older server: pictures only, and its 413 says when a request is too large
+  }
+  const media = seesVideos() ? "picture or video" : "picture";
+  for (const span of document.querySelectorAll(".media")) span.textContent = media;
+  ui.pick.title = `Choose a ${media}`;
+  ui.file.accept = seesVideos() ? "image/*,video/*" : "image/*";
+}
+
 async function loadModel() {
+  loadLimits();
   try {
     const response = await fetch("/v1/models", { headers: headers() });
     if (!response.ok) throw new Error(await errorMessage(response));
@@ -77,33 +103,102 @@ async function loadModel() {
   }
 }
 
-// Pictures -----------------------------------------------------------------------------------
+// Pictures and videos -----------------------------------------------------------------------
 
-function readPicture(file) {
-  if (!file || !file.type.startsWith("image/")) {
-    setStatus("That is not a picture.", true);
+const VIDEO_TYPES = { mp4: "video/mp4", m4v: "video/mp4", webm: "video/webm",
+  mov: "video/quicktime", mkv: "video/x-matroska", avi: "video/x-msvideo", gif: "image/gif" };
+
+// The file's media type: its own, or by its extension when the browser does not know it.
+function mediaType(file) {
+  if (file.type) return file.type;
+  return VIDEO_TYPES[file.name.split(".").pop().toLowerCase()] ?? "";
+}
+
+// Bytes of a request that sends `extra` more bytes of a file as base64 in a data URL.
+function requestBytes(extra = 0) {
+  const base = new Blob([JSON.stringify(state.history)]).size + 4096; // + the question
+  return base + Math.ceil(extra / 3) * 4;
+}
+
+function tooLarge(what, bytes) {
+  return `${what} ${size(bytes)} as a data URL, over the server's limit of ` +
+    `${size(state.maxBody)} a request (--max-body-mb). ` +
+    "Choose a smaller file, or start a new chat (each turn resends the conversation).";
+}
+
+function readAttachment(file) {
+  if (!file) return;
+  const type = mediaType(file);
+  const kind = type.startsWith("image/") ? "image" : type.startsWith("video/") ? "video" : null;
+  if (kind === null) {
+    setStatus(seesVideos() ? "That is neither a picture nor a video." : "That is not a picture.", true);
+    return;
+  }
+  if (kind === "video" && !seesVideos()) {
+    setStatus(`${state.model ?? "This model"} does not see videos: choose a picture.`, true);
+    return;
+  }
+  const bytes = requestBytes(file.size);
+  if (bytes > state.maxBody) {
+    const what = `The ${kind === "video" ? "video" : "picture"} would make the request`;
+    setStatus(tooLarge(what, bytes), true);
     return;
   }
   const reader = new FileReader();
   reader.onload = () => {
-    state.picture = reader.result;
-    ui.preview.src = state.picture;
+    // A type the browser did not name (e.g. .mkv) is named here, as the server wants it.
+    const url = reader.result.replace(/^data:[^;,]*/, `data:${type}`);
+    clearAttachment();
+    state.attachment = { kind, url };
+    if (kind === "image") {
+      ui.preview.src = url;
+      ui.preview.hidden = false;
+    } else {
+      showVideo(url, file.name);
+    }
     ui.attachment.hidden = false;
     setStatus("");
     ui.prompt.focus();
   };
+  reader.onerror = () => setStatus(`Cannot read ${file.name}.`, true);
   reader.readAsDataURL(file);
 }
 
-function clearPicture() {
-  state.picture = null;
+// The video's first frame (the element paused there) and its name; its name alone where the
+// browser cannot play it (the server reads more formats than browsers do).
+function showVideo(url, name) {
+  const video = ui.previewVideo;
+  video.hidden = false;
+  ui.note.textContent = name;
+  ui.note.hidden = false;
+  video.onloadeddata = () => {
+    video.dataset.ready = "true";
+  };
+  video.onerror = () => {
+    video.hidden = true;
+    ui.note.textContent = `${name} (no preview in this browser; the server reads it)`;
+    ui.note.hidden = false;
+  };
+  video.src = url;
+}
+
+function clearAttachment() {
+  state.attachment = null;
   ui.attachment.hidden = true;
+  ui.preview.hidden = true;
   ui.preview.removeAttribute("src");
+  const video = ui.previewVideo;
+  video.hidden = true;
+  video.onloadeddata = video.onerror = null;
+  delete video.dataset.ready;
+  video.removeAttribute("src");
+  video.load();
+  ui.note.hidden = true;
   ui.file.value = "";
 }
 
-ui.file.addEventListener("change", () => readPicture(ui.file.files[0]));
-ui.removePicture.addEventListener("click", clearPicture);
+ui.file.addEventListener("change", () => readAttachment(ui.file.files[0]));
+ui.removePicture.addEventListener("click", clearAttachment);
 
 let dragDepth = 0;
 window.addEventListener("dragenter", (e) => {
@@ -120,20 +215,27 @@ window.addEventListener("drop", (e) => {
   e.preventDefault();
   dragDepth = 0;
   ui.drop.hidden = true;
-  readPicture(e.dataTransfer.files[0]);
+  readAttachment(e.dataTransfer.files[0]);
 });
 
 // Messages -----------------------------------------------------------------------------------
 
-function addBubble(role, text, picture) {
+function addBubble(role, text, attachment) {
   ui.empty.hidden = true;
   const item = document.createElement("li");
   item.className = `message ${role}`;
-  if (picture) {
+  if (attachment?.kind === "image") {
     const img = document.createElement("img");
-    img.src = picture;
+    img.src = attachment.url;
     img.alt = "the picture sent";
     item.append(img);
+  } else if (attachment?.kind === "video") {
+    const video = document.createElement("video");
+    video.src = attachment.url;
+    video.controls = video.muted = true;
+    video.preload = "metadata";
+    video.setAttribute("aria-label", "the video sent");
+    item.append(video);
   }
   const body = document.createElement("div");
   body.className = "text";
@@ -180,13 +282,18 @@ async function* events(response) {
   }
 }
 
+function userContent(text, attachment) {
+  if (!attachment) return text;
+  const part = attachment.kind === "video"
+    ? { type: "video_url", video_url: { url: attachment.url } }
+    : { type: "image_url", image_url: { url: attachment.url } };
+  return [part, { type: "text", text }];
+}
+
 async function ask(text) {
-  const content = state.picture
-    ? [{ type: "image_url", image_url: { url: state.picture } }, { type: "text", text }]
-    : text;
-  const userMessage = { role: "user", content };
-  addBubble("user", text, state.picture);
-  clearPicture();
+  const userMessage = { role: "user", content: userContent(text, state.attachment) };
+  addBubble("user", text, state.attachment);
+  clearAttachment();
 
   const answer = addBubble("assistant", "");
   answer.dataset.state = "waiting";
@@ -202,19 +309,22 @@ async function ask(text) {
   let usage = null;
   let outcome = "done";
   try {
+    const body = JSON.stringify({
+      model: state.model ?? undefined,
+      messages,
+      stream: true,
+      stream_options: { include_usage: true },
+      temperature: Number(ui.temperature.value) || 0,
+      max_tokens: Number(ui.maxTokens.value) || undefined,
+      response_format: responseFormat(),
+    });
+    const bytes = new Blob([body]).size;
+    if (bytes > state.maxBody) throw new Error(tooLarge("The conversation is", bytes));
     const response = await fetch("/v1/chat/completions", {
       method: "POST",
       headers: headers(),
       signal: state.controller.signal,
-      body: JSON.stringify({
-        model: state.model ?? undefined,
-        messages,
-        stream: true,
-        stream_options: { include_usage: true },
-        temperature: Number(ui.temperature.value) || 0,
-        max_tokens: Number(ui.maxTokens.value) || undefined,
-        response_format: responseFormat(),
-      }),
+      body,
     });
     if (!response.ok) throw new Error(await errorMessage(response));
     answer.dataset.state = "streaming";
@@ -268,7 +378,7 @@ ui.form.addEventListener("submit", (e) => {
   e.preventDefault();
   if (state.controller) return;
   const text = ui.prompt.value.trim();
-  if (!text && !state.picture) return;
+  if (!text && !state.attachment) return;
   ui.prompt.value = "";
   autosize();
   ask(text);
@@ -294,7 +404,7 @@ ui.newChat.addEventListener("click", () => {
   state.history = [];
   ui.messages.replaceChildren();
   ui.empty.hidden = false;
-  clearPicture();
+  clearAttachment();
   setStatus("");
   ui.prompt.focus();
 });
