@@ -1,0 +1,37 @@
+"""Video clips for tests, written with PyAV from a seed: no downloads."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+
+def clip_frames(seed: int, frames: int, size: tuple[int, int] = (32, 24)) -> np.ndarray:
+    """uint8 [frames, height, width, 3]: a smooth random picture (`size` is (width, height))
+    whose brightness changes from frame to frame, so that codecs keep the frames apart."""
+    rng = np.random.default_rng(seed)
+    width, height = size
+    base = rng.integers(0, 200, (4, 4, 3)).astype(np.float32)
+    base = np.kron(base, np.ones((-(-height // 4), -(-width // 4), 1)))[:height, :width]
+    steps = np.linspace(0, 50, frames, dtype=np.float32)
+    return (base[None] + steps[:, None, None, None]).clip(0, 255).astype(np.uint8)
+
+
+def write_clip(
+    path: str | Path, seed: int = 0, frames: int = 12, size: tuple[int, int] = (32, 24)
+) -> Path:
+    """An mp4 (mpeg4) clip of `clip_frames(seed, frames, size)` at 10 frames a second."""
+    import av
+
+    path = Path(path)
+    width, height = size
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("mpeg4", rate=10)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        for picture in clip_frames(seed, frames, size):
+            for packet in stream.encode(av.VideoFrame.from_ndarray(picture, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
