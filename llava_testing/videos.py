@@ -8,14 +8,12 @@ import numpy as np
 
 
 def clip_frames(seed: int, frames: int, size: tuple[int, int] = (32, 24)) -> np.ndarray:
-    """uint8 [frames, height, width, 3]: a smooth random picture (`size` is (width, height))
-    whose brightness changes from frame to frame, so that codecs keep the frames apart."""
+    """uint8 [frames, height, width, 3]: each frame its own coarse random blocks of 4 x 4
+    pixels (`size` is (width, height)), which codecs keep apart and models see differ."""
     rng = np.random.default_rng(seed)
     width, height = size
-    base = rng.integers(0, 200, (4, 4, 3)).astype(np.float32)
-    base = np.kron(base, np.ones((-(-height // 4), -(-width // 4), 1)))[:height, :width]
-    steps = np.linspace(0, 50, frames, dtype=np.float32)
-    return (base[None] + steps[:, None, None, None]).clip(0, 255).astype(np.uint8)
+    blocks = rng.integers(0, 256, (frames, -(-height // 4), -(-width // 4), 3), dtype=np.uint8)
+    return blocks.repeat(4, axis=1).repeat(4, axis=2)[:, :height, :width]
 
 
 def write_clip(
