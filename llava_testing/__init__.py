@@ -8,7 +8,7 @@ helpers find the checkout's examples and fixtures beside them), so nothing edits
 - `tokenizer_builder`: small tokenizers trained on a built-in corpus.
 - `serving`: a live uvicorn server, `WorkerGate` (the worker's moments to wait on), request
   helpers, a headless Chromium.
-- `cli`, `parity`, `pictures`: running a command line in-process, parity tolerances,
-  seeded pictures.
+- `cli`, `parity`, `pictures`, `videos`: running a command line in-process, parity tolerances,
+  seeded pictures, seeded clips written with PyAV.
 - `launching`, `pipeline_tokens`: processes under mlx.launch, the pipeline tests' tokens.
 """

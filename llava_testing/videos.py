@@ -11,18 +11,22 @@ CODECS = {".webm": "libvpx"}  # VP8, which browsers play; else MPEG-4 part 2
 MIME_TYPES = {".webm": "video/webm", ".mov": "video/quicktime", ".mkv": "video/x-matroska"}
 
 
-def write_clip(path: Path, seed: int = 0, frames: int = 8, size: int = 32) -> Path:
-    """A clip of `frames` frames of `size` x `size` noise at 10 frames/s, its codec chosen by
-    the file's suffix (`CODECS`)."""
+def write_clip(
+    path: Path, seed: int = 0, frames: int = 8, size: int | tuple[int, int] = 32
+) -> Path:
+    """A clip of `frames` frames of noise at 10 frames/s, `size` pixels square or (width,
+    height), its codec chosen by the file's suffix (`CODECS`)."""
     import av
 
     rng = np.random.default_rng(seed)
+    width, height = (size, size) if isinstance(size, int) else size
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with av.open(str(path), "w") as container:
         stream = container.add_stream(CODECS.get(path.suffix, "mpeg4"), rate=10)
-        stream.width, stream.height, stream.pix_fmt = size, size, "yuv420p"
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
         for _ in range(frames):
-            picture = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+            picture = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
             for packet in stream.encode(av.VideoFrame.from_ndarray(picture, format="rgb24")):
                 container.mux(packet)
         for packet in stream.encode():

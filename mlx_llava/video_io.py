@@ -86,7 +86,27 @@ def load_video(
     return decode_video(fetch(name, limits, policy), name, num_frames)
 
 
+def count_video_frames(path: Union[str, Path], num_frames: int = DEFAULT_NUM_FRAMES) -> int:
+    """How many frames `read_video(path, num_frames)` gives, from the file's header (its
+    packets when the header does not count frames), without decoding; the same checks.
+
+    Raises:
+        VideoLoadError: as `read_video`.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise VideoLoadError(f"cannot read video {path}: no such file")
+    return len(_read(str(path), str(path), num_frames, decode=False))
+
+
 def _decode(source: Union[str, BinaryIO], name: str, num_frames: int) -> np.ndarray:
+    return np.stack(_read(source, name, num_frames, decode=True))
+
+
+def _read(
+    source: Union[str, BinaryIO], name: str, num_frames: int, decode: bool
+) -> list[np.ndarray] | list[int]:
+    """The sampled frames (`decode`), else only their indices, after the checks."""
     try:
         import av
     except ImportError:
@@ -109,21 +129,25 @@ def _decode(source: Union[str, BinaryIO], name: str, num_frames: int) -> np.ndar
             if pixels > max_pixels:
                 raise fail(f"frames of {pixels} pixels, over the {max_pixels:.0f} limit")
             total = stream.frames or _count_frames(container, stream)
-            wanted = set(sample_indices(total, num_frames))
-            container.seek(0)
-            frames = []
-            for i, frame in enumerate(container.decode(stream)):
-                if i in wanted:
-                    frames.append(frame.to_ndarray(format="rgb24"))
-                if len(frames) == len(wanted):
-                    break
+            indices = sample_indices(total, num_frames)
+            if not decode:
+                frames = indices
+            else:
+                wanted = set(indices)
+                container.seek(0)
+                frames = []
+                for i, frame in enumerate(container.decode(stream)):
+                    if i in wanted:
+                        frames.append(frame.to_ndarray(format="rgb24"))
+                    if len(frames) == len(wanted):
+                        break
     except VideoLoadError:
         raise
     except (av.FFmpegError, OSError, ValueError) as e:
         raise fail(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
     if not frames:
         raise fail("no frames")
-    return np.stack(frames)
+    return frames
 
 
 def _duration(container, stream) -> float | None:

@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -423,3 +424,129 @@ def test_evaluate_script_help():
     assert result.returncode == 0
     for flag in ("--data", "--image-folder", "--no-single-word-suffix", "--format", "--json"):
         assert flag in result.stdout
+
+
+# Questions about videos (OneVision, NeXT-Video) ----------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ov_model_dir(tmp_path_factory) -> Path:
+    data = ROOT / "tests" / "fixtures" / "data" / "ov-hub"
+    return convert(data, tmp_path_factory.mktemp("ov") / "mlx", dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def video_questions(tmp_path_factory) -> Path:
+    """Two clips, a picture, and questions about each (vqa) and a chat about a clip."""
+    pytest.importorskip("av")
+    from llava_testing.videos import write_clip
+
+    root = tmp_path_factory.mktemp("video-questions")
+    (root / "clips").mkdir()
+    write_clip(root / "clips" / "a.mp4", seed=0, frames=12)
+    write_clip(root / "clips" / "b.mp4", seed=1, frames=3)  # fewer frames than --frames
+    write_picture(root / "p.png", (200, 30, 30))
+    questions = [
+        {
+            "question_id": "a1",
+            "video": "clips/a.mp4",
+            "text": "<video>\nWhat happens in the video?",
+        },
+        {"question_id": "b1", "video": "clips/b.mp4", "text": "What moves?", "answer": "x"},
+        {"question_id": "p1", "image": "p.png", "text": "What colour?"},
+        {"question_id": "a2", "video": "clips/a.mp4", "text": "How does it end?"},
+    ]
+    (root / "qa.json").write_text(json.dumps(questions))
+    turns = [
+        {"from": "human", "value": "<image>\nWhat happens?"},
+        {"from": "gpt", "value": "It brightens."},
+        {"from": "human", "value": "And then?"},
+        {"from": "gpt", "value": "Nothing."},
+    ]
+    chat = [{"id": "c", "video": "clips/a.mp4", "conversations": turns}]
+    (root / "chat.json").write_text(json.dumps(chat))
+    return root
+
+
+def test_read_video_questions(video_questions):
+    fmt, questions = read_questions(video_questions / "qa.json")
+    assert fmt == "vqa"
+    assert [(q.video, q.image, q.text) for q in questions][:3] == [
+        ("clips/a.mp4", None, "What happens in the video?"),
+        ("clips/b.mp4", None, "What moves?"),
+        (None, "p.png", "What colour?"),
+    ]
+    fmt, turns = read_questions(video_questions / "chat.json")
+    assert fmt == "chat" and [q.video for q in turns] == ["clips/a.mp4"] * 2
+    assert turns[0].text == "What happens?"
+
+
+def test_video_answers_equal_generate(ov_model_dir, video_questions, tmp_path, capsys, monkeypatch):
+    """evaluate.py's greedy answer about a video is generate.py's for the same video, frames
+    and question, and the model sees the same frames (the questions about one video share
+    its prefix and read it once)."""
+    from mlx_llava.cli.generate import main as generate_main
+    from mlx_llava.model import Model
+
+    seen = {"evaluate": set(), "generate": set()}
+    original = Model.get_video_features
+
+    def spy(self, pixel_values_videos):  # what the model is shown, whoever asks
+        pixels = np.array(pixel_values_videos)
+        seen[caller].add((pixels.shape, float(pixels.sum())))
+        return original(self, pixel_values_videos)
+
+    monkeypatch.setattr(Model, "get_video_features", spy)
+    caller = "evaluate"
+    output = tmp_path / "answers.jsonl"
+    argv = ["--model", str(ov_model_dir), "--data", str(video_questions / "qa.json")]
+    argv += ["--output", str(output), "--frames", "8", "--max-tokens", "8"]
+    evaluate_main(argv + ["--no-single-word-suffix"])
+    capsys.readouterr()
+    records = [json.loads(line) for line in output.read_text().splitlines()]
+    assert [r["question_id"] for r in records] == ["a1", "a2", "b1", "p1"]
+    caller = "generate"
+    for record in records:
+        media = ["--video", str(video_questions / record["video"])] if "video" in record else []
+        media += ["--image", str(video_questions / record["image"])] if record["image"] else []
+        question = record["prompt"].replace("<video>\n", "").replace("<image>\n", "")
+        generate_main(
+            ["--model", str(ov_model_dir), *media, "--frames", "8", "--prompt", question]
+            + ["--max-tokens", "8", "--temp", "0"]
+        )
+        answer = capsys.readouterr().out.strip()
+        assert record["text"] == answer and answer, record
+    assert seen["evaluate"] == seen["generate"]
+    assert sorted(shape[:2] for shape, _ in seen["generate"]) == [(1, 3), (1, 8)]
+    assert records[0]["prompt"] == "<video>\nWhat happens in the video?"
+    assert records[2]["video"] == "clips/b.mp4" and records[2]["correct"] is False
+    assert "video" not in records[3]
+
+    output = tmp_path / "chat.jsonl"
+    argv = ["--model", str(ov_model_dir), "--data", str(video_questions / "chat.json")]
+    evaluate_main(argv + ["--output", str(output), "--frames", "4", "--max-tokens", "4"])
+    records = [json.loads(line) for line in output.read_text().splitlines()]
+    assert [(r["turn"], r["video"], "error" in r) for r in records] == [
+        (1, "clips/a.mp4", False),
+        (2, "clips/a.mp4", False),
+    ]
+    assert records[0]["prompt"] == "<video>\nWhat happens?"
+
+
+def test_video_questions_need_a_model_that_sees_videos(
+    tiny_model_dir, video_questions, tmp_path, capsys
+):
+    argv = ["--model", str(tiny_model_dir), "--data", str(video_questions / "qa.json")]
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate_main(argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 1 and err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith("error: 3 question(s) are about videos, but llava does not see videos")
+
+
+def test_missing_video_counts_as_wrong(ov_model_dir, tmp_path):
+    model, processor = load(ov_model_dir)
+    qs = [Question("0", "What happens?", answers=["x"], video="gone.mp4")]
+    records = list(answer_questions(model, processor, qs, "vqa", tmp_path, max_tokens=2))
+    assert "cannot read video" in records[0]["error"] and records[0]["correct"] is False
+    assert records[0]["video"] == "gone.mp4"

@@ -442,3 +442,201 @@ def test_shapes_tower_needs_padded_pictures(tiny_model, tmp_path, capsys):
     assert e.value.code == 1
     assert capsys.readouterr().err.strip().startswith("error: the shapes tower needs")
     assert not (tmp_path / "out").exists()
+
+
+# OneVision: pictures and videos (LLaVA-Video-178K records) ----------------------------------
+
+OV_HUB = Path(__file__).parent / "fixtures" / "data" / "ov-hub"
+VIDEO_FRAMES = 4  # --frames
+
+
+@pytest.fixture(scope="module")
+def ov_model(tmp_path_factory) -> Path:
+    from mlx_llava import convert
+
+    return convert(OV_HUB, tmp_path_factory.mktemp("ov") / "mlx", dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def video_data(tmp_path_factory) -> Path:
+    """Two long clips, a clip shorter than --frames, a picture and LLaVA-Video-178K records
+    (the video marked by <video>, by <image> as in LLaVA-Video's own data, or not at all)."""
+    pytest.importorskip("av")
+    from llava_testing.pictures import make_picture
+    from llava_testing.videos import write_clip
+
+    root = tmp_path_factory.mktemp("videos")
+    (root / "clips").mkdir()
+    write_clip(root / "clips" / "a.mp4", seed=0, frames=12)
+    write_clip(root / "clips" / "b.mp4", seed=1, frames=9)
+    write_clip(root / "clips" / "short.mp4", seed=2, frames=3)
+    make_picture(3, (40, 30)).save(root / "p.png")
+
+    def record(id, question, answer, **media):
+        turns = [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]
+        return {"id": id, **media, "conversations": turns}
+
+    records = [
+        record("v-a", "<video>\nWhat happens?", "It gets brighter.", video="clips/a.mp4"),
+        record("p", "<image>\nWhat is this?", "A blurry picture.", image="p.png"),
+        record("v-short", "<image>\nDescribe the clip.", "A short clip.", video="clips/short.mp4"),
+        record("t", "Say hello.", "Hello."),
+        record("v-b", "How does it end?", "Bright.", video="clips/b.mp4"),
+    ]
+    (root / "train.json").write_text(json.dumps(records))
+    return root
+
+
+def _ov_samples(ov_model, video_data, records=None):
+    from mlx_llava.train.data import BadSamplePolicy, prepare_samples, read_records
+
+    _, processor = load(ov_model)
+    records = records or read_records(video_data / "train.json")
+    policy = BadSamplePolicy("stop")
+    template = get_template("chatml")
+    samples = prepare_samples(
+        records, processor, template, video_data, 4096, policy, num_frames=VIDEO_FRAMES
+    )
+    return processor, template, samples
+
+
+def test_video_records_hold_their_videos_tokens(ov_model, video_data):
+    """Each video sample holds `video_tokens(frames)` video tokens where its placeholder was
+    (`<video>`, `<image>` or none: the front of the first turn), the ids generation's
+    tokenizer makes, and trains on its answer alone."""
+    from mlx_llava.train.data import normalise_messages
+
+    processor, template, samples = _ov_samples(ov_model, video_data)
+    config = processor.config
+    frames = {s.id: s.video_frames for s in samples}
+    assert frames == {"v-a": 4, "p": 0, "v-short": 3, "t": 0, "v-b": 4}
+    records = json.loads((video_data / "train.json").read_text())
+    for sample, record in zip(samples, records):
+        messages = normalise_messages(record, sample.id, plain=False)
+        video_tokens = int((sample.ids == config.video_token_index).sum())
+        if sample.video is None:
+            assert video_tokens == 0 and "<video>" not in messages[0][1]
+            continue
+        assert messages[0][1].startswith("<video>\n") and "<image>" not in messages[0][1]
+        assert video_tokens == config.video_tokens(sample.video_frames)
+        text = render(template, messages, add_generation_prompt=False)
+        assert sample.ids.tolist() == processor.tokenize(text, video_frames=[sample.video_frames])
+        prompt = processor.tokenize(
+            render(template, messages[:1]), video_frames=[frames[sample.id]]
+        )
+        assert not sample.mask[: len(prompt)].any() and sample.mask[len(prompt) :].all()
+
+
+def test_a_batch_mixes_pictures_and_videos_of_different_lengths(ov_model, video_data):
+    """One batch of every kind: its loss is the token-weighted mean of the samples' own."""
+    from mlx_llava.train.data import BadSamplePolicy, make_batch
+    from mlx_llava.train.stages import loss_fn
+
+    processor, _, samples = _ov_samples(ov_model, video_data)
+    model, _ = load(ov_model)
+    policy = BadSamplePolicy("stop")
+    batch = make_batch(samples, processor, policy)
+    # runs of equal frame count, in sample order: [a], [short], [b]
+    assert [v.shape[:2] for v in batch.videos] == [(1, 4), (1, 3), (1, 4)]
+    loss, count = loss_fn(
+        model,
+        batch.inputs,
+        batch.targets,
+        batch.mask,
+        batch.pixel_values,
+        batch.image_sizes,
+        batch.videos,
+    )
+    total, n = 0.0, 0
+    for sample in samples:
+        one = make_batch([sample], processor, policy)
+        args = (one.inputs, one.targets, one.mask, one.pixel_values, one.image_sizes, one.videos)
+        loss_i, count_i = loss_fn(model, *args)
+        total, n = total + loss_i.item() * count_i.item(), n + count_i.item()
+    assert count.item() == n
+    assert abs(loss.item() - total / n) < 1e-5 * total / n
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_onevision_learns_from_pictures_and_videos(ov_model, video_data, tmp_path, lora):
+    args = _args(
+        ov_model,
+        video_data / "train.json",
+        tmp_path / "out",
+        "finetune",
+        iters=10,
+        batch_size=5,
+        learning_rate=3e-3,
+        lora=lora,
+        frames=VIDEO_FRAMES,
+    )
+    out = train(args)
+    losses = _losses(out)
+    assert losses[-1] < 0.85 * losses[0], losses
+    model, processor = load(out)
+    assert model.config.conv_mode == "mpt"  # chatml, OneVision's default
+    assert not any("lora" in k for k, _ in tree_flatten(model.parameters()))
+    answer = "".join(
+        r.text
+        for r in stream_generate(
+            model,
+            processor,
+            processor.format_prompt("<video>\nWhat happens?", num_images=0),
+            video=video_data / "clips" / "a.mp4",
+            num_frames=VIDEO_FRAMES,
+            max_tokens=3,
+        )
+    )
+    assert isinstance(answer, str)
+
+
+def test_missing_or_unreadable_video_is_one_line(ov_model, video_data, tmp_path, capsys):
+    from mlx_llava.cli.train import main
+
+    (video_data / "clips" / "broken.mp4").write_bytes(b"not a video")
+    records = json.loads((video_data / "train.json").read_text())
+    turns = records[0]["conversations"]
+    bad = [
+        {"id": "gone", "video": "clips/gone.mp4", "conversations": turns},
+        {"id": "broken", "video": "clips/broken.mp4", "conversations": turns},
+        {"id": "both", "video": "clips/a.mp4", "image": "p.png", "conversations": turns},
+    ]
+    data = tmp_path / "bad.json"
+    data.write_text(json.dumps(bad[:1] + records))
+    argv = ["--model", str(ov_model), "--data", str(data), "--image-folder", str(video_data)]
+    argv += ["--stage", "finetune", "--iters", "1", "--no-compile", "--frames", "4"]
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv + ["--output", str(tmp_path / "out"), "--on-bad-sample", "stop"])
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    gone = video_data / "clips" / "gone.mp4"
+    assert err == [f"error: entry 'gone': cannot read video {gone}: no such file"]
+
+    data.write_text(json.dumps(bad + records))
+    main(argv + ["--output", str(tmp_path / "out2"), "--batch-size", "2"])
+    err = capsys.readouterr().err
+    lines = [x for x in err.splitlines() if x.startswith("warning: skipping")]
+    assert len(lines) == 3 and "Traceback" not in err
+    assert f"entry 'broken': cannot read video {video_data / 'clips' / 'broken.mp4'}" in lines[1]
+    assert "entry 'both': an entry has one picture or one video, not both" in lines[2]
+    assert "train: 5 samples (3 skipped)" in err
+
+
+def test_video_records_need_a_model_that_sees_videos(tiny_model, video_data, tmp_path, capsys):
+    data = tmp_path / "v.json"
+    records = json.loads((video_data / "train.json").read_text())
+    data.write_text(json.dumps(records))
+    train(
+        _args(
+            tiny_model,
+            data,
+            tmp_path / "out",
+            "finetune",
+            iters=1,
+            batch_size=2,
+            image_folder=str(video_data),
+        )
+    )
+    err = capsys.readouterr().err
+    assert "entry 'v-a': has a video, but llava does not see videos" in err
+    assert "train: 2 samples (3 skipped)" in err

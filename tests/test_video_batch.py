@@ -10,7 +10,7 @@ import pytest
 
 pytest.importorskip("av")
 
-from test_server_video import write_clip  # noqa: E402
+from llava_testing.videos import write_clip
 
 from mlx_llava import batch_generate, generate, load  # noqa: E402
 

@@ -10,6 +10,7 @@ from typing import Optional, TextIO
 
 from ..evaluation import DEFAULT_MAX_TOKENS, DEFAULT_SPLIT, FORMATS
 from ..progress import Progress
+from ..video_io import DEFAULT_NUM_FRAMES
 from . import run_cli
 from .args import add_model_args, load_from_args, make_parser
 
@@ -24,15 +25,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--data",
         required=True,
-        help="questions: a JSON list / JSONL of {question_id, image, text, answer, category}, "
-        "LLaVA's ScienceQA llava_test_CQM-A.json, ScienceQA's problems.json, or LLaVA-format "
-        "conversations {id, image, conversations: [human, gpt, human, gpt, ...]} (chat)",
+        help="questions: a JSON list / JSONL of {question_id, image, text, answer, category} "
+        "(or 'video' for a video file), LLaVA's ScienceQA llava_test_CQM-A.json, ScienceQA's "
+        "problems.json, or LLaVA-format conversations {id, image, conversations: [human, gpt, "
+        "human, gpt, ...]} (chat)",
     )
     p.add_argument(
         "--image-folder",
         default=None,
-        help="folder the image paths are relative to (default: the data file's folder, or "
-        "its images/SPLIT for ScienceQA)",
+        help="folder the image and video paths are relative to (default: the data file's "
+        "folder, or its images/SPLIT for ScienceQA)",
+    )
+    p.add_argument(
+        "--frames",
+        type=int,
+        default=DEFAULT_NUM_FRAMES,
+        help="frames sampled uniformly over each video (OneVision, LLaVA-NeXT-Video; default 8)",
     )
     p.add_argument(
         "--format",
@@ -65,8 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--skip-missing",
         action="store_true",
-        help="leave questions whose picture cannot be read out of the scores (default: they "
-        "count as wrong)",
+        help="leave questions whose picture or video cannot be read out of the scores "
+        "(default: they count as wrong)",
     )
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     return p
@@ -93,6 +101,8 @@ def run(args: argparse.Namespace) -> None:
         raise ValueError(f"--max-tokens must be positive, got {args.max_tokens}")
     if args.limit is not None and args.limit <= 0:
         raise ValueError(f"--limit must be positive, got {args.limit}")
+    if args.frames < 1:
+        raise ValueError(f"--frames must be at least 1, got {args.frames}")
     fmt, questions = read_questions(args.data, args.format, args.split)
     if fmt == "chat" and args.limit is not None:
         kept = set(list(dict.fromkeys(q.conversation_id for q in questions))[: args.limit])
@@ -100,7 +110,7 @@ def run(args: argparse.Namespace) -> None:
     else:
         questions = questions[: args.limit]
     folder = Path(args.image_folder or default_image_folder(args.data, fmt, args.split))
-    if any(q.image for q in questions) and not folder.is_dir():
+    if any(q.image or q.video for q in questions) and not folder.is_dir():
         raise FileNotFoundError(f"image folder not found: {folder}")
     main = distributed.is_main()
     out: Optional[TextIO] = None
@@ -121,6 +131,7 @@ def run(args: argparse.Namespace) -> None:
             max_tokens=args.max_tokens,
             skip_missing=args.skip_missing,
             model_id=str(args.model),
+            num_frames=args.frames,
         )
         for record in answers:
             records.append(record)

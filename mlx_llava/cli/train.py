@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from ..video_io import DEFAULT_NUM_FRAMES
 from . import run_cli
 from .args import DTYPE_CHOICES, make_parser
 
@@ -28,6 +29,17 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="root of the 'image' paths (default: the data file's folder)",
     )
+    p.add_argument(
+        "--video-folder",
+        default=None,
+        help="root of the 'video' paths (default: the image folder)",
+    )
+    p.add_argument(
+        "--frames",
+        type=int,
+        default=DEFAULT_NUM_FRAMES,
+        help="frames sampled uniformly over each video (default 8)",
+    )
     p.add_argument("--stage", choices=["pretrain", "finetune"], required=True)
     p.add_argument("--output", required=True, help="output model folder")
     length = p.add_mutually_exclusive_group()
@@ -51,7 +63,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lora-scale", type=float, default=DEFAULT_LORA_SCALE, help="alpha / rank")
     p.add_argument("--train-vision", action="store_true", help="also train the vision tower")
     p.add_argument("--grad-checkpoint", action="store_true", help="recompute activations")
-    p.add_argument("--conv-mode", default=None, help="finetune template (default: vicuna_v1)")
+    p.add_argument(
+        "--conv-mode",
+        default=None,
+        help="finetune template (default: the model's, else vicuna_v1; OneVision: chatml)",
+    )
     p.add_argument("--max-length", type=int, default=None, help="longest sample in tokens")
     p.add_argument("--on-bad-sample", choices=["skip", "stop"], default="skip")
     p.add_argument("--val-data", default=None, help="LLaVA JSON for the validation loss")

@@ -2,15 +2,16 @@
 
 - "vqa": LLaVA's question files (`llava/eval/model_vqa_loader.py`), a JSON list or JSONL of
   ``{"question_id", "image", "text", "answer"?, "category"?}``, such as the shapes world's
-  ``qa.json``.
+  ``qa.json``; a question about a video has ``"video"`` (a file) instead of, or beside,
+  ``"image"`` (OneVision, LLaVA-NeXT-Video).
 - "scienceqa": the `llava_test_CQM-A.json` conversation file made by LLaVA's
   `scripts/convert_sqa_to_llava.py`, its JSONL variant, or the raw ScienceQA ``problems.json``
   with ``pid_splits.json`` beside it.
 - "chat": multi-turn conversations in LLaVA-Instruct format, ``{"id", "image",
   "conversations": [{"from": "human", "value", "category"?}, {"from": "gpt", "value"}, ...]}``
-  (such as the shapes world's ``chat_heldout.json``): each human turn is a question, the gpt
-  turn after it its reference answer; the model answers the turns in order, its own answers
-  in the history (see `runner`).
+  (such as the shapes world's ``chat_heldout.json``), or ``"video"``: each human turn is a
+  question, the gpt turn after it its reference answer; the model answers the turns in order,
+  its own answers in the history (see `runner`).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 from ..datafiles import DataFileError, read_records, relative_picture
-from ..processor import IMAGE_PLACEHOLDER
+from ..processor import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER
 from .options import OPTIONS, parse_option_letter
 
 FORMATS = ("vqa", "scienceqa", "chat")
@@ -37,7 +38,8 @@ class Question:
 
     Attributes:
         question_id: the file's id, written back unchanged with the answer.
-        text: the question as the user asks it, without `<image>` or the answer instruction.
+        text: the question as the user asks it, without `<image>` (`<video>`) or the answer
+            instruction.
         image: the picture's path relative to the image folder, or None (text only).
         answers: the accepted answers (vqa), or the correct letter (scienceqa); empty when
             the file has none, and the question is then answered but not scored.
@@ -45,6 +47,7 @@ class Question:
         num_choices: the number of options of a multiple-choice question.
         conversation_id: the conversation a chat turn belongs to (None outside chats).
         turn: the turn's number in its conversation, from 1 (0 outside chats).
+        video: the video's path relative to the image folder, or None.
     """
 
     question_id: Any
@@ -55,6 +58,7 @@ class Question:
     num_choices: int = 0
     conversation_id: Any = None
     turn: int = 0
+    video: Optional[str] = None
 
 
 def detect_format(records: Any) -> Optional[str]:
@@ -131,13 +135,15 @@ def _as_list(records: Any, path: Path) -> list:
 def _question_text(text: Any, where: str) -> str:
     if not isinstance(text, str):
         raise EvaluationError(f"{where}: the question should be a string")
-    return text.replace(IMAGE_PLACEHOLDER, "").strip()  # the picture goes first, as LLaVA does
+    # The picture (video) goes first, as LLaVA does.
+    return text.replace(IMAGE_PLACEHOLDER, "").replace(VIDEO_PLACEHOLDER, "").strip()
 
 
-def _image(entry: dict, where: str) -> Optional[str]:
-    image = entry.get("image")
+def _image(entry: dict, where: str, key: str = "image") -> Optional[str]:
+    """The entry's picture (or with `key` "video", video) path, checked to stay relative."""
+    image = entry.get(key)
     if image is not None and not isinstance(image, str):
-        raise EvaluationError(f"{where}: 'image' should be a file name")
+        raise EvaluationError(f"{where}: '{key}' should be a file name")
     return relative_picture(image, where) if image else None
 
 
@@ -162,6 +168,7 @@ def _read_vqa_entry(entry: Any, index: int, path: Path) -> Question:
         image=_image(entry, where),
         answers=answers,
         category=None if category is None else str(category),
+        video=_image(entry, where, "video"),
     )
 
 
@@ -181,7 +188,7 @@ def _read_chat_entry(entry: Any, index: int, path: Path) -> list[Question]:
             f"{where}: 'conversations' should alternate human and gpt turns, from a human one"
         )
     conversation_id = entry.get("id", index)
-    image = _image(entry, where)
+    image, video = _image(entry, where), _image(entry, where, "video")
     questions = []
     for n, (question, answer) in enumerate(zip(turns[::2], turns[1::2]), start=1):
         reference = answer.get("value")
@@ -197,6 +204,7 @@ def _read_chat_entry(entry: Any, index: int, path: Path) -> list[Question]:
                 category=None if category is None else str(category),
                 conversation_id=conversation_id,
                 turn=n,
+                video=video,
             )
         )
     return questions

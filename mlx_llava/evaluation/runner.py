@@ -1,7 +1,9 @@
 """Asking: each question answered greedily, questions about one picture sharing its prefix.
 
-Questions that share a picture are asked one after the other with one `PromptCache` (on one
-rank when `mlx.launch` runs several), so the picture and the system prompt are encoded once.
+Questions that share a picture (or a video) are asked one after the other with one
+`PromptCache` (on one rank when `mlx.launch` runs several), so the picture and the system
+prompt are encoded once; a video's frames are read once for its questions, and its questions
+are prompted as generate.py prompts them (`<video>` first, then the question).
 The LLaVA-1.5 instruction "Answer the question using a single word or phrase." (vqa) or "Answer
 with the option's letter from the given choices directly." (scienceqa) goes on a new line after
 the question.
@@ -22,8 +24,9 @@ from ..chat import ChatSession
 from ..generate import generate
 from ..image_io import ImageLoadError, load_image
 from ..model import Model
-from ..processor import IMAGE_PLACEHOLDER, Processor
+from ..processor import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, Processor
 from ..prompt import PromptCache
+from ..video_io import DEFAULT_NUM_FRAMES, VideoLoadError, read_video
 from .questions import Question
 from .scoring import score, summarize
 
@@ -67,14 +70,27 @@ def group_by_conversation(questions: Sequence[Question]) -> list[list[Question]]
 
 def work_units(questions: Sequence[Question], fmt: str = "vqa") -> list[list[Question]]:
     """The questions in answering order, cut into the units a rank answers together: all the
-    questions about one picture (they share its prefix), or one text-only question; in a chat,
-    the turns of one conversation."""
+    questions about one picture or video (they share its prefix), or one text-only question;
+    in a chat, the turns of one conversation."""
     if fmt == "chat":
         return group_by_conversation(questions)
+    groups: dict[tuple, list[Question]] = {}
+    for q in questions:
+        groups.setdefault((q.image, q.video), []).append(q)
     units = []
-    for image, group in group_by_image(questions):
-        units.extend([group] if image is not None else [[q] for q in group])
+    for media, group in groups.items():
+        units.extend([group] if media != (None, None) else [[q] for q in group])
     return units
+
+
+def check_videos(model: Model, questions: Sequence[Question]) -> None:
+    """Raise ValueError when questions are about videos and the model does not see videos."""
+    about_videos = sum(q.video is not None for q in questions)
+    if about_videos and not model.config.has_video:
+        raise ValueError(
+            f"{about_videos} question(s) are about videos, but {model.config.model_type} "
+            "does not see videos (use a LLaVA-OneVision or LLaVA-NeXT-Video model)"
+        )
 
 
 def answer_questions(
@@ -88,6 +104,7 @@ def answer_questions(
     skip_missing: bool = False,
     model_id: Optional[str] = None,
     group: Optional[distributed.Group] = None,
+    num_frames: int = DEFAULT_NUM_FRAMES,
 ) -> Iterator[dict]:
     """Answer each question greedily, grouped by picture, and score it.
 
@@ -99,21 +116,26 @@ def answer_questions(
         model, processor: from `load`; `processor.format_prompt` applies the template.
         questions: from `read_questions`.
         fmt: "vqa", "scienceqa" or "chat".
-        image_folder: the folder the questions' image paths are relative to.
+        image_folder: the folder the questions' image (and video) paths are relative to.
         suffix: append the format's answer instruction to each question (default:
             `default_suffix(fmt)`).
         max_tokens: the most tokens per answer.
-        skip_missing: leave questions whose picture cannot be read out of the scores (else
-            they count as wrong).
+        skip_missing: leave questions whose picture (video) cannot be read out of the scores
+            (else they count as wrong).
         model_id: written into each record.
         group: the ranks to share the questions (default: all of `mlx.launch`'s).
+        num_frames: frames sampled uniformly over each video.
 
     Yields:
         One record per question, pictures (or conversations) grouped: {"question_id",
         "prompt", "text", "answer", "category", "image", "correct", ...}, chat turns with
-        "conversation_id" and "turn"; "error" says why a question was not asked and "skipped"
-        that it is not scored.
+        "conversation_id" and "turn", video questions with "video"; "error" says why a
+        question was not asked and "skipped" that it is not scored.
+
+    Raises:
+        ValueError: questions about videos for a model that does not see videos.
     """
+    check_videos(model, questions)
     group = group or distributed.world()
     suffix = default_suffix(fmt) if suffix is None else suffix
     cache = PromptCache(model)
@@ -128,6 +150,7 @@ def answer_questions(
         max_tokens=max_tokens,
         skip_missing=skip_missing,
         model_id=model_id,
+        num_frames=num_frames,
     )
     units = work_units(questions, fmt)
     step = ROUND_UNITS * group.size()
@@ -150,17 +173,22 @@ def _answer_unit(
     max_tokens,
     skip_missing,
     model_id,
+    num_frames,
 ) -> list[dict]:
-    """The records of questions about one picture (or none), asked with one `PromptCache`, or
-    of the turns of one conversation, asked in one `ChatSession`."""
-    image = unit[0].image
-    picture, error = None, None
-    if image is not None:
-        try:
+    """The records of questions about one picture or video (or none), asked with one
+    `PromptCache`, or of the turns of one conversation, asked in one `ChatSession`."""
+    image, video = unit[0].image, unit[0].video
+    picture, frames, error = None, None, None
+    try:
+        if image is not None:
             picture = load_image(folder / image)
-        except ImageLoadError as e:
-            error = str(e)
-    chat = ChatSession(model, processor, image=picture) if fmt == "chat" else None
+        if video is not None:
+            frames = read_video(folder / video, num_frames)
+    except (ImageLoadError, VideoLoadError) as e:
+        error = str(e)
+    chat = None
+    if fmt == "chat":
+        chat = ChatSession(model, processor, image=picture, video=frames)
     stopped = None  # why a chat cannot go on
     records = []
     for q in unit:
@@ -168,17 +196,23 @@ def _answer_unit(
         text, question_error = "", error or stopped
         if question_error is None:
             try:
-                text = _answer(model, processor, user, picture, chat, cache, max_tokens)
+                text = _answer(model, processor, user, picture, frames, chat, cache, max_tokens)
             except ValueError as e:  # e.g. a prompt longer than the model's context
                 question_error = stopped = str(e)
+        first = q.turn <= 1
+        placeholders = (IMAGE_PLACEHOLDER + "\n" if image and first else "") + (
+            VIDEO_PLACEHOLDER + "\n" if video and first else ""
+        )
         record = {
             "question_id": q.question_id,
-            "prompt": (IMAGE_PLACEHOLDER + "\n" if image and q.turn <= 1 else "") + user,
+            "prompt": placeholders + user,
             "text": text,
             "answer": q.answers[0] if len(q.answers) == 1 else (q.answers or None),
             "category": q.category,
             "image": image,
         }
+        if video is not None:
+            record["video"] = video
         if chat is not None:
             record.update(conversation_id=q.conversation_id, turn=q.turn)
         record.update(score(q, text, fmt))
@@ -195,16 +229,20 @@ def _answer_unit(
     return records
 
 
-def _answer(model, processor, user, picture, chat, cache, max_tokens) -> str:
-    """The greedy answer to `user`: the chat's next turn, or a one-turn prompt."""
+def _answer(model, processor, user, picture, frames, chat, cache, max_tokens) -> str:
+    """The greedy answer to `user` (about `frames`, a video's, too): the chat's next turn, or
+    a one-turn prompt."""
     if chat is not None:
         return chat.send(user, max_tokens=max_tokens, temperature=0.0).strip()
+    if frames is not None:  # as generate.py puts it
+        user = f"{VIDEO_PLACEHOLDER}\n{user}"
     prompt = processor.format_prompt(user, num_images=0 if picture is None else 1)
     return generate(
         model,
         processor,
         prompt,
         image=picture,
+        video=frames,
         max_tokens=max_tokens,
         temperature=0.0,
         prompt_cache=cache,

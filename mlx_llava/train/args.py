@@ -6,10 +6,12 @@ from dataclasses import dataclass
 from typing import Optional
 
 from ..convert import DTYPES
+from ..video_io import DEFAULT_NUM_FRAMES
 
 STAGES = ("pretrain", "finetune")
 DEFAULT_LEARNING_RATE = {"pretrain": 1e-3, "finetune": 2e-5, "lora": 2e-4}
 DEFAULT_CONV_MODE = "vicuna_v1"
+ONEVISION_CONV_MODE = "chatml"  # Qwen2's turns; answers end with <|im_end|>
 CHECKPOINT_DIR = "checkpoint"
 LOG_FILE = "train_log.jsonl"
 # Settings a resumed run must share with the checkpoint, or it would not continue the same run.
@@ -27,6 +29,7 @@ RESUME_KEYS = (
     "lora_scale",
     "train_vision",
     "conv_mode",
+    "frames",
 )
 
 
@@ -39,6 +42,8 @@ class TrainArgs:
     output: str
     stage: str = "finetune"
     image_folder: Optional[str] = None
+    video_folder: Optional[str] = None
+    frames: int = DEFAULT_NUM_FRAMES
     iters: Optional[int] = None
     epochs: Optional[float] = None
     batch_size: int = 8
@@ -70,7 +75,7 @@ class TrainArgs:
             raise ValueError(f"--stage must be one of {', '.join(STAGES)}, got '{self.stage}'")
         if self.iters is not None and self.epochs is not None:
             raise ValueError("give --iters or --epochs, not both")
-        for name in ("batch_size", "grad_accum", "log_every", "val_every", "lora_rank"):
+        for name in ("batch_size", "grad_accum", "log_every", "val_every", "lora_rank", "frames"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
         if self.save_every < 0 or self.val_batches < 0:

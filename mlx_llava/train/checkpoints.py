@@ -43,7 +43,8 @@ def load_checkpoint(folder: Path, model: Model, optimizer, args: TrainArgs) -> d
     except FileNotFoundError:
         raise FileNotFoundError(f"nothing to resume: {folder} has no checkpoint") from None
     for key in RESUME_KEYS:
-        saved, now = state["args"].get(key), asdict(args).get(key)
+        # A key the checkpoint's version did not have yet was at its default.
+        saved, now = state["args"].get(key, getattr(TrainArgs, key, None)), asdict(args).get(key)
         if saved != now:
             flag = "--" + key.replace("_", "-")
             raise ValueError(

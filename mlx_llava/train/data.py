@@ -1,8 +1,11 @@
 """Training data: LLaVA JSON records -> token ids with an answer mask -> padded batches.
 
 Records are LLaVA-Instruct-150K / LLaVA-558K entries: `{"id", "image", "conversations": [{"from":
-"human" | "gpt", "value"}, ...]}`; an entry without `image` is a text-only sample. As the original
-`preprocess_multimodal` does, `<image>` is moved to the front of its turn (`"<image>\\n" + text`).
+"human" | "gpt", "value"}, ...]}`, or LLaVA-Video-178K's with a `video` file instead of `image`
+(models that see videos); an entry with neither is a text-only sample. As the original
+`preprocess_multimodal` does, `<image>` (`<video>`) is moved to the front of its turn
+(`"<image>\\n" + text`); in a video entry `<image>` stands for the video, as LLaVA-NeXT's
+train.py reads LLaVA-Video-178K.
 The conversation is rendered with a template (`plain` for stage 1, `vicuna_v1` for stage 2) and
 only the assistant answers and their end-of-turn text (`answer_mask_spans`) are trained on.
 """
@@ -21,7 +24,8 @@ from PIL import Image
 from .. import datafiles
 from ..conversation import IMAGE_TOKEN, SeparatorStyle, Template, answer_mask_spans, render
 from ..datafiles import DataFileError, relative_picture
-from ..processor import Processor
+from ..processor import VIDEO_PLACEHOLDER, Processor
+from ..video_io import DEFAULT_NUM_FRAMES, VideoLoadError, count_video_frames, read_video
 
 MAX_WARNINGS = 20  # bad-sample warnings printed before a summary takes over
 PAD_MULTIPLE = 8  # batch lengths are rounded up to this, so that compiled steps are reused
@@ -43,6 +47,9 @@ class Sample:
         image: the picture's path, or None for a text-only sample.
         image_size: the picture's upright (height, width), which sets its token count for
             LLaVA-NeXT.
+        video: the video's path, or None.
+        video_frames: the frames read from the video (`--frames`, fewer for a shorter clip),
+            which set its token count.
     """
 
     id: str
@@ -50,6 +57,8 @@ class Sample:
     mask: np.ndarray
     image: Optional[Path]
     image_size: Optional[tuple[int, int]] = None
+    video: Optional[Path] = None
+    video_frames: int = 0
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -90,11 +99,12 @@ def _entry_name(record, index: int) -> str:
 
 
 def normalise_messages(record: dict, name: str, plain: bool) -> list[tuple[str, str]]:
-    """The record's turns as ("user" | "assistant", text), `<image>` at the front of its turn.
+    """The record's turns as ("user" | "assistant", text), `<image>` (`<video>`) at the front
+    of its turn; in a record with a `video`, `<image>` placeholders become `<video>`.
 
     Raises:
-        BadSampleError: malformed turns, no answer, or `<image>` placeholders that do not match
-            the record's picture.
+        BadSampleError: malformed turns, no answer, or placeholders that do not match the
+            record's picture or video.
     """
     turns = record.get("conversations")
     if not isinstance(turns, list) or not turns:
@@ -123,19 +133,30 @@ def normalise_messages(record: dict, name: str, plain: bool) -> list[tuple[str, 
         raise BadSampleError(f"{name}: no answer turn")
 
     has_image = record.get("image") is not None
-    placeholders = sum(text.count(IMAGE_TOKEN) for _, text in messages)
-    if not has_image and placeholders:
-        raise BadSampleError(f"{name}: the conversation has <image> but the entry no image")
-    if has_image and placeholders > 1:
-        raise BadSampleError(f"{name}: {placeholders} <image> placeholders for one image")
-    if any(IMAGE_TOKEN in text for role, text in messages if role == "assistant"):
-        raise BadSampleError(f"{name}: <image> in an answer")
-    if has_image and placeholders == 0:
-        messages[0][1] = IMAGE_TOKEN + messages[0][1]
-    for message in messages:  # as the original preprocess_multimodal
-        if IMAGE_TOKEN in message[1]:
-            text = message[1].replace(IMAGE_TOKEN, "").strip()
-            message[1] = (IMAGE_TOKEN + "\n" + text).strip()
+    has_video = record.get("video") is not None
+    if has_image and has_video:
+        raise BadSampleError(f"{name}: an entry has one picture or one video, not both")
+    if has_video:  # LLaVA-Video-178K marks the video with <image> in some records
+        for message in messages:
+            if message[0] == "user":
+                message[1] = message[1].replace(IMAGE_TOKEN, VIDEO_PLACEHOLDER)
+    for token, kind, has in (
+        (IMAGE_TOKEN, "image", has_image),
+        (VIDEO_PLACEHOLDER, "video", has_video),
+    ):
+        placeholders = sum(text.count(token) for _, text in messages)
+        if not has and placeholders:
+            raise BadSampleError(f"{name}: the conversation has {token} but the entry no {kind}")
+        if has and placeholders > 1:
+            raise BadSampleError(f"{name}: {placeholders} {token} placeholders for one {kind}")
+        if any(token in text for role, text in messages if role == "assistant"):
+            raise BadSampleError(f"{name}: {token} in an answer")
+        if has and placeholders == 0:
+            messages[0][1] = token + messages[0][1]
+        for message in messages:  # as the original preprocess_multimodal
+            if token in message[1]:
+                text = message[1].replace(token, "").strip()
+                message[1] = (token + "\n" + text).strip()
     if plain:
         if not has_image:
             raise BadSampleError(f"{name}: stage-1 (plain) samples need an image")
@@ -152,6 +173,7 @@ def tokenize_conversation(
     template: Template,
     messages: Sequence[tuple[str, str]],
     image_sizes: Optional[Sequence[tuple[int, int]]] = None,
+    video_frames: Sequence[int] = (),
 ) -> tuple[np.ndarray, np.ndarray]:
     """Token ids [L] of the rendered conversation and the answer mask [L].
 
@@ -159,7 +181,8 @@ def tokenize_conversation(
     spaces before it: generation prompts end at `ASSISTANT:`, so the model has to produce the
     space too, be it a piece of its own ("▁") or the start of the answer's ("▁red"), as the
     original's `instruction_len - 2` arithmetic trains it. Each image token is expanded to its
-    picture's token count (LLaVA-NeXT: from `image_sizes`, (height, width) per picture), never
+    picture's token count (LLaVA-NeXT: from `image_sizes`, (height, width) per picture), and
+    each video token to its video's (`config.video_tokens` of its `video_frames`), never
     trained on.
     """
     text = render(template, messages, add_generation_prompt=False)
@@ -169,12 +192,22 @@ def tokenize_conversation(
             a -= 1
         spans.append((a, b))
     ids, offsets = processor.encode_with_offsets(text)
-    image_id = processor.config.image_token_index
-    counts = iter(processor.image_token_counts(ids.count(image_id), image_sizes))
+    config = processor.config
+    image_id = config.image_token_index
+    counts = {image_id: iter(processor.image_token_counts(ids.count(image_id), image_sizes))}
+    if config.has_video:
+        if ids.count(config.video_token_index) != len(video_frames):
+            raise ValueError(
+                f"{ids.count(config.video_token_index)} {VIDEO_PLACEHOLDER} placeholder(s) for "
+                f"{len(video_frames)} video(s)"
+            )
+        counts[config.video_token_index] = iter(config.video_tokens(f) for f in video_frames)
+    elif video_frames:
+        raise ValueError(f"{config.model_type} does not see videos")
     out_ids, out_mask = [], []
     for token, (start, end) in zip(ids, offsets):
-        if token == image_id:
-            n = next(counts)
+        if token in counts:
+            n = next(counts[token])
             out_ids += [token] * n
             out_mask += [False] * n
             continue
@@ -197,6 +230,29 @@ def _check_image(path: Path, name: str) -> tuple[int, int]:
     return height, width
 
 
+def _check_video(path: Path, name: str, num_frames: int) -> int:
+    """The frames `read_video` will give (from the file's header): the video's token count."""
+    try:
+        return count_video_frames(path, num_frames)
+    except VideoLoadError as e:
+        raise BadSampleError(f"{name}: {e}") from None
+
+
+def _media_path(record: dict, key: str, folder: Path, name: str) -> Optional[Path]:
+    """The record's picture or video file (`key`), under `folder`; None when it has none."""
+    value = record.get(key)
+    if isinstance(value, list) and len(value) == 1:
+        value = value[0]
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise BadSampleError(f"{name}: '{key}' must be one file name")
+    try:
+        return folder / relative_picture(value, name)
+    except DataFileError as e:
+        raise BadSampleError(str(e)) from None
+
+
 def prepare_samples(
     records: list,
     processor: Processor,
@@ -204,34 +260,37 @@ def prepare_samples(
     image_folder: Path,
     max_length: int,
     policy: BadSamplePolicy,
+    video_folder: Optional[Path] = None,
+    num_frames: int = DEFAULT_NUM_FRAMES,
 ) -> list[Sample]:
     """Tokenize and check every record; bad ones go to `policy` (skip with a warning, or raise).
 
-    Image files are checked to exist and to have a readable header here; they are decoded
-    batch by batch during training.
+    Image and video files are checked to exist and to have a readable header here (a video's
+    header gives its frame count: `num_frames`, fewer for a shorter clip); they are decoded
+    batch by batch during training. `video` paths are relative to `video_folder` (default:
+    `image_folder`).
     """
     plain = template.sep_style is SeparatorStyle.PLAIN
+    video_folder = image_folder if video_folder is None else video_folder
     samples = []
     for index, record in enumerate(records):
         name = _entry_name(record, index)
         try:
             if not isinstance(record, dict):
                 raise BadSampleError(f"{name}: not a JSON object")
-            image = record.get("image")
-            if isinstance(image, list) and len(image) == 1:
-                image = image[0]
-            if image is not None and not isinstance(image, str):
-                raise BadSampleError(f"{name}: 'image' must be one file name")
+            path = _media_path(record, "image", image_folder, name)
+            video = _media_path(record, "video", video_folder, name)
+            if video is not None and not processor.config.has_video:
+                raise BadSampleError(
+                    f"{name}: has a video, but {processor.config.model_type} does not see videos"
+                )
             messages = normalise_messages(record, name, plain)
-            path, size = None, None
-            if image is not None:
-                try:
-                    path = image_folder / relative_picture(image, name)
-                except DataFileError as e:
-                    raise BadSampleError(str(e)) from None
-                size = _check_image(path, name)
+            size = None if path is None else _check_image(path, name)
+            frames = 0 if video is None else _check_video(video, name, num_frames)
             sizes = None if size is None else [size]
-            ids, mask = tokenize_conversation(processor, template, messages, sizes)
+            ids, mask = tokenize_conversation(
+                processor, template, messages, sizes, [frames] if frames else ()
+            )
             if len(ids) > max_length:
                 raise BadSampleError(
                     f"{name}: too long ({len(ids)} tokens, image tokens included; "
@@ -240,7 +299,7 @@ def prepare_samples(
             if not mask[1:].any():
                 raise BadSampleError(f"{name}: no answer tokens to train on")
             record_id = str(record["id"]) if record.get("id") is not None else f"#{index}"
-            samples.append(Sample(record_id, ids, mask, path, size))
+            samples.append(Sample(record_id, ids, mask, path, size, video, frames))
         except BadSampleError as e:
             policy(e)
     return samples
@@ -256,6 +315,8 @@ class Batch:
         mask: [B, L-1] float32, 1 where the target is an answer token.
         pixel_values: [n_images, H, W, 3] in sample order (LLaVA-NeXT: each picture's tiles),
             or None.
+        videos: the videos' frames in sample order, as runs of equal frame count:
+            [[V, F, H, W, 3], ...], or None.
         tokens: real (non-padding) input tokens, for the tokens/s figure.
         answer_tokens: the targets trained on (`mask.sum()`), counted on the host.
         image_sizes: LLaVA-NeXT: (height, width) of each picture; else None.
@@ -268,14 +329,43 @@ class Batch:
     tokens: int
     answer_tokens: int
     image_sizes: Optional[list[tuple[int, int]]] = None
+    videos: Optional[list[mx.array]] = None
+
+
+def _video_runs(videos: list[np.ndarray]) -> Optional[list[mx.array]]:
+    """Videos [F, H, W, 3] in order -> runs of equal frame count, each stacked [V, F, H, W, 3]."""
+    runs: list[list[np.ndarray]] = []
+    for video in videos:
+        if runs and runs[-1][0].shape == video.shape:
+            runs[-1].append(video)
+        else:
+            runs.append([video])
+    return [mx.array(np.stack(run)) for run in runs] or None
 
 
 def make_batch(
     samples: Sequence[Sample], processor: Processor, policy: BadSamplePolicy
 ) -> Optional[Batch]:
-    """Decode the pictures and pad; a picture that fails to decode is a bad sample."""
-    kept, pixels, sizes = [], [], []
+    """Decode the pictures and videos and pad; one that fails to decode is a bad sample."""
+    kept, pixels, sizes, videos = [], [], [], []
     for sample in samples:
+        if sample.video is not None:
+            try:
+                # `video_frames` frames of a longer clip are the `--frames` that counted them.
+                frames = read_video(sample.video, sample.video_frames)
+                frames = processor.image_processor.preprocess_frames(frames)
+            except Exception as e:  # noqa: BLE001 - any decoding failure is the entry's fault
+                policy(BadSampleError(f"entry '{sample.id}': {e}"))
+                continue
+            if len(frames) != sample.video_frames:  # the tokens were counted for them
+                policy(
+                    BadSampleError(
+                        f"entry '{sample.id}': {sample.video} gave {len(frames)} frames, its "
+                        f"header {sample.video_frames}"
+                    )
+                )
+                continue
+            videos.append(frames)
         if sample.image is not None:
             try:
                 tiles, size = processor.image_processor.preprocess(sample.image)
@@ -307,6 +397,7 @@ def make_batch(
         tokens=int(sum(len(s) - 1 for s in kept)),
         answer_tokens=int(mask[:, 1:].sum()),
         image_sizes=sizes if processor.config.is_next else None,
+        videos=_video_runs(videos),
     )
 
 

@@ -14,8 +14,8 @@ from mlx.utils import tree_unflatten
 from ..config import ModelConfig
 from ..conversation import Template, get_template
 from ..distributed import main_print
-from ..model import Model
-from .args import DEFAULT_CONV_MODE, TrainArgs
+from ..model import Model, merge_image_features
+from .args import DEFAULT_CONV_MODE, ONEVISION_CONV_MODE, TrainArgs
 
 
 def log(message: str) -> None:
@@ -26,7 +26,7 @@ def log(message: str) -> None:
 def conversation_template(args: TrainArgs, config: ModelConfig) -> Template:
     """`plain` for stage 1; for stage 2 `--conv-mode`, else the model's own template unless it
     cannot teach `</s>` (`plain`; llava-hf's Jinja, which ends answers with a space), else
-    `vicuna_v1`.
+    `vicuna_v1` (OneVision, whose decoder is Qwen2: `chatml`).
     """
     if args.stage == "pretrain":
         if args.conv_mode not in (None, "plain"):
@@ -41,7 +41,8 @@ def conversation_template(args: TrainArgs, config: ModelConfig) -> Template:
         return get_template(args.conv_mode)
     mode = config.conv_mode
     if mode in (None, "plain", "llava_hf"):
-        mode = DEFAULT_CONV_MODE
+        onevision = config.model_type == "llava_onevision"
+        mode = ONEVISION_CONV_MODE if onevision else DEFAULT_CONV_MODE
     return get_template(mode)
 
 
@@ -110,6 +111,24 @@ def make_schedule(learning_rate: float, total: int, warmup_ratio: float) -> Call
     )
 
 
+def input_embeddings(
+    model: Model,
+    inputs: mx.array,
+    pixel_values: Optional[mx.array],
+    image_sizes: Optional[list[tuple[int, int]]] = None,
+    videos: Optional[list[mx.array]] = None,
+) -> mx.array:
+    """Embeddings [B, L, D] of a batch's ids [B, L] with its pictures and videos (`videos`:
+    runs of equal frame count, [V, F, H, W, 3] each, in the order of their tokens)."""
+    embeddings = model.get_input_embeddings(inputs, pixel_values, image_sizes)
+    if videos:
+        D = embeddings.shape[-1]
+        features = mx.concatenate([model.get_video_features(v).reshape(-1, D) for v in videos])
+        video_mask = inputs == model.config.video_token_index
+        embeddings = merge_image_features(embeddings, features, video_mask)
+    return embeddings
+
+
 def loss_fn(
     model: Model,
     inputs: mx.array,
@@ -117,10 +136,11 @@ def loss_fn(
     mask: mx.array,
     pixel_values: Optional[mx.array],
     image_sizes: Optional[list[tuple[int, int]]] = None,
+    videos: Optional[list[mx.array]] = None,
 ) -> tuple[mx.array, mx.array]:
     """Mean cross-entropy over the answer tokens of a batch, and their count (`image_sizes`:
-    LLaVA-NeXT's, one (height, width) per picture)."""
-    embeddings = model.get_input_embeddings(inputs, pixel_values, image_sizes)
+    LLaVA-NeXT's, one (height, width) per picture; `videos`: see `input_embeddings`)."""
+    embeddings = input_embeddings(model, inputs, pixel_values, image_sizes, videos)
     logits = model(inputs, input_embeddings=embeddings).astype(mx.float32)
     losses = nn.losses.cross_entropy(logits, targets) * mask
     ntoks = mask.sum()

@@ -99,7 +99,13 @@ def evaluate(
         if batch is None:
             continue
         loss, ntoks = loss_fn(
-            model, batch.inputs, batch.targets, batch.mask, batch.pixel_values, batch.image_sizes
+            model,
+            batch.inputs,
+            batch.targets,
+            batch.mask,
+            batch.pixel_values,
+            batch.image_sizes,
+            batch.videos,
         )
         total, count = total + loss * ntoks, count + ntoks
         mx.eval(total, count)
@@ -107,10 +113,15 @@ def evaluate(
     return total / max(count, 1)
 
 
-def _load_samples(path, *, image_folder, processor, template, max_length, policy, what):
+def _load_samples(
+    path, *, image_folder, video_folder, frames, processor, template, max_length, policy, what
+):
     records = read_records(path)
     folder = Path(image_folder) if image_folder else Path(path).parent
-    samples = prepare_samples(records, processor, template, folder, max_length, policy)
+    videos = Path(video_folder) if video_folder else folder
+    samples = prepare_samples(
+        records, processor, template, folder, max_length, policy, videos, frames
+    )
     skipped = len(records) - len(samples)
     log(f"{what}: {len(samples)} samples" + (f" ({skipped} skipped)" if skipped else ""))
     if not samples:
@@ -219,6 +230,8 @@ class Trainer:
         load = partial(
             _load_samples,
             image_folder=args.image_folder,
+            video_folder=args.video_folder,
+            frames=args.frames,
             processor=self.processor,
             template=self.template,
             max_length=max_length,
@@ -228,7 +241,7 @@ class Trainer:
         self.val_samples = load(args.val_data, what="val") if args.val_data else []
         digest = hashlib.sha1()
         for sample in self.samples + self.val_samples:
-            digest.update(f"{sample.id}:{len(sample)}:{sample.image};".encode())
+            digest.update(f"{sample.id}:{len(sample)}:{sample.image}:{sample.video};".encode())
         distributed.check_same(digest.hexdigest()[:16], "training data", self.group)
         self.policy = BadSamplePolicy(args.on_bad_sample, warn=_rank_warn)
         per_epoch = batches_per_epoch(len(self.samples), args.batch_size)
@@ -241,9 +254,9 @@ class Trainer:
         model, optimizer, group, args = self.model, self.optimizer, self.group, self.args
         loss_and_grad = nn.value_and_grad(model, loss_fn)
 
-        def step(inputs, targets, mask, pixel_values, image_sizes, weight, prev_grad):
+        def step(inputs, targets, mask, pixel_values, image_sizes, videos, weight, prev_grad):
             (loss, ntoks), grad = loss_and_grad(
-                model, inputs, targets, mask, pixel_values, image_sizes
+                model, inputs, targets, mask, pixel_values, image_sizes, videos
             )
             grad = tree_map(lambda g: g * weight, grad)
             if prev_grad is not None:
@@ -292,6 +305,7 @@ class Trainer:
                 batch.mask,
                 batch.pixel_values,
                 batch.image_sizes,
+                batch.videos,
                 weight,
                 grad,
             )
