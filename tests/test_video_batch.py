@@ -1,6 +1,6 @@
 """Videos in batches and captioning: `batch_generate(videos=...)` answers as `generate(video=...)`
 one by one; `caption.py --video-dir` captions a folder's clips. The clips are written here with
-PyAV (`test_server_video.write_clip`)."""
+PyAV (`llava_testing.videos.write_clip`)."""
 
 from __future__ import annotations
 
