@@ -22,12 +22,14 @@ from mlx_llava.convert import QuantizeSpec, read_source
 
 DATA = Path(__file__).parent / "fixtures" / "data"
 IMAGE = DATA / "images" / "a.png"
-QUANTIZED = ["vlm-hub-q4", "vlm-hub-q8", "vlm-next-mixed"]
+QUANTIZED = ["vlm-hub-q4", "vlm-hub-q8", "vlm-hub-mxfp4", "vlm-next-mixed"]
 
 
 def dequantized_copy(folder: Path, out: Path) -> Path:
     """`folder` with each quantized layer replaced by `mx.dequantize` of it, as the `quantization`
-    entry says (per-module overrides first), and the entry removed: a float mlx-vlm folder."""
+    entry says (per-module overrides first), and the entry removed: a float mlx-vlm folder.
+    (mxfp4 dequantizes to bfloat16, which holds its values exactly: 2-bit mantissas times
+    powers of two.)"""
     shutil.copytree(folder, out)
     config = json.loads((out / "config.json").read_text())
     quant = config.pop("quantization")
@@ -101,6 +103,7 @@ def test_quantized_folder_equals_its_dequantized_twin(name, tmp_path):
             settings = {**quant, **(quant.get(stored_path) or {})}
             assert hasattr(module, "scales"), path
             assert (module.bits, module.group_size) == (settings["bits"], settings["group_size"])
+            assert module.mode == settings.get("mode", "affine"), path
         elif isinstance(module, (nn.Linear, nn.Embedding)):
             assert not hasattr(module, "scales"), path
     if "next" in name:
@@ -111,6 +114,9 @@ def test_quantized_folder_equals_its_dequantized_twin(name, tmp_path):
         arrays, ids, pixels = hub_inputs()
         kwargs = dict(pixel_values=pixels)
         prompt = json.loads((DATA / "hf-hub" / "oracle.json").read_text())["prompt"]
+    # The prompt in the model's own float type: for mxfp4, mx.dequantize alone gives bfloat16
+    # rows, which put the whole prompt, image features included, in bfloat16 (2.8e-3 x max).
+    assert model.language_model.model.embed_tokens(ids).dtype == mx.float32
     ours, theirs = model(ids, **kwargs), twin(ids, **kwargs)
     assert_logits_close(ours, theirs)
     assert greedy_tokens(model, processor, prompt, [IMAGE], 12) == greedy_tokens(
