@@ -201,6 +201,7 @@ def load(
     if pair is not None:
         processor = Processor.from_gguf(gguf, pad_to_square=pad_to_square)
         processor.stop = ollama.stop if ollama else []
+        processor.system = ollama.system if ollama else None
     else:
         processor = Processor.from_pretrained(processor_folders, config, pad_to_square)
     return model, processor

@@ -248,6 +248,8 @@ def test_ollama_store(tmp_path, monkeypatch, capsys):
         direct(ids["input_ids"], pixel_values=ids["pixel_values"]),
     )
     assert processor.config.conv_mode == "vicuna_v1" and processor.stop == []
+    assert processor.system is None  # no system layer: the template's own
+    assert processor.format_prompt(QUESTION).startswith("A chat between a curious user")
     _, tagged = load("ollama:llava:7b-v1.6-mistral-q4_0", dtype="float32")
     assert tagged.config.conv_mode == "mistral_instruct"
     assert tagged.stop == ["[INST]", "</s>"]
@@ -284,3 +286,37 @@ def test_unreadable_types_are_refused_in_one_line(tmp_path):
     requantize(text_gguf("f16"), q5, gguf.GGMLQuantizationType.Q5_0)
     with pytest.raises(ValueError, match="Q5_0 tensors, which MLX cannot read"):
         load(q5, mmproj=MMPROJ)
+
+
+def test_ollama_system_layer_is_the_default_system_prompt(tmp_path, monkeypatch):
+    """An Ollama model's SYSTEM (its `system` layer) fills the template's system prompt, as
+    Ollama's `.System` does, until a request brings its own system message. It is rendered
+    where and as the conversation template puts a system prompt (for the Mistral template the
+    original LLaVA's `<<SYS>>` block, where Ollama's own template would write it bare)."""
+    from mlx_llava.chat import ChatSession
+    from mlx_llava.server.messages import Message, render_conversation
+
+    system = "You describe pictures in one short sentence."
+    files = {"model": text_gguf("q4_0").read_bytes(), "projector": MMPROJ.read_bytes()}
+    store = tmp_path / "models"
+    make_store(store, "llava", "v15", {**files, "system": system.encode()})
+    make_store(
+        store,
+        "llava",
+        "mistral",
+        {**files, "system": system.encode(), "template": OLLAMA_TEMPLATE.encode()},
+    )
+    monkeypatch.setenv("OLLAMA_MODELS", str(store))
+    model, processor = load("ollama:llava:v15", dtype="float32")
+    assert processor.system == system
+    expected = f"{system} USER: <image>\n{QUESTION} ASSISTANT:"  # vicuna_v1's rendering
+    assert processor.format_prompt(QUESTION) == expected
+    assert ChatSession(model, processor, image=IMAGE).prompt(QUESTION)[1] == expected
+    prompt, _ = render_conversation(processor, [Message("user", QUESTION, [IMAGE])])
+    assert prompt == expected
+    own = [Message("system", "Be brief."), Message("user", QUESTION, [IMAGE])]
+    assert render_conversation(processor, own)[0].startswith("Be brief. USER: <image>\n")
+    _, mistral = load("ollama:llava:mistral", dtype="float32")
+    assert (
+        mistral.format_prompt("Hi") == f"[INST] <<SYS>>\n{system}\n<</SYS>>\n\n<image>\nHi [/INST]"
+    )
