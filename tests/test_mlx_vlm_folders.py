@@ -15,6 +15,7 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 
+from llava_testing.onevision import assert_matches_oracle, model_inputs, oracle
 from llava_testing.parity import assert_logits_close, greedy_tokens, nhwc
 from mlx_llava import convert, load
 from mlx_llava.cli import generate as generate_cli
@@ -22,7 +23,7 @@ from mlx_llava.convert import QuantizeSpec, read_source
 
 DATA = Path(__file__).parent / "fixtures" / "data"
 IMAGE = DATA / "images" / "a.png"
-QUANTIZED = ["vlm-hub-q4", "vlm-hub-q8", "vlm-hub-mxfp4", "vlm-next-mixed"]
+QUANTIZED = ["vlm-hub-q4", "vlm-hub-q8", "vlm-hub-mxfp4", "vlm-next-mixed", "vlm-ov-q4"]
 
 
 def dequantized_copy(folder: Path, out: Path) -> Path:
@@ -65,7 +66,7 @@ def next_inputs():
 
 
 def test_mlx_vlm_folders_are_told_apart_by_what_they_hold():
-    for name in ["vlm-hub", "vlm-next", *QUANTIZED]:
+    for name in ["vlm-hub", "vlm-next", "vlm-ov", *QUANTIZED]:
         assert read_source(DATA / name).folders == [(DATA / name, "mlx_vlm")], name
     assert read_source(DATA / "hf-hub").folders == [(DATA / "hf-hub", "llava_hf")]
 
@@ -84,6 +85,14 @@ def test_float_next_folder_matches_transformers():
     model, _ = load(DATA / "vlm-next")
     logits = model(ids, pixel_values=pixels, image_sizes=sizes)
     assert_logits_close(logits[0, -1], arrays["wide_last_logits"])
+
+
+def test_float_onevision_folder_matches_transformers():
+    """A llava_onevision folder (SigLIP, Qwen2, tied embeddings): every recorded case of
+    ov-hub's oracle, pictures, two pictures, a video and both, greedy tokens included."""
+    model, processor = load(DATA / "vlm-ov")
+    assert model.config.model_type == "llava_onevision"
+    assert_matches_oracle(model, processor, *oracle("ov-hub"))
 
 
 @pytest.mark.parametrize("name", QUANTIZED)
@@ -106,7 +115,12 @@ def test_quantized_folder_equals_its_dequantized_twin(name, tmp_path):
             assert module.mode == settings.get("mode", "affine"), path
         elif isinstance(module, (nn.Linear, nn.Embedding)):
             assert not hasattr(module, "scales"), path
-    if "next" in name:
+    if "ov" in name:
+        arrays, meta = oracle("ov-hub")
+        kwargs = model_inputs(processor, meta, arrays, "wide")
+        ids = kwargs.pop("input_ids")
+        prompt = meta["template"].format(q=meta["questions"]["wide"])
+    elif "next" in name:
         arrays, ids, pixels, sizes = next_inputs()
         kwargs = dict(pixel_values=pixels, image_sizes=sizes)
         prompt = processor.format_prompt("What is in the picture?")
