@@ -26,8 +26,9 @@ from .weights import to_mlx_key, to_mlx_tensor
 
 GGUF_GROUP_SIZE = 32  # every block quantization MLX reads: 32 weights per scale
 NATIVE_TYPES = {"F32", "F16", "BF16", "Q4_0", "Q4_1", "Q8_0"}
-# k-quants that MLX dequantizes on reading: re-quantized to MLX affine at these bits.
-REQUANTIZED_BITS = {"Q2_K": 4, "Q3_K": 4, "Q4_K": 4, "Q5_K": 8, "Q6_K": 8, "Q8_K": 8}
+# The k-quants MLX reads (dequantized to float16 by `mx.load`): re-quantized to MLX affine at
+# these bits. MLX cannot read Q3_K, Q5_K, Q8_K nor the IQ types (so no Q3_K_*, Q5_K_* file).
+REQUANTIZED_BITS = {"Q2_K": 4, "Q4_K": 4, "Q6_K": 8}
 ORIGINAL_IMAGE_TOKEN_INDEX = -200  # the original LLaVA's: llama.cpp GGUFs have no <image> token
 # llava-v1.5's tokenizer_config.json: bos / eos / unk strip nothing, `legacy: false`.
 SPECIAL_TOKENS = ("<s>", "</s>", "<unk>")
@@ -76,19 +77,29 @@ def architecture(path: Path) -> str:
 def read_gguf(path: Path) -> tuple[dict[str, mx.array], dict]:
     """Tensors (quantized ones as `weight`, `scales`, `biases`) and metadata of a GGUF file.
 
+    `mx.load` turns BF16 tensors into float16, which holds neither bfloat16's range nor its
+    small values: those are read again from the file's bytes, as stored.
+
     Raises:
         ValueError: tensors of a type MLX cannot read.
     """
     try:
-        return mx.load(str(path), format="gguf", return_metadata=True)
+        tensors, meta = mx.load(str(path), format="gguf", return_metadata=True)
     except Exception as e:  # MLX refuses the whole file for one unreadable tensor
         unreadable = sorted(set(tensor_types(path).values()) - NATIVE_TYPES - set(REQUANTIZED_BITS))
         if not unreadable:
             raise ValueError(f"{path.name}: not a readable GGUF file ({e})") from None
         raise ValueError(
             f"{path.name} holds {', '.join(unreadable)} tensors, which MLX cannot read: use a "
-            "Q4_0, Q4_1, Q8_0 or f16 GGUF of the model"
+            "Q4_0, Q4_1, Q8_0, Q4_K_M, Q6_K or f16 GGUF of the model"
         ) from None
+    if not any(v.dtype == mx.float16 for v in tensors.values()):
+        return tensors, meta
+    for t in _gguf_package().GGUFReader(path).tensors:
+        if t.tensor_type.name == "BF16" and t.name in tensors:
+            shape = tuple(int(d) for d in reversed(t.shape))
+            tensors[t.name] = mx.array(t.data.view(np.uint16)).view(mx.bfloat16).reshape(shape)
+    return tensors, meta
 
 
 def _value(meta: dict, key: str, default=None):

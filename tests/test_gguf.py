@@ -1,8 +1,9 @@
 """llama.cpp GGUF pairs and Ollama's store, against the original checkpoint they were made from.
 
 tests/fixtures/data/gguf-v15 was written by llama.cpp's own converters from gguf-src (an original
-LLaVA-1.5 checkpoint with a real SentencePiece tokenizer) and its tower orig-spm-clip, the Q4_0
-and Q4_1 files by the gguf package's reference quantizer; gguf-v16 the same way from gguf-src-next
+LLaVA-1.5 checkpoint with a real SentencePiece tokenizer) and its tower orig-spm-clip (bf16 by
+convert_hf_to_gguf.py), the Q4_0 and Q4_1 files by the gguf package's reference quantizer;
+gguf-kq's k-quants by llama.cpp's llama-quantize; gguf-v16 the same way from gguf-src-next
 (LLaVA-1.6) (tests/fixtures/make_gguf_fixtures.py). The reference is the checkpoint with the
 GGUF's weights put back (dequantized by the gguf package), loaded from the original format.
 """
@@ -12,6 +13,7 @@ import shutil
 from hashlib import sha256
 from pathlib import Path
 
+import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
@@ -33,6 +35,7 @@ QUESTION = "What is in the picture?"
 # kind: (original checkpoint, language-model GGUF, mmproj, GGML type of its matrices)
 PAIRS = {
     "f16": (SOURCE, PAIR / "ggml-model-f16.gguf", MMPROJ, "F16"),
+    "bf16": (SOURCE, PAIR / "ggml-model-bf16.gguf", MMPROJ, "BF16"),  # convert_hf_to_gguf.py
     "q8_0": (SOURCE, PAIR / "ggml-model-q8_0.gguf", MMPROJ, "Q8_0"),
     "q4_0": (SOURCE, PAIR / "ggml-model-q4_0.gguf", MMPROJ, "Q4_0"),
     "q4_1": (SOURCE, PAIR / "ggml-model-q4_1.gguf", MMPROJ, "Q4_1"),
@@ -159,7 +162,7 @@ def test_quantized_files_stay_quantized(pair):
     kind, model, _, _, _ = pair
     lm = model.language_model
     layers = [lm.model.embed_tokens, lm.lm_head, lm.model.layers[0].self_attn.k_proj]
-    if kind == "f16":
+    if kind in ("f16", "bf16"):
         assert not any(hasattr(layer, "scales") for layer in layers)
         return
     bits = int(kind.split("-")[-1][1])
@@ -320,3 +323,11 @@ def test_ollama_system_layer_is_the_default_system_prompt(tmp_path, monkeypatch)
     assert (
         mistral.format_prompt("Hi") == f"[INST] <<SYS>>\n{system}\n<</SYS>>\n\n<image>\nHi [/INST]"
     )
+
+
+def test_bf16_stays_bf16_without_a_dtype():
+    from mlx_llava.gguf import read_pair
+
+    weights = read_pair(text_gguf("bf16"), MMPROJ).weights
+    assert weights["language_model.model.layers.0.self_attn.q_proj.weight"].dtype == mx.bfloat16
+    assert weights["language_model.lm_head.weight"].dtype == mx.bfloat16
