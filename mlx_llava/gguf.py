@@ -74,11 +74,16 @@ def architecture(path: Path) -> str:
     return field_.contents() if field_ is not None else ""
 
 
-def read_gguf(path: Path) -> tuple[dict[str, mx.array], dict]:
+def read_gguf(path: Path, dtype: Optional[mx.Dtype] = None) -> tuple[dict[str, mx.array], dict]:
     """Tensors (quantized ones as `weight`, `scales`, `biases`) and metadata of a GGUF file.
 
-    `mx.load` turns BF16 tensors into float16, which holds neither bfloat16's range nor its
-    small values: those are read again from the file's bytes, as stored.
+    `mx.load` reads the file; two kinds of tensor are then read again from its bytes with the
+    gguf package: BF16 ones, which `mx.load` turns into float16 (neither bfloat16's range nor
+    its small values), and k-quants, which it dequantizes to float16, Q4_K wrongly (MLX 0.32:
+    the sub-blocks in high nibbles come back off by up to half the largest weight). These are
+    dequantized by gguf's reference code and quantized again to MLX affine at once, one tensor
+    at a time (`REQUANTIZED_BITS`), with a one-line note; their scales and biases in `dtype`
+    (float16 if None, as the other GGUF types' are).
 
     Raises:
         ValueError: tensors of a type MLX cannot read.
@@ -95,11 +100,62 @@ def read_gguf(path: Path) -> tuple[dict[str, mx.array], dict]:
         ) from None
     if not any(v.dtype == mx.float16 for v in tensors.values()):
         return tensors, meta
-    for t in _gguf_package().GGUFReader(path).tensors:
-        if t.tensor_type.name == "BF16" and t.name in tensors:
-            shape = tuple(int(d) for d in reversed(t.shape))
+    gguf = _gguf_package()
+    requantized, scale_type = {}, dtype or mx.float16
+    for t in gguf.GGUFReader(path).tensors:
+        kind, shape = t.tensor_type.name, tuple(int(d) for d in reversed(t.shape))
+        if kind == "BF16":
             tensors[t.name] = mx.array(t.data.view(np.uint16)).view(mx.bfloat16).reshape(shape)
+        elif kind in REQUANTIZED_BITS:
+            bits = REQUANTIZED_BITS[kind]
+            if kind == "Q4_K":
+                w, scales, biases = q4_k_as_affine(t.data, shape)
+            else:
+                values = mx.array(gguf.quants.dequantize(t.data, t.tensor_type).reshape(shape))
+                w, scales, biases = mx.quantize(values, group_size=GGUF_GROUP_SIZE, bits=bits)
+            stem = t.name[: -len(".weight")]
+            tensors.update(
+                {
+                    t.name: w,
+                    f"{stem}.scales": scales.astype(scale_type),
+                    f"{stem}.biases": biases.astype(scale_type),
+                }
+            )
+            mx.eval(tensors[t.name], tensors[f"{stem}.scales"], tensors[f"{stem}.biases"])
+            requantized[kind] = bits
+    if requantized:
+        notes = ", ".join(
+            f"{t} -> {b}-bit" + (" (the same values)" if t == "Q4_K" else " (re-quantized)")
+            for t, b in sorted(requantized.items())
+        )
+        print(f"note: {path.name}: k-quants held as MLX affine: {notes}", file=sys.stderr)
     return tensors, meta
+
+
+def q4_k_as_affine(data: np.ndarray, shape: tuple[int, int]) -> tuple[mx.array, ...]:
+    """A Q4_K tensor [rows, cols] as MLX affine 4-bit, group 32, with the same values.
+
+    A Q4_K block holds 256 weights in 8 sub-blocks of 32, each `d * sc * q - dmin * m` (q in
+    0..15, 6-bit sc and m, fp16 d and dmin): an affine group of 32 with scale `d * sc` and bias
+    `-dmin * m`. Unpacked as gguf's reference code does; the quants packed 8 to a uint32, the
+    first in the low bits, as `mx.quantize` packs them.
+
+    Returns:
+        (weight uint32 [rows, cols / 8], scales, biases float32 [rows, cols / 32])
+    """
+    rows, cols = shape
+    blocks = np.asarray(data).reshape(-1, 144)  # 2 + 2 + 12 + 128 bytes a block
+    n = blocks.shape[0]
+    d = blocks[:, 0:2].view(np.float16).astype(np.float32)
+    dmin = blocks[:, 2:4].view(np.float16).astype(np.float32)
+    sc, m = _gguf_package().quants.Q4_K.get_scale_min(blocks[:, 4:16])
+    # 4 chunks of 32 bytes: the low nibbles are sub-block 2j, the high ones sub-block 2j + 1.
+    q = blocks[:, 16:].reshape(n, 4, 1, 32) >> np.array([0, 4], np.uint8).reshape(1, 1, 2, 1)
+    q = (q & 0x0F).astype(np.uint32).reshape(rows, cols // 8, 8)
+    packed = np.bitwise_or.reduce(q << (4 * np.arange(8, dtype=np.uint32)), axis=-1)
+    scales = (d * sc.astype(np.float32)).reshape(rows, cols // GGUF_GROUP_SIZE)
+    biases = -(dmin * m.astype(np.float32)).reshape(rows, cols // GGUF_GROUP_SIZE)
+    return mx.array(packed), mx.array(scales), mx.array(biases)
 
 
 def _value(meta: dict, key: str, default=None):
@@ -214,21 +270,6 @@ def _layer_bits(weight: mx.array, scales: mx.array) -> int:
     return weight.shape[-1] * 32 // (scales.shape[-1] * GGUF_GROUP_SIZE)
 
 
-def _requantize_kquants(tensors: dict, types: dict, path: Path) -> None:
-    """k-quant tensors come back as floats: quantize them again to MLX 4 or 8 bits."""
-    done = {}
-    for name, ggml_type in types.items():
-        if ggml_type in REQUANTIZED_BITS and name in tensors and name.endswith(".weight"):
-            bits = REQUANTIZED_BITS[ggml_type]
-            w, scales, biases = mx.quantize(tensors[name], group_size=GGUF_GROUP_SIZE, bits=bits)
-            stem = name[: -len(".weight")]
-            tensors.update({name: w, f"{stem}.scales": scales, f"{stem}.biases": biases})
-            done[ggml_type] = bits
-    if done:
-        notes = ", ".join(f"{t} -> {b}-bit" for t, b in sorted(done.items()))
-        print(f"note: {path.name}: MLX cannot keep k-quants; re-quantized {notes}", file=sys.stderr)
-
-
 def _renamed(tensors: dict, layout: str) -> dict[str, mx.array]:
     """`tensors` under our names (emptied as it goes: each tensor is held once)."""
     out = {}
@@ -256,8 +297,7 @@ def read_pair(
         template: an Ollama template, which decides the conversation format.
     """
     text_path, mmproj_path = Path(text_path), Path(mmproj_path)
-    text, text_meta = read_gguf(text_path)
-    _requantize_kquants(text, tensor_types(text_path), text_path)
+    text, text_meta = read_gguf(text_path, dtype)
     mmproj, mmproj_meta = read_gguf(mmproj_path)
     fields, image = mmproj_settings(mmproj_meta)
     text_cfg = text_config(text_meta)

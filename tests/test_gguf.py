@@ -17,6 +17,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
+from mlx.utils import tree_flatten
 
 from llava_testing.parity import assert_logits_close, greedy_tokens
 from mlx_llava import convert, load
@@ -331,3 +332,90 @@ def test_bf16_stays_bf16_without_a_dtype():
     weights = read_pair(text_gguf("bf16"), MMPROJ).weights
     assert weights["language_model.model.layers.0.self_attn.q_proj.weight"].dtype == mx.bfloat16
     assert weights["language_model.lm_head.weight"].dtype == mx.bfloat16
+
+
+KQ = DATA / "gguf-kq"  # llama-quantize's Q4_K_M and Q5_K_M of a 256-wide model
+KQ_MMPROJ = KQ / "mmproj-model-f16.gguf"
+KQ_TEXT = KQ / "ggml-model-Q4_K_M.gguf"
+
+
+def kquant_layers(path: Path) -> dict[str, tuple[str, int]]:
+    """Our module path -> (GGML type, MLX bits) of each k-quant matrix of a GGUF."""
+    from mlx_llava.gguf import REQUANTIZED_BITS, tensor_types
+    from mlx_llava.weights import to_mlx_key
+
+    return {
+        to_mlx_key(name, "gguf")[: -len(".weight")]: (kind, REQUANTIZED_BITS[kind])
+        for name, kind in tensor_types(path).items()
+        if kind in REQUANTIZED_BITS
+    }
+
+
+@pytest.fixture(scope="module")
+def kquant(tmp_path_factory):
+    """(model, processor, the note printed, reference model).
+
+    The reference is the file with every tensor dequantized by the gguf package (float32, keys
+    copied), loaded as a float model; its Q6_K layers then quantized as MLX quantizes a float
+    layer (`nn.quantize`, 8 bits, group 32), as the loader must (MLX has no 6-bit layout of
+    Q6_K's 16-weight sub-blocks). Q4_K layers stay float: the loader keeps their values.
+    """
+    import contextlib
+    import io
+
+    from llava_testing.gguf_files import dequantize_copy
+
+    twin = tmp_path_factory.mktemp("kq") / "ggml-model-f32.gguf"
+    dequantize_copy(KQ_TEXT, twin)
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        model, processor = load(KQ_TEXT, mmproj=KQ_MMPROJ, dtype="float32")
+    reference, _ = load(twin, mmproj=KQ_MMPROJ, dtype="float32")
+    requantized = {path for path, (kind, _) in kquant_layers(KQ_TEXT).items() if kind == "Q6_K"}
+    nn.quantize(reference, group_size=32, bits=8, class_predicate=lambda p, _: p in requantized)
+    return model, processor, err.getvalue(), reference
+
+
+def test_kquants_are_held_quantized_with_a_one_line_note(kquant):
+    from mlx_llava.gguf import tensor_types
+
+    model, _, note, reference = kquant
+    assert set(tensor_types(KQ_TEXT).values()) == {"Q4_K", "Q6_K", "F32"}  # Q4_K_M's mix
+    assert note.strip() == (
+        "note: ggml-model-Q4_K_M.gguf: k-quants held as MLX affine: "
+        "Q4_K -> 4-bit (the same values), Q6_K -> 8-bit (re-quantized)"
+    )
+    layers = kquant_layers(KQ_TEXT)
+    assert {kind for kind, _ in layers.values()} == {"Q4_K", "Q6_K"}
+    floats = dict(tree_flatten(reference.parameters()))
+    for path, module in model.named_modules():
+        if path not in layers:
+            continue
+        kind, bits = layers[path]
+        assert (module.bits, module.group_size) == (bits, 32), path
+        if kind == "Q4_K":  # exactly the values gguf's reference dequantizer gives
+            values = mx.dequantize(module.weight, module.scales, module.biases, 32, 4)
+            np.testing.assert_array_equal(np.array(values), np.array(floats[f"{path}.weight"]))
+
+
+def test_kquant_logits_and_greedy_tokens_match_the_dequantized_file(kquant):
+    model, processor, _, reference = kquant
+    prompt = processor.format_prompt(QUESTION)
+    inputs = processor(prompt, [IMAGE])
+    pictures = dict(pixel_values=inputs["pixel_values"])
+    assert_logits_close(
+        model(inputs["input_ids"], **pictures), reference(inputs["input_ids"], **pictures)
+    )
+    tokens = greedy_tokens(model, processor, prompt, [IMAGE], 24)
+    assert tokens == greedy_tokens(reference, processor, prompt, [IMAGE], 24)
+
+
+def test_kquants_mlx_cannot_read_are_refused_in_one_line(capsys):
+    """Q5_K_M (Q5_K and Q6_K tensors, llama-quantize's): MLX reads no Q5_K."""
+    text = KQ / "ggml-model-Q5_K_M.gguf"
+    with pytest.raises(ValueError, match="Q5_K tensors, which MLX cannot read"):
+        load(text, mmproj=KQ_MMPROJ)
+    with pytest.raises(SystemExit) as exit_:
+        generate_cli.main(["--model", str(text), "--mmproj", str(KQ_MMPROJ), "-p", "Hi"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 1 and "Q5_K" in err and len(err.strip().splitlines()) == 1
