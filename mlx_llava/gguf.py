@@ -107,12 +107,9 @@ def read_gguf(path: Path, dtype: Optional[mx.Dtype] = None) -> tuple[dict[str, m
         if kind == "BF16":
             tensors[t.name] = mx.array(t.data.view(np.uint16)).view(mx.bfloat16).reshape(shape)
         elif kind in REQUANTIZED_BITS:
+            del tensors[t.name]  # mx.load's float16 copy, freed first
+            w, scales, biases = _kquant_as_affine(t, shape)
             bits = REQUANTIZED_BITS[kind]
-            if kind == "Q4_K":
-                w, scales, biases = q4_k_as_affine(t.data, shape)
-            else:
-                values = mx.array(gguf.quants.dequantize(t.data, t.tensor_type).reshape(shape))
-                w, scales, biases = mx.quantize(values, group_size=GGUF_GROUP_SIZE, bits=bits)
             stem = t.name[: -len(".weight")]
             tensors.update(
                 {
@@ -130,6 +127,25 @@ def read_gguf(path: Path, dtype: Optional[mx.Dtype] = None) -> tuple[dict[str, m
         )
         print(f"note: {path.name}: k-quants held as MLX affine: {notes}", file=sys.stderr)
     return tensors, meta
+
+
+def _kquant_as_affine(tensor, shape: tuple[int, int], chunk: int = 1 << 22) -> tuple:
+    """A k-quant tensor of the gguf reader as MLX affine (weight, scales, biases), `chunk`
+    weights at a time, so that no float copy of the whole tensor is made."""
+    gguf = _gguf_package()
+    kind, (rows, cols) = tensor.tensor_type.name, shape
+    parts = []
+    for start in range(0, rows, max(1, chunk // cols)):
+        data = tensor.data[start : start + max(1, chunk // cols)]
+        n = data.shape[0]
+        if kind == "Q4_K":
+            parts.append(q4_k_as_affine(data, (n, cols)))
+        else:
+            values = mx.array(gguf.quants.dequantize(data, tensor.tensor_type).reshape(n, cols))
+            bits = REQUANTIZED_BITS[kind]
+            parts.append(mx.quantize(values, group_size=GGUF_GROUP_SIZE, bits=bits))
+        mx.eval(parts[-1])
+    return tuple(mx.concatenate(list(p), axis=0) for p in zip(*parts))
 
 
 def q4_k_as_affine(data: np.ndarray, shape: tuple[int, int]) -> tuple[mx.array, ...]:
