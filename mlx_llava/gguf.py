@@ -26,8 +26,9 @@ from .weights import to_mlx_key, to_mlx_tensor
 
 GGUF_GROUP_SIZE = 32  # every block quantization MLX reads: 32 weights per scale
 NATIVE_TYPES = {"F32", "F16", "BF16", "Q4_0", "Q4_1", "Q8_0"}
-# The k-quants MLX reads (dequantized to float16 by `mx.load`): re-quantized to MLX affine at
-# these bits. MLX cannot read Q3_K, Q5_K, Q8_K nor the IQ types (so no Q3_K_*, Q5_K_* file).
+# The k-quants `mx.load` accepts (handing them over as float16, Q4_K wrongly): read again with
+# gguf's reference code and held as MLX affine at these bits, Q4_K with its own values. MLX
+# reads no Q3_K, Q5_K, Q8_K nor IQ types, so Q3_K_* and Q5_K_* files are refused.
 REQUANTIZED_BITS = {"Q2_K": 4, "Q4_K": 4, "Q6_K": 8}
 ORIGINAL_IMAGE_TOKEN_INDEX = -200  # the original LLaVA's: llama.cpp GGUFs have no <image> token
 # llava-v1.5's tokenizer_config.json: bos / eos / unk strip nothing, `legacy: false`.
@@ -154,7 +155,8 @@ def q4_k_as_affine(data: np.ndarray, shape: tuple[int, int]) -> tuple[mx.array, 
     A Q4_K block holds 256 weights in 8 sub-blocks of 32, each `d * sc * q - dmin * m` (q in
     0..15, 6-bit sc and m, fp16 d and dmin): an affine group of 32 with scale `d * sc` and bias
     `-dmin * m`. Unpacked as gguf's reference code does; the quants packed 8 to a uint32, the
-    first in the low bits, as `mx.quantize` packs them.
+    first in the low bits, as `mx.quantize` packs them. The values are exact while the scales
+    stay float32; float16 scales round `d * sc` (an fp16 times a 6-bit integer) to 11 bits.
 
     Returns:
         (weight uint32 [rows, cols / 8], scales, biases float32 [rows, cols / 32])
