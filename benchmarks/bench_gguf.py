@@ -2,12 +2,16 @@
 model converted by this project to 4-bit (same process, interleaved runs).
 
     python benchmarks/bench_gguf.py [--hidden 1024 --layers 8 --vocab 32000] [--runs 3]
+        [--llama-quantize build/bin/llama-quantize] [--computed-only]
 
 The language model GGUF is written here with the gguf package (random weights quantized by its
 reference Q4_0 quantizer, the fixtures' SentencePiece vocabulary, `llama.*` metadata as
 llama.cpp writes it); the mmproj is the fixtures' tiny tower with a projector of the model's
 width. Memory is measured in a fresh process: MLX's peak after `load` and after a short
-generation, against the two files' bytes.
+generation, against the two files' bytes, and explained (`layout_bytes`); with
+`--llama-quantize` also for llama.cpp's own Q4_0 of the same weights (its output tensor Q6_K, as
+llama-quantize makes it in every Q4_0 file whose width divides by 256). `--computed-only` prints the layout of the real
+LLaVA-1.5-7B Q4_0 pair.
 """
 
 from __future__ import annotations
@@ -27,8 +31,11 @@ PAIR = ROOT / "tests" / "fixtures" / "data" / "gguf-v15"
 IMAGE = ROOT / "tests" / "fixtures" / "data" / "images" / "a.png"
 
 
-def write_text_gguf(path: Path, hidden: int, layers: int, ffn: int, vocab: int, heads: int):
-    """A random Llama language model GGUF, every matrix Q4_0, with the fixtures' vocabulary."""
+def write_text_gguf(
+    path: Path, hidden: int, layers: int, ffn: int, vocab: int, heads: int, f32: bool = False
+):
+    """A random Llama language model GGUF, every matrix Q4_0 (or F32), with the fixtures'
+    vocabulary."""
     import gguf
 
     source = gguf.GGUFReader(PAIR / "ggml-model-f16.gguf")
@@ -37,7 +44,7 @@ def write_text_gguf(path: Path, hidden: int, layers: int, ffn: int, vocab: int, 
         if name.startswith("tokenizer.") or name == "general.name":
             sub = field.types[1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
             writer.add_key_value(name, field.contents(), field.types[0], sub_type=sub)
-    writer.add_file_type(gguf.LlamaFileType.MOSTLY_Q4_0)
+    writer.add_file_type(gguf.LlamaFileType.ALL_F32 if f32 else gguf.LlamaFileType.MOSTLY_Q4_0)
     writer.add_vocab_size(vocab)
     writer.add_context_length(4096)
     writer.add_embedding_length(hidden)
@@ -52,7 +59,10 @@ def write_text_gguf(path: Path, hidden: int, layers: int, ffn: int, vocab: int, 
 
     def matrix(name: str, rows: int, cols: int, scale: float = 1.0):
         w = rng.standard_normal((rows, cols), dtype=np.float32) * (scale / np.sqrt(cols))
-        writer.add_tensor(name, gguf.quants.quantize(w, q4), raw_dtype=q4)
+        if f32:  # the same weights as the Q4_0 file's
+            writer.add_tensor(name, gguf.quants.dequantize(gguf.quants.quantize(w, q4), q4))
+        else:
+            writer.add_tensor(name, gguf.quants.quantize(w, q4), raw_dtype=q4)
 
     matrix("token_embd.weight", vocab, hidden, np.sqrt(hidden))
     for i in range(layers):
@@ -124,6 +134,12 @@ def measure_memory(text: Path, mmproj: Path) -> dict:
         "load_overhead_bytes": after_load - weights,  # anything else at the peak
         "generate_ratio": mx.get_peak_memory() / files,
     }
+
+
+def memory_of(text: Path) -> dict:
+    """`measure_memory` of `text` and the mmproj beside it, in a fresh process."""
+    child = [sys.executable, __file__, "--memory-of", str(text)]
+    return json.loads(subprocess.run(child, check=True, capture_output=True).stdout)
 
 
 def gguf_tensors(path: Path) -> list[tuple[str, str, tuple[int, ...]]]:
@@ -248,6 +264,7 @@ def main() -> None:
     )
     p.add_argument("--memory-of", type=Path, help=argparse.SUPPRESS)  # the child process
     p.add_argument("--computed-only", action="store_true", help="only the 7B pair's layout")
+    p.add_argument("--llama-quantize", type=Path, help="also measure llama.cpp's own Q4_0 file")
     args = p.parse_args()
     if args.computed_only:
         print(json.dumps(computed_7b(), indent=2))
@@ -262,8 +279,21 @@ def main() -> None:
         write_text_gguf(text, args.hidden, args.layers, args.ffn, args.vocab, args.heads)
         mmproj = Path(tmp) / "mmproj.gguf"
         write_mmproj(mmproj, args.hidden)
-        child = [sys.executable, __file__, "--memory-of", str(text)]
-        memory = json.loads(subprocess.run(child, check=True, capture_output=True).stdout)
+        memory = memory_of(text)
+        if args.llama_quantize:  # llama.cpp's own Q4_0: its output tensor Q6_K
+            real = Path(tmp) / "llama-quantize" / "ggml-model-q4_0.gguf"
+            real.parent.mkdir()
+            f32 = real.with_name("f32.gguf")
+            write_text_gguf(f32, args.hidden, args.layers, args.ffn, args.vocab, args.heads, True)
+            quantize = [str(args.llama_quantize), str(f32), str(real), "Q4_0"]
+            subprocess.run(quantize, check=True, capture_output=True)
+            f32.unlink()
+            write_mmproj(real.with_name("mmproj.gguf"), args.hidden)
+            memory_real = memory_of(real)
+            layout = layout_bytes(gguf_tensors(real) + gguf_tensors(real.with_name("mmproj.gguf")))
+            memory_real["types"] = sorted({kind for _, kind, _ in gguf_tensors(real)})
+            memory_real["peak_computed_bytes"] = layout["peak"]
+            memory_real["load_ratio_computed"] = layout["peak"] / memory_real["files_bytes"]
         q4 = QuantizeSpec(4, 64)
         ours = convert(text, Path(tmp) / "q4", args.dtype, q4, mmproj=mmproj, progress=False)
         models = {
@@ -278,6 +308,7 @@ def main() -> None:
     result = {
         "sizes": vars(args) | {"memory_of": None},
         "memory": memory,
+        "memory_llama_quantize_q4_0": memory_real if args.llama_quantize else None,
         "computed_llava_1_5_7b_q4_0": computed_7b(),
         "decode_tps": tps,
         "decode_ratio_gguf_vs_converted_4bit": gguf_tps / ours_tps,

@@ -109,14 +109,14 @@ def read_gguf(path: Path, dtype: Optional[mx.Dtype] = None) -> tuple[dict[str, m
             tensors[t.name] = mx.array(t.data.view(np.uint16)).view(mx.bfloat16).reshape(shape)
         elif kind in REQUANTIZED_BITS:
             del tensors[t.name]  # mx.load's float16 copy, freed first
-            w, scales, biases = _kquant_as_affine(t, shape)
+            w, scales, biases = _kquant_as_affine(t, shape, scale_type)
             bits = REQUANTIZED_BITS[kind]
             stem = t.name[: -len(".weight")]
             tensors.update(
                 {
                     t.name: w,
-                    f"{stem}.scales": scales.astype(scale_type),
-                    f"{stem}.biases": biases.astype(scale_type),
+                    f"{stem}.scales": scales,
+                    f"{stem}.biases": biases,
                 }
             )
             mx.eval(tensors[t.name], tensors[f"{stem}.scales"], tensors[f"{stem}.biases"])
@@ -130,23 +130,31 @@ def read_gguf(path: Path, dtype: Optional[mx.Dtype] = None) -> tuple[dict[str, m
     return tensors, meta
 
 
-def _kquant_as_affine(tensor, shape: tuple[int, int], chunk: int = 1 << 22) -> tuple:
-    """A k-quant tensor of the gguf reader as MLX affine (weight, scales, biases), `chunk`
-    weights at a time, so that no float copy of the whole tensor is made."""
-    gguf = _gguf_package()
-    kind, (rows, cols) = tensor.tensor_type.name, shape
-    parts = []
-    for start in range(0, rows, max(1, chunk // cols)):
-        data = tensor.data[start : start + max(1, chunk // cols)]
-        n = data.shape[0]
-        if kind == "Q4_K":
-            parts.append(q4_k_as_affine(data, (n, cols)))
-        else:
-            values = mx.array(gguf.quants.dequantize(data, tensor.tensor_type).reshape(n, cols))
-            bits = REQUANTIZED_BITS[kind]
-            parts.append(mx.quantize(values, group_size=GGUF_GROUP_SIZE, bits=bits))
-        mx.eval(parts[-1])
+def _kquant_as_affine(tensor, shape: tuple[int, int], dtype: mx.Dtype, chunk: int = 1 << 20):
+    """A k-quant tensor of the gguf reader as MLX affine (weight, scales and biases in `dtype`),
+    `chunk` weights at a time, so that no float copy of the whole tensor is made (the chunks are
+    joined at the end: the affine tensor is held twice for a moment)."""
+    rows, cols = shape
+    step = max(1, chunk // cols)
+    parts = [
+        _rows_as_affine(tensor, start, min(rows, start + step), cols, dtype)
+        for start in range(0, rows, step)
+    ]
     return tuple(mx.concatenate(list(p), axis=0) for p in zip(*parts))
+
+
+def _rows_as_affine(tensor, start: int, end: int, cols: int, dtype: mx.Dtype) -> tuple:
+    """Rows [start, end) of a k-quant tensor as MLX affine, evaluated (their floats freed)."""
+    data, kind = tensor.data[start:end], tensor.tensor_type.name
+    if kind == "Q4_K":
+        out = q4_k_as_affine(data, (end - start, cols))
+    else:
+        values = _gguf_package().quants.dequantize(data, tensor.tensor_type)
+        values = mx.array(values.reshape(end - start, cols))
+        out = mx.quantize(values, group_size=GGUF_GROUP_SIZE, bits=REQUANTIZED_BITS[kind])
+    out = (out[0], out[1].astype(dtype), out[2].astype(dtype))
+    mx.eval(out)
+    return out
 
 
 def q4_k_as_affine(data: np.ndarray, shape: tuple[int, int]) -> tuple[mx.array, ...]:
