@@ -10,8 +10,8 @@ llama.cpp writes it); the mmproj is the fixtures' tiny tower with a projector of
 width. Memory is measured in a fresh process: MLX's peak after `load` and after a short
 generation, against the two files' bytes, and explained (`layout_bytes`); with
 `--llama-quantize` also for llama.cpp's own Q4_0 of the same weights (its output tensor Q6_K, as
-llama-quantize makes it in every Q4_0 file whose width divides by 256). `--computed-only` prints the layout of the real
-LLaVA-1.5-7B Q4_0 pair.
+llama-quantize makes it in every Q4_0 file whose width divides by 256). `--computed-only`
+prints the layout of the real LLaVA-1.5-7B Q4_0 pair.
 """
 
 from __future__ import annotations
@@ -306,7 +306,7 @@ def main() -> None:
                 tps[name].append(decode_tps(model, processor, args.tokens))
     gguf_tps, ours_tps = statistics.median(tps["gguf"]), statistics.median(tps["converted"])
     result = {
-        "sizes": vars(args) | {"memory_of": None},
+        "sizes": vars(args) | {"memory_of": None, "llama_quantize": bool(args.llama_quantize)},
         "memory": memory,
         "memory_llama_quantize_q4_0": memory_real if args.llama_quantize else None,
         "computed_llava_1_5_7b_q4_0": computed_7b(),
