@@ -31,6 +31,7 @@ def session_template(
     `USER: ... ASSISTANT:` format. For llava-hf the answer separator is `</s>`, as LLaVA-1.5
     was trained (vicuna_v1's sep2), not the space llava-hf's Jinja template writes after an
     answer: ` {answer}</s>USER: {question} ASSISTANT:`. Single-turn prompts are the same.
+    The processor's `system` (an Ollama model's `SYSTEM`), when it has one, is the system prompt.
     Pass a `Template` object to use a template as it is.
     """
     if isinstance(conv_mode, Template):
@@ -39,6 +40,8 @@ def session_template(
     template = get_template(mode)
     if template.name == "llava_hf":
         template = dataclasses.replace(template, sep2="</s>")
+    if processor.system is not None:
+        template = dataclasses.replace(template, system=processor.system)
     return template
 
 

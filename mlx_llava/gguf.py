@@ -26,8 +26,10 @@ from .weights import to_mlx_key, to_mlx_tensor
 
 GGUF_GROUP_SIZE = 32  # every block quantization MLX reads: 32 weights per scale
 NATIVE_TYPES = {"F32", "F16", "BF16", "Q4_0", "Q4_1", "Q8_0"}
-# k-quants that MLX dequantizes on reading: re-quantized to MLX affine at these bits.
-REQUANTIZED_BITS = {"Q2_K": 4, "Q3_K": 4, "Q4_K": 4, "Q5_K": 8, "Q6_K": 8, "Q8_K": 8}
+# The k-quants `mx.load` accepts (handing them over as float16, Q4_K wrongly): read again with
+# gguf's reference code and held as MLX affine at these bits, Q4_K with its own values. MLX
+# reads no Q3_K, Q5_K, Q8_K nor IQ types, so Q3_K_* and Q5_K_* files are refused.
+REQUANTIZED_BITS = {"Q2_K": 4, "Q4_K": 4, "Q6_K": 8}
 ORIGINAL_IMAGE_TOKEN_INDEX = -200  # the original LLaVA's: llama.cpp GGUFs have no <image> token
 # llava-v1.5's tokenizer_config.json: bos / eos / unk strip nothing, `legacy: false`.
 SPECIAL_TOKENS = ("<s>", "</s>", "<unk>")
@@ -73,22 +75,113 @@ def architecture(path: Path) -> str:
     return field_.contents() if field_ is not None else ""
 
 
-def read_gguf(path: Path) -> tuple[dict[str, mx.array], dict]:
+def read_gguf(path: Path, dtype: Optional[mx.Dtype] = None) -> tuple[dict[str, mx.array], dict]:
     """Tensors (quantized ones as `weight`, `scales`, `biases`) and metadata of a GGUF file.
+
+    `mx.load` reads the file; two kinds of tensor are then read again from its bytes with the
+    gguf package: BF16 ones, which `mx.load` turns into float16 (neither bfloat16's range nor
+    its small values), and k-quants, which it dequantizes to float16, Q4_K wrongly (MLX 0.32:
+    the sub-blocks in high nibbles come back off by up to half the largest weight). These are
+    dequantized by gguf's reference code and quantized again to MLX affine at once, one tensor
+    at a time (`REQUANTIZED_BITS`), with a one-line note; their scales and biases in `dtype`
+    (float16 if None, as the other GGUF types' are).
 
     Raises:
         ValueError: tensors of a type MLX cannot read.
     """
     try:
-        return mx.load(str(path), format="gguf", return_metadata=True)
+        tensors, meta = mx.load(str(path), format="gguf", return_metadata=True)
     except Exception as e:  # MLX refuses the whole file for one unreadable tensor
         unreadable = sorted(set(tensor_types(path).values()) - NATIVE_TYPES - set(REQUANTIZED_BITS))
         if not unreadable:
             raise ValueError(f"{path.name}: not a readable GGUF file ({e})") from None
         raise ValueError(
             f"{path.name} holds {', '.join(unreadable)} tensors, which MLX cannot read: use a "
-            "Q4_0, Q4_1, Q8_0 or f16 GGUF of the model"
+            "Q4_0, Q4_1, Q8_0, Q4_K_M, Q6_K or f16 GGUF of the model"
         ) from None
+    if not any(v.dtype == mx.float16 for v in tensors.values()):
+        return tensors, meta
+    gguf = _gguf_package()
+    requantized, scale_type = {}, dtype or mx.float16
+    for t in gguf.GGUFReader(path).tensors:
+        kind, shape = t.tensor_type.name, tuple(int(d) for d in reversed(t.shape))
+        if kind == "BF16":
+            tensors[t.name] = mx.array(t.data.view(np.uint16)).view(mx.bfloat16).reshape(shape)
+        elif kind in REQUANTIZED_BITS:
+            del tensors[t.name]  # mx.load's float16 copy, freed first
+            w, scales, biases = _kquant_as_affine(t, shape, scale_type)
+            bits = REQUANTIZED_BITS[kind]
+            stem = t.name[: -len(".weight")]
+            tensors.update(
+                {
+                    t.name: w,
+                    f"{stem}.scales": scales,
+                    f"{stem}.biases": biases,
+                }
+            )
+            mx.eval(tensors[t.name], tensors[f"{stem}.scales"], tensors[f"{stem}.biases"])
+            requantized[kind] = bits
+    if requantized:
+        notes = ", ".join(
+            f"{t} -> {b}-bit" + (" (the same values)" if t == "Q4_K" else " (re-quantized)")
+            for t, b in sorted(requantized.items())
+        )
+        print(f"note: {path.name}: k-quants held as MLX affine: {notes}", file=sys.stderr)
+    return tensors, meta
+
+
+def _kquant_as_affine(tensor, shape: tuple[int, int], dtype: mx.Dtype, chunk: int = 1 << 20):
+    """A k-quant tensor of the gguf reader as MLX affine (weight, scales and biases in `dtype`),
+    `chunk` weights at a time, so that no float copy of the whole tensor is made (the chunks are
+    joined at the end: the affine tensor is held twice for a moment)."""
+    rows, cols = shape
+    step = max(1, chunk // cols)
+    parts = [
+        _rows_as_affine(tensor, start, min(rows, start + step), cols, dtype)
+        for start in range(0, rows, step)
+    ]
+    return tuple(mx.concatenate(list(p), axis=0) for p in zip(*parts))
+
+
+def _rows_as_affine(tensor, start: int, end: int, cols: int, dtype: mx.Dtype) -> tuple:
+    """Rows [start, end) of a k-quant tensor as MLX affine, evaluated (their floats freed)."""
+    data, kind = tensor.data[start:end], tensor.tensor_type.name
+    if kind == "Q4_K":
+        out = q4_k_as_affine(data, (end - start, cols))
+    else:
+        values = _gguf_package().quants.dequantize(data, tensor.tensor_type)
+        values = mx.array(values.reshape(end - start, cols))
+        out = mx.quantize(values, group_size=GGUF_GROUP_SIZE, bits=REQUANTIZED_BITS[kind])
+    out = (out[0], out[1].astype(dtype), out[2].astype(dtype))
+    mx.eval(out)
+    return out
+
+
+def q4_k_as_affine(data: np.ndarray, shape: tuple[int, int]) -> tuple[mx.array, ...]:
+    """A Q4_K tensor [rows, cols] as MLX affine 4-bit, group 32, with the same values.
+
+    A Q4_K block holds 256 weights in 8 sub-blocks of 32, each `d * sc * q - dmin * m` (q in
+    0..15, 6-bit sc and m, fp16 d and dmin): an affine group of 32 with scale `d * sc` and bias
+    `-dmin * m`. Unpacked as gguf's reference code does; the quants packed 8 to a uint32, the
+    first in the low bits, as `mx.quantize` packs them. The values are exact while the scales
+    stay float32; float16 scales round `d * sc` (an fp16 times a 6-bit integer) to 11 bits.
+
+    Returns:
+        (weight uint32 [rows, cols / 8], scales, biases float32 [rows, cols / 32])
+    """
+    rows, cols = shape
+    blocks = np.asarray(data).reshape(-1, 144)  # 2 + 2 + 12 + 128 bytes a block
+    n = blocks.shape[0]
+    d = blocks[:, 0:2].view(np.float16).astype(np.float32)
+    dmin = blocks[:, 2:4].view(np.float16).astype(np.float32)
+    sc, m = _gguf_package().quants.Q4_K.get_scale_min(blocks[:, 4:16])
+    # 4 chunks of 32 bytes: the low nibbles are sub-block 2j, the high ones sub-block 2j + 1.
+    q = blocks[:, 16:].reshape(n, 4, 1, 32) >> np.array([0, 4], np.uint8).reshape(1, 1, 2, 1)
+    q = (q & 0x0F).astype(np.uint32).reshape(rows, cols // 8, 8)
+    packed = np.bitwise_or.reduce(q << (4 * np.arange(8, dtype=np.uint32)), axis=-1)
+    scales = (d * sc.astype(np.float32)).reshape(rows, cols // GGUF_GROUP_SIZE)
+    biases = -(dmin * m.astype(np.float32)).reshape(rows, cols // GGUF_GROUP_SIZE)
+    return mx.array(packed), mx.array(scales), mx.array(biases)
 
 
 def _value(meta: dict, key: str, default=None):
@@ -203,21 +296,6 @@ def _layer_bits(weight: mx.array, scales: mx.array) -> int:
     return weight.shape[-1] * 32 // (scales.shape[-1] * GGUF_GROUP_SIZE)
 
 
-def _requantize_kquants(tensors: dict, types: dict, path: Path) -> None:
-    """k-quant tensors come back as floats: quantize them again to MLX 4 or 8 bits."""
-    done = {}
-    for name, ggml_type in types.items():
-        if ggml_type in REQUANTIZED_BITS and name in tensors and name.endswith(".weight"):
-            bits = REQUANTIZED_BITS[ggml_type]
-            w, scales, biases = mx.quantize(tensors[name], group_size=GGUF_GROUP_SIZE, bits=bits)
-            stem = name[: -len(".weight")]
-            tensors.update({name: w, f"{stem}.scales": scales, f"{stem}.biases": biases})
-            done[ggml_type] = bits
-    if done:
-        notes = ", ".join(f"{t} -> {b}-bit" for t, b in sorted(done.items()))
-        print(f"note: {path.name}: MLX cannot keep k-quants; re-quantized {notes}", file=sys.stderr)
-
-
 def _renamed(tensors: dict, layout: str) -> dict[str, mx.array]:
     """`tensors` under our names (emptied as it goes: each tensor is held once)."""
     out = {}
@@ -245,8 +323,7 @@ def read_pair(
         template: an Ollama template, which decides the conversation format.
     """
     text_path, mmproj_path = Path(text_path), Path(mmproj_path)
-    text, text_meta = read_gguf(text_path)
-    _requantize_kquants(text, tensor_types(text_path), text_path)
+    text, text_meta = read_gguf(text_path, dtype)
     mmproj, mmproj_meta = read_gguf(mmproj_path)
     fields, image = mmproj_settings(mmproj_meta)
     text_cfg = text_config(text_meta)

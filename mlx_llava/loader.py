@@ -8,6 +8,7 @@ from typing import Optional, Union
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx.utils import tree_unflatten
 
 from . import distributed
 from .atomic import recover_dir
@@ -39,6 +40,33 @@ def resolve_model(name: Union[str, Path], dtype: str = "float16") -> Path:
     return resolve_folder(name)
 
 
+class TypedQuantizedEmbedding(nn.QuantizedEmbedding):
+    """`nn.QuantizedEmbedding` whose rows come back in the model's float type.
+
+    `mx.dequantize` returns bfloat16 for the fp modes (mxfp4, nvfp4, mxfp8: their scales are
+    uint8), so a float32 or float16 model would take its prompt in bfloat16 and round its
+    image features to bfloat16 where they join the text (2.8e-3 of the largest logit).
+    """
+
+    def __init__(self, embedding: nn.QuantizedEmbedding, dtype: mx.Dtype):
+        super().__init__(
+            embedding.num_embeddings, embedding.dims, embedding.group_size, embedding.bits,
+            embedding.mode,
+        )  # fmt: skip
+        self.dtype = dtype
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return mx.dequantize(
+            self["weight"][x],
+            scales=self["scales"][x],
+            biases=self["biases"][x] if "biases" in self else None,
+            group_size=self.group_size,
+            bits=self.bits,
+            mode=self.mode,
+            dtype=self.dtype,
+        )
+
+
 def _apply_quantization(model: Model, config: ModelConfig, weights: dict) -> None:
     """Swap in quantized layers where the weights hold `scales` (mlx-lm's convention)."""
     quant = config.quantization
@@ -57,6 +85,15 @@ def _apply_quantization(model: Model, config: ModelConfig, weights: dict) -> Non
         mode=quant.get("mode", "affine"),
         class_predicate=predicate,
     )
+    floats = (v.dtype for v in weights.values() if mx.issubdtype(v.dtype, mx.floating))
+    dtype = next(floats, mx.float32)
+    typed = [
+        (path, TypedQuantizedEmbedding(module, dtype))
+        for path, module in model.named_modules()
+        if isinstance(module, nn.QuantizedEmbedding) and module.mode != "affine"
+    ]  # lazy: the random weights these are made with are replaced before any evaluation
+    if typed:
+        model.update_modules(tree_unflatten(typed))
 
 
 def read_model(folder: Path, dtype: Optional[str]) -> tuple[ModelConfig, dict, list[Path]]:
@@ -164,6 +201,7 @@ def load(
     if pair is not None:
         processor = Processor.from_gguf(gguf, pad_to_square=pad_to_square)
         processor.stop = ollama.stop if ollama else []
+        processor.system = ollama.system if ollama else None
     else:
         processor = Processor.from_pretrained(processor_folders, config, pad_to_square)
     return model, processor

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -74,6 +75,7 @@ class Processor:
             )
         self.original_tokenizer = original_tokenizer
         self.stop: list[str] = []  # strings that end every answer (an Ollama model's `stop`)
+        self.system: Optional[str] = None  # the template's system prompt (an Ollama `SYSTEM`)
 
     @classmethod
     def from_pretrained(
@@ -135,7 +137,10 @@ class Processor:
         """
         mode = conv_mode or self.config.conv_mode
         if mode or not self.chat_template:
-            return format_prompt(question, get_template(mode or "llava_hf"), num_images)
+            template = get_template(mode or "llava_hf")
+            if self.system is not None:
+                template = dataclasses.replace(template, system=self.system)
+            return format_prompt(question, template, num_images)
         if IMAGE_PLACEHOLDER in question:
             num_images = 0
         content = [{"type": "image"}] * num_images + [{"type": "text", "text": question}]

@@ -1,8 +1,9 @@
 """llama.cpp GGUF pairs and Ollama's store, against the original checkpoint they were made from.
 
 tests/fixtures/data/gguf-v15 was written by llama.cpp's own converters from gguf-src (an original
-LLaVA-1.5 checkpoint with a real SentencePiece tokenizer) and its tower orig-spm-clip, the Q4_0
-and Q4_1 files by the gguf package's reference quantizer; gguf-v16 the same way from gguf-src-next
+LLaVA-1.5 checkpoint with a real SentencePiece tokenizer) and its tower orig-spm-clip (bf16 by
+convert_hf_to_gguf.py), the Q4_0 and Q4_1 files by the gguf package's reference quantizer;
+gguf-kq's k-quants by llama.cpp's llama-quantize; gguf-v16 the same way from gguf-src-next
 (LLaVA-1.6) (tests/fixtures/make_gguf_fixtures.py). The reference is the checkpoint with the
 GGUF's weights put back (dequantized by the gguf package), loaded from the original format.
 """
@@ -12,9 +13,11 @@ import shutil
 from hashlib import sha256
 from pathlib import Path
 
+import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
+from mlx.utils import tree_flatten
 
 from llava_testing.parity import assert_logits_close, greedy_tokens
 from mlx_llava import convert, load
@@ -33,6 +36,7 @@ QUESTION = "What is in the picture?"
 # kind: (original checkpoint, language-model GGUF, mmproj, GGML type of its matrices)
 PAIRS = {
     "f16": (SOURCE, PAIR / "ggml-model-f16.gguf", MMPROJ, "F16"),
+    "bf16": (SOURCE, PAIR / "ggml-model-bf16.gguf", MMPROJ, "BF16"),  # convert_hf_to_gguf.py
     "q8_0": (SOURCE, PAIR / "ggml-model-q8_0.gguf", MMPROJ, "Q8_0"),
     "q4_0": (SOURCE, PAIR / "ggml-model-q4_0.gguf", MMPROJ, "Q4_0"),
     "q4_1": (SOURCE, PAIR / "ggml-model-q4_1.gguf", MMPROJ, "Q4_1"),
@@ -159,7 +163,7 @@ def test_quantized_files_stay_quantized(pair):
     kind, model, _, _, _ = pair
     lm = model.language_model
     layers = [lm.model.embed_tokens, lm.lm_head, lm.model.layers[0].self_attn.k_proj]
-    if kind == "f16":
+    if kind in ("f16", "bf16"):
         assert not any(hasattr(layer, "scales") for layer in layers)
         return
     bits = int(kind.split("-")[-1][1])
@@ -248,6 +252,8 @@ def test_ollama_store(tmp_path, monkeypatch, capsys):
         direct(ids["input_ids"], pixel_values=ids["pixel_values"]),
     )
     assert processor.config.conv_mode == "vicuna_v1" and processor.stop == []
+    assert processor.system is None  # no system layer: the template's own
+    assert processor.format_prompt(QUESTION).startswith("A chat between a curious user")
     _, tagged = load("ollama:llava:7b-v1.6-mistral-q4_0", dtype="float32")
     assert tagged.config.conv_mode == "mistral_instruct"
     assert tagged.stop == ["[INST]", "</s>"]
@@ -284,3 +290,132 @@ def test_unreadable_types_are_refused_in_one_line(tmp_path):
     requantize(text_gguf("f16"), q5, gguf.GGMLQuantizationType.Q5_0)
     with pytest.raises(ValueError, match="Q5_0 tensors, which MLX cannot read"):
         load(q5, mmproj=MMPROJ)
+
+
+def test_ollama_system_layer_is_the_default_system_prompt(tmp_path, monkeypatch):
+    """An Ollama model's SYSTEM (its `system` layer) fills the template's system prompt, as
+    Ollama's `.System` does, until a request brings its own system message. It is rendered
+    where and as the conversation template puts a system prompt (for the Mistral template the
+    original LLaVA's `<<SYS>>` block, where Ollama's own template would write it bare)."""
+    from mlx_llava.chat import ChatSession
+    from mlx_llava.server.messages import Message, render_conversation
+
+    system = "You describe pictures in one short sentence."
+    files = {"model": text_gguf("q4_0").read_bytes(), "projector": MMPROJ.read_bytes()}
+    store = tmp_path / "models"
+    make_store(store, "llava", "v15", {**files, "system": system.encode()})
+    make_store(
+        store,
+        "llava",
+        "mistral",
+        {**files, "system": system.encode(), "template": OLLAMA_TEMPLATE.encode()},
+    )
+    monkeypatch.setenv("OLLAMA_MODELS", str(store))
+    model, processor = load("ollama:llava:v15", dtype="float32")
+    assert processor.system == system
+    expected = f"{system} USER: <image>\n{QUESTION} ASSISTANT:"  # vicuna_v1's rendering
+    assert processor.format_prompt(QUESTION) == expected
+    assert ChatSession(model, processor, image=IMAGE).prompt(QUESTION)[1] == expected
+    prompt, _ = render_conversation(processor, [Message("user", QUESTION, [IMAGE])])
+    assert prompt == expected
+    own = [Message("system", "Be brief."), Message("user", QUESTION, [IMAGE])]
+    assert render_conversation(processor, own)[0].startswith("Be brief. USER: <image>\n")
+    _, mistral = load("ollama:llava:mistral", dtype="float32")
+    assert (
+        mistral.format_prompt("Hi") == f"[INST] <<SYS>>\n{system}\n<</SYS>>\n\n<image>\nHi [/INST]"
+    )
+
+
+def test_bf16_stays_bf16_without_a_dtype():
+    from mlx_llava.gguf import read_pair
+
+    weights = read_pair(text_gguf("bf16"), MMPROJ).weights
+    assert weights["language_model.model.layers.0.self_attn.q_proj.weight"].dtype == mx.bfloat16
+    assert weights["language_model.lm_head.weight"].dtype == mx.bfloat16
+
+
+KQ = DATA / "gguf-kq"  # llama-quantize's Q4_K_M and Q5_K_M of a 256-wide model
+KQ_MMPROJ = KQ / "mmproj-model-f16.gguf"
+KQ_TEXT = KQ / "ggml-model-Q4_K_M.gguf"
+
+
+def kquant_layers(path: Path) -> dict[str, tuple[str, int]]:
+    """Our module path -> (GGML type, MLX bits) of each k-quant matrix of a GGUF."""
+    from mlx_llava.gguf import REQUANTIZED_BITS, tensor_types
+    from mlx_llava.weights import to_mlx_key
+
+    return {
+        to_mlx_key(name, "gguf")[: -len(".weight")]: (kind, REQUANTIZED_BITS[kind])
+        for name, kind in tensor_types(path).items()
+        if kind in REQUANTIZED_BITS
+    }
+
+
+@pytest.fixture(scope="module")
+def kquant(tmp_path_factory):
+    """(model, processor, the note printed, reference model).
+
+    The reference is the file with every tensor dequantized by the gguf package (float32, keys
+    copied), loaded as a float model; its Q6_K layers then quantized as MLX quantizes a float
+    layer (`nn.quantize`, 8 bits, group 32), as the loader must (MLX has no 6-bit layout of
+    Q6_K's 16-weight sub-blocks). Q4_K layers stay float: the loader keeps their values.
+    """
+    import contextlib
+    import io
+
+    from llava_testing.gguf_files import dequantize_copy
+
+    twin = tmp_path_factory.mktemp("kq") / "ggml-model-f32.gguf"
+    dequantize_copy(KQ_TEXT, twin)
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        model, processor = load(KQ_TEXT, mmproj=KQ_MMPROJ, dtype="float32")
+    reference, _ = load(twin, mmproj=KQ_MMPROJ, dtype="float32")
+    requantized = {path for path, (kind, _) in kquant_layers(KQ_TEXT).items() if kind == "Q6_K"}
+    nn.quantize(reference, group_size=32, bits=8, class_predicate=lambda p, _: p in requantized)
+    return model, processor, err.getvalue(), reference
+
+
+def test_kquants_are_held_quantized_with_a_one_line_note(kquant):
+    from mlx_llava.gguf import tensor_types
+
+    model, _, note, reference = kquant
+    assert set(tensor_types(KQ_TEXT).values()) == {"Q4_K", "Q6_K", "F32"}  # Q4_K_M's mix
+    assert note.strip() == (
+        "note: ggml-model-Q4_K_M.gguf: k-quants held as MLX affine: "
+        "Q4_K -> 4-bit (the same values), Q6_K -> 8-bit (re-quantized)"
+    )
+    layers = kquant_layers(KQ_TEXT)
+    assert {kind for kind, _ in layers.values()} == {"Q4_K", "Q6_K"}
+    floats = dict(tree_flatten(reference.parameters()))
+    for path, module in model.named_modules():
+        if path not in layers:
+            continue
+        kind, bits = layers[path]
+        assert (module.bits, module.group_size) == (bits, 32), path
+        if kind == "Q4_K":  # exactly the values gguf's reference dequantizer gives
+            values = mx.dequantize(module.weight, module.scales, module.biases, 32, 4)
+            np.testing.assert_array_equal(np.array(values), np.array(floats[f"{path}.weight"]))
+
+
+def test_kquant_logits_and_greedy_tokens_match_the_dequantized_file(kquant):
+    model, processor, _, reference = kquant
+    prompt = processor.format_prompt(QUESTION)
+    inputs = processor(prompt, [IMAGE])
+    pictures = dict(pixel_values=inputs["pixel_values"])
+    assert_logits_close(
+        model(inputs["input_ids"], **pictures), reference(inputs["input_ids"], **pictures)
+    )
+    tokens = greedy_tokens(model, processor, prompt, [IMAGE], 24)
+    assert tokens == greedy_tokens(reference, processor, prompt, [IMAGE], 24)
+
+
+def test_kquants_mlx_cannot_read_are_refused_in_one_line(capsys):
+    """Q5_K_M (Q5_K and Q6_K tensors, llama-quantize's): MLX reads no Q5_K."""
+    text = KQ / "ggml-model-Q5_K_M.gguf"
+    with pytest.raises(ValueError, match="Q5_K tensors, which MLX cannot read"):
+        load(text, mmproj=KQ_MMPROJ)
+    with pytest.raises(SystemExit) as exit_:
+        generate_cli.main(["--model", str(text), "--mmproj", str(KQ_MMPROJ), "-p", "Hi"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 1 and "Q5_K" in err and len(err.strip().splitlines()) == 1

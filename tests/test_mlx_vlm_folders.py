@@ -15,6 +15,7 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 
+from llava_testing.onevision import assert_matches_oracle, model_inputs, oracle
 from llava_testing.parity import assert_logits_close, greedy_tokens, nhwc
 from mlx_llava import convert, load
 from mlx_llava.cli import generate as generate_cli
@@ -22,12 +23,14 @@ from mlx_llava.convert import QuantizeSpec, read_source
 
 DATA = Path(__file__).parent / "fixtures" / "data"
 IMAGE = DATA / "images" / "a.png"
-QUANTIZED = ["vlm-hub-q4", "vlm-hub-q8", "vlm-next-mixed"]
+QUANTIZED = ["vlm-hub-q4", "vlm-hub-q8", "vlm-hub-mxfp4", "vlm-next-mixed", "vlm-ov-q4"]
 
 
 def dequantized_copy(folder: Path, out: Path) -> Path:
     """`folder` with each quantized layer replaced by `mx.dequantize` of it, as the `quantization`
-    entry says (per-module overrides first), and the entry removed: a float mlx-vlm folder."""
+    entry says (per-module overrides first), and the entry removed: a float mlx-vlm folder.
+    (mxfp4 dequantizes to bfloat16, which holds its values exactly: 2-bit mantissas times
+    powers of two.)"""
     shutil.copytree(folder, out)
     config = json.loads((out / "config.json").read_text())
     quant = config.pop("quantization")
@@ -63,7 +66,7 @@ def next_inputs():
 
 
 def test_mlx_vlm_folders_are_told_apart_by_what_they_hold():
-    for name in ["vlm-hub", "vlm-next", *QUANTIZED]:
+    for name in ["vlm-hub", "vlm-next", "vlm-ov", *QUANTIZED]:
         assert read_source(DATA / name).folders == [(DATA / name, "mlx_vlm")], name
     assert read_source(DATA / "hf-hub").folders == [(DATA / "hf-hub", "llava_hf")]
 
@@ -84,6 +87,14 @@ def test_float_next_folder_matches_transformers():
     assert_logits_close(logits[0, -1], arrays["wide_last_logits"])
 
 
+def test_float_onevision_folder_matches_transformers():
+    """A llava_onevision folder (SigLIP, Qwen2, tied embeddings): every recorded case of
+    ov-hub's oracle, pictures, two pictures, a video and both, greedy tokens included."""
+    model, processor = load(DATA / "vlm-ov")
+    assert model.config.model_type == "llava_onevision"
+    assert_matches_oracle(model, processor, *oracle("ov-hub"))
+
+
 @pytest.mark.parametrize("name", QUANTIZED)
 def test_quantized_folder_equals_its_dequantized_twin(name, tmp_path):
     model, processor = load(DATA / name, dtype="float32")
@@ -101,9 +112,15 @@ def test_quantized_folder_equals_its_dequantized_twin(name, tmp_path):
             settings = {**quant, **(quant.get(stored_path) or {})}
             assert hasattr(module, "scales"), path
             assert (module.bits, module.group_size) == (settings["bits"], settings["group_size"])
+            assert module.mode == settings.get("mode", "affine"), path
         elif isinstance(module, (nn.Linear, nn.Embedding)):
             assert not hasattr(module, "scales"), path
-    if "next" in name:
+    if "ov" in name:
+        arrays, meta = oracle("ov-hub")
+        kwargs = model_inputs(processor, meta, arrays, "wide")
+        ids = kwargs.pop("input_ids")
+        prompt = meta["template"].format(q=meta["questions"]["wide"])
+    elif "next" in name:
         arrays, ids, pixels, sizes = next_inputs()
         kwargs = dict(pixel_values=pixels, image_sizes=sizes)
         prompt = processor.format_prompt("What is in the picture?")
@@ -111,6 +128,9 @@ def test_quantized_folder_equals_its_dequantized_twin(name, tmp_path):
         arrays, ids, pixels = hub_inputs()
         kwargs = dict(pixel_values=pixels)
         prompt = json.loads((DATA / "hf-hub" / "oracle.json").read_text())["prompt"]
+    # The prompt in the model's own float type: for mxfp4, mx.dequantize alone gives bfloat16
+    # rows, which put the whole prompt, image features included, in bfloat16 (2.8e-3 x max).
+    assert model.language_model.model.embed_tokens(ids).dtype == mx.float32
     ours, theirs = model(ids, **kwargs), twin(ids, **kwargs)
     assert_logits_close(ours, theirs)
     assert greedy_tokens(model, processor, prompt, [IMAGE], 12) == greedy_tokens(
