@@ -1,10 +1,12 @@
 """llama.cpp GGUF files: a LLaVA pair (the language model's GGUF and its mmproj, the CLIP tower
 and projector) read into our config, weights and tokenizer.
 
-`mx.load` reads the tensors: Q4_0, Q4_1 and Q8_0 come back quantized (MLX affine, group 32)
-and stay so in memory; f16 / bf16 / f32 as stored. Keys are renamed in `weights.py` (layouts
-"gguf" and "mmproj"); llama.cpp's permutation of the q and k rows for its rope is undone here,
-on the rows of the quantized tensors, so no float copy of a weight is ever made.
+The gguf package's reader maps the file; each tensor is converted from the map into MLX, one
+tensor (or chunk of rows) at a time, so that loading holds the weights and one chunk at most.
+Q4_0, Q4_1 and Q8_0 become MLX affine (group 32) with the same values, exactly as `mx.load`
+gives them, and stay so in memory; f16 / bf16 / f32 as stored. Keys are renamed in `weights.py`
+(layouts "gguf" and "mmproj"); llama.cpp's permutation of the q and k rows for its rope is undone
+here, on the rows of the quantized tensors, so no float copy of a weight is ever made.
 """
 
 from __future__ import annotations
@@ -25,11 +27,17 @@ from .ollama_store import OllamaModel, find_model, is_ollama_name
 from .weights import to_mlx_key, to_mlx_tensor
 
 GGUF_GROUP_SIZE = 32  # every block quantization MLX reads: 32 weights per scale
-NATIVE_TYPES = {"F32", "F16", "BF16", "Q4_0", "Q4_1", "Q8_0"}
-# The k-quants `mx.load` accepts (handing them over as float16, Q4_K wrongly): read again with
-# gguf's reference code and held as MLX affine at these bits, Q4_K with its own values. MLX
-# reads no Q3_K, Q5_K, Q8_K nor IQ types, so Q3_K_* and Q5_K_* files are refused.
+# Tensors read as stored (BF16 from its bits: `mx.load` made it float16).
+STORED_TYPES = {"F32", "F16", "BF16", "I8", "I16", "I32"}
+# Blocks that are MLX affine groups as they are (bits): scale d, bias -8d (Q4_0), m (Q4_1) or
+# -128d (Q8_0), the fp16 scales and biases `mx.load` gives.
+AFFINE_BITS = {"Q4_0": 4, "Q4_1": 4, "Q8_0": 8}
+# k-quants, held as MLX affine at these bits: Q4_K with its own values, Q2_K and Q6_K
+# dequantized by gguf's reference code and quantized again. As `mx.load` (which reads no Q3_K,
+# Q5_K, Q8_K nor IQ types) they are the only k-quants accepted: Q3_K_* and Q5_K_* are refused.
 REQUANTIZED_BITS = {"Q2_K": 4, "Q4_K": 4, "Q6_K": 8}
+READABLE_TYPES = STORED_TYPES | set(AFFINE_BITS) | set(REQUANTIZED_BITS)
+CHUNK_WEIGHTS = 1 << 20  # quantized tensors are converted this many weights at a time
 ORIGINAL_IMAGE_TOKEN_INDEX = -200  # the original LLaVA's: llama.cpp GGUFs have no <image> token
 # llava-v1.5's tokenizer_config.json: bos / eos / unk strip nothing, `legacy: false`.
 SPECIAL_TOKENS = ("<s>", "</s>", "<unk>")
@@ -78,83 +86,192 @@ def architecture(path: Path) -> str:
 def read_gguf(path: Path, dtype: Optional[mx.Dtype] = None) -> tuple[dict[str, mx.array], dict]:
     """Tensors (quantized ones as `weight`, `scales`, `biases`) and metadata of a GGUF file.
 
-    `mx.load` reads the file; two kinds of tensor are then read again from its bytes with the
-    gguf package: BF16 ones, which `mx.load` turns into float16 (neither bfloat16's range nor
-    its small values), and k-quants, which it dequantizes to float16, Q4_K wrongly (MLX 0.32:
-    the sub-blocks in high nibbles come back off by up to half the largest weight). These are
-    dequantized by gguf's reference code and quantized again to MLX affine at once, one tensor
-    at a time (`REQUANTIZED_BITS`), with a one-line note; their scales and biases in `dtype`
-    (float16 if None, as the other GGUF types' are).
+    The gguf package's reader maps the file; `read_tensor` converts its tensors one by one,
+    each evaluated before the next is read, so that no more than one chunk of a tensor is held
+    besides the weights. k-quants become MLX affine (`REQUANTIZED_BITS`), with a one-line note;
+    their scales and biases in `dtype` (float16 if None, as the other GGUF types' are).
+
+    Returns:
+        (tensors, metadata): the metadata as `mx.load(path, format="gguf",
+        return_metadata=True)` gives it (`gguf_metadata`).
 
     Raises:
-        ValueError: tensors of a type MLX cannot read.
+        ValueError: not a GGUF file, or tensors of a type MLX cannot hold.
     """
     try:
-        tensors, meta = mx.load(str(path), format="gguf", return_metadata=True)
-    except Exception as e:  # MLX refuses the whole file for one unreadable tensor
-        unreadable = sorted(set(tensor_types(path).values()) - NATIVE_TYPES - set(REQUANTIZED_BITS))
-        if not unreadable:
-            raise ValueError(f"{path.name}: not a readable GGUF file ({e})") from None
+        reader = _gguf_package().GGUFReader(path)
+    except FileNotFoundError:
+        raise
+    except Exception as e:
+        raise ValueError(f"{path.name}: not a readable GGUF file ({e})") from None
+    kinds = {t.tensor_type.name for t in reader.tensors}
+    unreadable = sorted(kinds - READABLE_TYPES)
+    if unreadable:
         raise ValueError(
             f"{path.name} holds {', '.join(unreadable)} tensors, which MLX cannot read: use a "
             "Q4_0, Q4_1, Q8_0, Q4_K_M, Q6_K or f16 GGUF of the model"
-        ) from None
-    if not any(v.dtype == mx.float16 for v in tensors.values()):
-        return tensors, meta
-    gguf = _gguf_package()
-    requantized, scale_type = {}, dtype or mx.float16
-    for t in gguf.GGUFReader(path).tensors:
-        kind, shape = t.tensor_type.name, tuple(int(d) for d in reversed(t.shape))
-        if kind == "BF16":
-            tensors[t.name] = mx.array(t.data.view(np.uint16)).view(mx.bfloat16).reshape(shape)
-        elif kind in REQUANTIZED_BITS:
-            del tensors[t.name]  # mx.load's float16 copy, freed first
-            w, scales, biases = _kquant_as_affine(t, shape, scale_type)
-            bits = REQUANTIZED_BITS[kind]
-            stem = t.name[: -len(".weight")]
-            tensors.update(
-                {
-                    t.name: w,
-                    f"{stem}.scales": scales,
-                    f"{stem}.biases": biases,
-                }
-            )
-            mx.eval(tensors[t.name], tensors[f"{stem}.scales"], tensors[f"{stem}.biases"])
-            requantized[kind] = bits
+        )
+    tensors: dict[str, mx.array] = {}
+    for t in reader.tensors:
+        tensors.update(read_tensor(t, dtype or mx.float16))
+    requantized = sorted(kinds & set(REQUANTIZED_BITS))
     if requantized:
         notes = ", ".join(
-            f"{t} -> {b}-bit" + (" (the same values)" if t == "Q4_K" else " (re-quantized)")
-            for t, b in sorted(requantized.items())
+            f"{t} -> {REQUANTIZED_BITS[t]}-bit"
+            + (" (the same values)" if t == "Q4_K" else " (re-quantized)")
+            for t in requantized
         )
         print(f"note: {path.name}: k-quants held as MLX affine: {notes}", file=sys.stderr)
-    return tensors, meta
+    return tensors, gguf_metadata(reader)
 
 
-def _kquant_as_affine(tensor, shape: tuple[int, int], dtype: mx.Dtype, chunk: int = 1 << 20):
-    """A k-quant tensor of the gguf reader as MLX affine (weight, scales and biases in `dtype`),
-    `chunk` weights at a time, so that no float copy of the whole tensor is made (the chunks are
-    joined at the end: the affine tensor is held twice for a moment)."""
-    rows, cols = shape
+def gguf_metadata(reader) -> dict:
+    """The key-value metadata of a gguf `GGUFReader`, as `mx.load(..., return_metadata=True)`
+    gives it: a string as `str`, an array of strings as a list, a number or bool as an MLX
+    array (0-d, or 1-d for an array) of its GGUF type, float64 as float32 (MLX has none); the
+    reader's own `GGUF.*` fields left out. (`mx.load` refuses nested arrays; they are flattened.)
+    """
+    value_type = _gguf_package().GGUFValueType
+    meta: dict = {}
+    for name, f in reader.fields.items():
+        if name.startswith("GGUF."):
+            continue
+        kind = f.types[0]
+        if kind == value_type.ARRAY:  # the element type, even of an empty array
+            kind = value_type(int(f.parts[0][0])) if len(f.types) == 1 else f.types[-1]
+        if kind == value_type.STRING:
+            meta[name] = f.contents() if f.types[0] == value_type.ARRAY or f.data else ""
+            continue
+        if f.types[0] == value_type.ARRAY:
+            dtype = reader.gguf_scalar_to_np[kind]
+            values = np.concatenate([f.parts[i] for i in f.data]) if f.data else np.zeros(0, dtype)
+        else:
+            values = f.parts[f.data[0]].reshape(())
+        meta[name] = mx.array(values.astype(np.float32) if values.dtype == np.float64 else values)
+    return meta
+
+
+def read_tensor(
+    tensor, dtype: mx.Dtype = mx.float16, chunk: int = CHUNK_WEIGHTS
+) -> dict[str, mx.array]:
+    """One tensor of a gguf `GGUFReader` in MLX, evaluated.
+
+    A stored type as `{name: array}` (shape as MLX orders it, the reverse of GGML's); a block
+    type as its MLX affine `name` (uint32 [..., cols * bits / 32]), `stem.scales` and
+    `stem.biases` ([..., cols / 32]; float16 for Q4_0 / Q4_1 / Q8_0 as in the file, `dtype` for
+    k-quants). A quantized tensor is converted `chunk` weights (whole rows) at a time from the
+    file's map into arrays allocated once: no more than one chunk is held besides them.
+    """
+    kind = tensor.tensor_type.name
+    shape = tuple(int(d) for d in reversed(tensor.shape))
+    if kind in STORED_TYPES:
+        data = np.asarray(tensor.data)
+        value = (
+            mx.array(data.view(np.uint16)).view(mx.bfloat16) if kind == "BF16" else mx.array(data)
+        )
+        value = value.reshape(shape)
+        mx.eval(value)
+        return {tensor.name: value}
+    scale_type = mx.float16 if kind in AFFINE_BITS else dtype
+    cols = shape[-1]
+    rows = tensor.n_elements // cols
+    data = np.asarray(tensor.data).reshape(rows, -1)
     step = max(1, chunk // cols)
-    parts = [
-        _rows_as_affine(tensor, start, min(rows, start + step), cols, dtype)
-        for start in range(0, rows, step)
-    ]
-    return tuple(mx.concatenate(list(p), axis=0) for p in zip(*parts))
+    out: list[mx.array] = []
+    for start in range(0, rows, step):
+        part = _rows_as_affine(data[start : start + step], tensor.tensor_type, cols, scale_type)
+        if step >= rows:
+            out = list(part)
+            break
+        if not out:  # written in place: each update donates the array to the next
+            out = [mx.zeros((rows, p.shape[1]), p.dtype) for p in part]
+        for o, p in zip(out, part):
+            o[start : start + step] = p
+        del part, p  # freed once written
+        mx.eval(out)
+    stem = tensor.name[: -len(".weight")]
+    w, scales, biases = (a.reshape(*shape[:-1], a.shape[-1]) for a in out)
+    return {tensor.name: w, f"{stem}.scales": scales, f"{stem}.biases": biases}
 
 
-def _rows_as_affine(tensor, start: int, end: int, cols: int, dtype: mx.Dtype) -> tuple:
-    """Rows [start, end) of a k-quant tensor as MLX affine, evaluated (their floats freed)."""
-    data, kind = tensor.data[start:end], tensor.tensor_type.name
-    if kind == "Q4_K":
-        out = q4_k_as_affine(data, (end - start, cols))
+def _rows_as_affine(data: np.ndarray, qtype, cols: int, dtype: mx.Dtype) -> tuple:
+    """Rows of a quantized tensor's bytes [rows, bytes a row] as MLX affine (weight, scales,
+    biases in `dtype`), evaluated (their floats freed)."""
+    kind, rows = qtype.name, data.shape[0]
+    if kind in AFFINE_BITS:
+        block_bytes = _gguf_package().GGML_QUANT_SIZES[qtype][1]
+        blocks = _AFFINE_BLOCKS[kind](data.reshape(-1, block_bytes))
+        out = tuple(a.reshape(rows, -1) for a in blocks)
+    elif kind == "Q4_K":
+        out = q4_k_as_affine(data, (rows, cols))
     else:
-        values = _gguf_package().quants.dequantize(data, tensor.tensor_type)
-        values = mx.array(values.reshape(end - start, cols))
+        values = _gguf_package().quants.dequantize(data, qtype)
+        values = mx.array(values.reshape(rows, cols))
         out = mx.quantize(values, group_size=GGUF_GROUP_SIZE, bits=REQUANTIZED_BITS[kind])
-    out = (out[0], out[1].astype(dtype), out[2].astype(dtype))
+    out = tuple(a if a.dtype in (mx.uint32, dtype) else a.astype(dtype) for a in out)
     mx.eval(out)
     return out
+
+
+def _nibble_table() -> np.ndarray:
+    """Two quant bytes of a Q4_0 / Q4_1 block, as a little-endian uint16 -> the two bytes MLX's
+    4-bit packing holds for them (uint16).
+
+    llama.cpp's block stores weight j in the low nibble of byte j and weight j + 16 in its
+    high nibble (j < 16); MLX packs weight i into nibble i (the first in the low bits). Bytes
+    2b and 2b + 1 of a block (weights 2b, 2b + 1 low; 2b + 16, 2b + 17 high) give MLX's byte b
+    (low nibbles) and byte 8 + b (high nibbles): the low and high byte of the result.
+    """
+    p = np.arange(1 << 16, dtype=np.uint32)
+    low = (p & 0x0F) | ((p >> 4) & 0xF0)
+    high = ((p >> 4) & 0x0F) | ((p >> 8) & 0xF0)
+    return (low | (high << 8)).astype(np.uint16)
+
+
+_NIBBLES = _nibble_table()
+
+
+def _q4_quants(pairs: np.ndarray) -> mx.array:
+    """The 16 quant bytes of Q4 blocks, as uint16 pairs [n, 8] -> MLX's 4-bit words [n, 4]."""
+    packed = _NIBBLES.take(pairs)  # [n, b]: MLX's byte b low, byte 8 + b high
+    low = packed.astype(np.uint8).view(np.uint64)  # MLX's bytes 0..7 of each block
+    high = (packed >> 8).astype(np.uint8).view(np.uint64)  # 8..15
+    return mx.array(np.concatenate([low, high], axis=1).view(np.uint32))
+
+
+def _q4_0(blocks: np.ndarray) -> tuple[mx.array, ...]:
+    """Q4_0 blocks [n, 18] (fp16 d, 16 bytes of quants): d * (q - 8) -> (words, d, -8d)."""
+    words = blocks.view(np.uint16)
+    return _q4_quants(words[:, 1:]), *_scale_and_bias(words[:, :1], -8)
+
+
+def _q4_1(blocks: np.ndarray) -> tuple[mx.array, ...]:
+    """Q4_1 blocks [n, 20] (fp16 d and m, 16 bytes of quants): d * q + m -> (words, d, m)."""
+    words = blocks.view(np.uint16)
+    d, m = (mx.array(words[:, i : i + 1].view(np.float16)) for i in (0, 1))
+    return _q4_quants(words[:, 2:]), d, m
+
+
+def _q8_0(blocks: np.ndarray) -> tuple[mx.array, ...]:
+    """Q8_0 blocks [n, 34] (fp16 d, 32 int8 quants): d * q -> (q + 128 as uint8 packed 4 to a
+    word, d, -128d)."""
+    words = mx.array((blocks[:, 2:] ^ 0x80).view(np.uint32))
+    return words, *_scale_and_bias(blocks[:, :2].view(np.uint16), -128)
+
+
+def _scale_and_bias(d: np.ndarray, factor: int) -> tuple[mx.array, mx.array]:
+    """fp16 deltas (their bits [n, 1]) -> (d, factor * d): the fp16 product mx.load computes
+    (exact, inf past 65504), looked up in a table of every fp16 (faster than fp16 arithmetic)."""
+    products = _FP16_PRODUCTS.get(factor)
+    if products is None:
+        every = np.arange(1 << 16, dtype=np.uint16).view(np.float16)
+        with np.errstate(over="ignore", invalid="ignore"):
+            products = _FP16_PRODUCTS[factor] = (every * np.float16(factor)).view(np.uint16)
+    return mx.array(d.view(np.float16)), mx.array(products.take(d).view(np.float16))
+
+
+_FP16_PRODUCTS: dict[int, np.ndarray] = {}
+_AFFINE_BLOCKS = {"Q4_0": _q4_0, "Q4_1": _q4_1, "Q8_0": _q8_0}
 
 
 def q4_k_as_affine(data: np.ndarray, shape: tuple[int, int]) -> tuple[mx.array, ...]:
