@@ -248,7 +248,7 @@ def _q4_0(blocks: np.ndarray) -> tuple[mx.array, ...]:
 def _q4_1(blocks: np.ndarray) -> tuple[mx.array, ...]:
     """Q4_1 blocks [n, 20] (fp16 d and m, 16 bytes of quants): d * q + m -> (words, d, m)."""
     words = blocks.view(np.uint16)
-    d, m = (mx.array(words[:, i : i + 1].view(np.float16)) for i in (0, 1))
+    d, m = (_contiguous(words[:, i : i + 1].view(np.float16)) for i in (0, 1))
     return _q4_quants(words[:, 2:]), d, m
 
 
@@ -267,7 +267,13 @@ def _scale_and_bias(d: np.ndarray, factor: int) -> tuple[mx.array, mx.array]:
         every = np.arange(1 << 16, dtype=np.uint16).view(np.float16)
         with np.errstate(over="ignore", invalid="ignore"):
             products = _FP16_PRODUCTS[factor] = (every * np.float16(factor)).view(np.uint16)
-    return mx.array(d.view(np.float16)), mx.array(products.take(d).view(np.float16))
+    return _contiguous(d.view(np.float16)), mx.array(products.take(d).view(np.float16))
+
+
+def _contiguous(column: np.ndarray) -> mx.array:
+    """A strided numpy view (a field of each block) as an MLX array of its own elements (from
+    a strided view `mx.array` would keep the whole span it covers)."""
+    return mx.array(np.ascontiguousarray(column))
 
 
 _FP16_PRODUCTS: dict[int, np.ndarray] = {}
