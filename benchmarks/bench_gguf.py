@@ -157,35 +157,35 @@ def layout_bytes(tensors: list[tuple[str, str, tuple[int, ...]]]) -> dict[str, f
     delta; Q6_K: 210 bytes a block of 256). MLX's affine layout keeps a uint32-packed block of
     32 and an fp16 scale and bias each: 4 more bytes a block, so Q4_0 becomes 20 bytes (10/9 of
     the file), Q8_0 36 (18/17), Q4_1 (an fp16 delta and min) stays 20. k-quants become affine
-    too (`gguf.REQUANTIZED_BITS`: Q4_K 4-bit, 20 bytes; Q6_K 8-bit, 36 bytes), and cost two
-    transients: `mx.load` hands every k-quant tensor over as float16 (2 bytes a weight, all at
-    once, each freed before it is re-read), and each re-read tensor's chunks are joined
-    (its affine bytes twice for a moment). Floats stay as stored.
+    too (`gguf.REQUANTIZED_BITS`: Q4_K 4-bit, 20 bytes; Q6_K 8-bit, 36 bytes). Floats stay as
+    stored. Each tensor is read from the file's memory map into its final arrays one chunk of
+    rows (`gguf.CHUNK_WEIGHTS` weights) at a time, so the load peak is the weights plus the
+    larger of two transients: one chunk (its affine bytes, and for Q2_K / Q6_K its weights
+    dequantized to float32 before they are quantized again), and the q or k matrix whose rows
+    are un-permuted after reading (held twice for a moment).
     """
     import gguf
 
-    from mlx_llava.gguf import GGUF_GROUP_SIZE, REQUANTIZED_BITS
+    from mlx_llava.gguf import CHUNK_WEIGHTS, GGUF_GROUP_SIZE, REQUANTIZED_BITS
 
-    out = {"file": 0.0, "mlx": 0.0, "kquant_mlx": 0.0, "kquant_float16": 0.0, "largest_kquant": 0.0}
-    for _, kind, shape in tensors:
+    out = {"file": 0.0, "mlx": 0.0, "largest_chunk": 0.0, "largest_q_k": 0.0}
+    for name, kind, shape in tensors:
         n = int(np.prod(shape))
         block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[kind]]
         out["file"] += n // block * size
-        groups = n // GGUF_GROUP_SIZE
-        if kind in ("Q4_0", "Q4_1"):
-            out["mlx"] += groups * (16 + 4)
-        elif kind == "Q8_0":
-            out["mlx"] += groups * (32 + 4)
-        elif kind in REQUANTIZED_BITS:
-            affine = groups * (4 * REQUANTIZED_BITS[kind] + 4)
-            out["mlx"] += affine
-            out["kquant_mlx"] += affine
-            out["kquant_float16"] += 2 * n
-            out["largest_kquant"] = max(out["largest_kquant"], affine)
+        bits = {"Q4_0": 4, "Q4_1": 4, "Q8_0": 8, **REQUANTIZED_BITS}.get(kind)
+        if bits is None:
+            held = n * size
         else:
-            out["mlx"] += n * size
-    at_load = out["mlx"] - out["kquant_mlx"] + out["kquant_float16"]
-    out["peak"] = max(out["mlx"], at_load, out["mlx"] + out["largest_kquant"])
+            held = n // GGUF_GROUP_SIZE * (4 * bits + 4)
+            cols = shape[0]  # GGML order: the row length first
+            chunk = min(n, max(1, CHUNK_WEIGHTS // cols) * cols)
+            floats = 4 * chunk if kind in ("Q2_K", "Q6_K") else 0
+            out["largest_chunk"] = max(out["largest_chunk"], held * chunk / n + floats)
+        out["mlx"] += held
+        if name.endswith(("attn_q.weight", "attn_k.weight")) and not name.startswith("v."):
+            out["largest_q_k"] = max(out["largest_q_k"], held)
+    out["peak"] = out["mlx"] + max(out["largest_chunk"], out["largest_q_k"])
     return out
 
 
