@@ -139,8 +139,8 @@ def gguf_metadata(reader) -> dict:
         kind = f.types[0]
         if kind == value_type.ARRAY:  # the element type, even of an empty array
             kind = value_type(int(f.parts[0][0])) if len(f.types) == 1 else f.types[-1]
-        if kind == value_type.STRING:
-            meta[name] = f.contents() if f.types[0] == value_type.ARRAY or f.data else ""
+        if kind == value_type.STRING:  # a str, or a list of them
+            meta[name] = f.contents()
             continue
         if f.types[0] == value_type.ARRAY:
             dtype = reader.gguf_scalar_to_np[kind]
