@@ -97,12 +97,24 @@ REAL_COUNTS = {
         total=7_063_431_168, vision_tower=303_507_456, multi_modal_projector=20_979_712
     ),
 }
+# The releases' vocabularies: llava-hf's conversion (transformers'
+# convert_llava_onevision_weights_to_hf.py) adds <image> and <video> to Qwen2-0.5B's 151936 /
+# Qwen2-7B's 152064 entries and pads to a multiple of 64: `resize_token_embeddings(vocab + 2,
+# pad_to_multiple_of=64)`; NeXT-Video keeps llava-v1.6-vicuna's 32064.
+REAL_VOCAB = {
+    "llava-onevision-qwen2-0.5b-ov-hf": 152_000,
+    "llava-onevision-qwen2-7b-ov-hf": 152_128,
+    "LLaVA-NeXT-Video-7B-hf": 32_064,
+}
 
 
 @pytest.mark.parametrize("name", REAL_COUNTS)
 def test_real_configs_build_lazily_with_transformers_parameter_counts(name):
     model = build_with_counts(DATA.parent / f"{name}.config.json", REAL_COUNTS[name])
     config = model.config
+    assert config.text_config.vocab_size == REAL_VOCAB[name]
+    assert model.language_model.model.embed_tokens.weight.shape[0] == REAL_VOCAB[name]
+    assert max(config.image_token_index, config.video_token_index) < REAL_VOCAB[name]
     if name.startswith("llava-onevision"):
         assert config.num_image_tokens == 729 and config.video_tokens(8) == 8 * 196 + 1
         assert len(config.image_grid_pinpoints) == 36 and config.max_num_patches == 9
