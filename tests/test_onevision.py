@@ -9,6 +9,7 @@ of 8 frames, and a picture with the video. tests/test_oracle_live.py reruns tran
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from llava_testing.onevision import (
     DATA,
@@ -16,7 +17,7 @@ from llava_testing.onevision import (
     oracle,
 )
 from llava_testing.parity import build_with_counts
-from mlx_llava import convert, load
+from mlx_llava import convert, load, stream_generate
 
 CHECKPOINTS = ["ov-hub", "ov-v5", "nv-hub", "nv-v5"]
 
@@ -140,3 +141,31 @@ def test_an_original_lmms_lab_release_reads_as_its_llava_hf_conversion(tmp_path)
         ids = arrays[f"{case}_input_ids"]
         arrays[f"{case}_input_ids"] = np.where(ids == 384, -200, np.where(ids == 386, -201, ids))
     assert_matches_oracle(model, processor, arrays, meta)
+
+
+def test_random_onevision_checkpoints_for_benchmarks_load_and_answer(tmp_path):
+    """`write_onevision_hf` (benchmarks/make_checkpoint.py --preset ov-mid) writes a folder that
+    transformers reads as a LlavaOnevisionConfig and that answers a picture and a video with
+    the processor's token counts (28-px tiles of 14-px patches: 4 features, 1 a frame)."""
+    from transformers import AutoConfig
+
+    from llava_testing.checkpoints import write_onevision_hf
+
+    vision = dict(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        image_size=28, patch_size=14,
+    )  # fmt: skip
+    text = dict(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2,
+    )  # fmt: skip
+    folder = write_onevision_hf(tmp_path / "ov", vision, text)
+    assert type(AutoConfig.from_pretrained(folder)).__name__ == "LlavaOnevisionConfig"
+    model, processor = load(folder)
+    assert model.config.num_image_tokens == 4 and model.config.video_tokens(3) == 3 * 1 + 1
+    frames = np.zeros((3, 40, 60, 3), np.uint8)
+    video = processor(processor.format_prompt("<video>\nHi", 0), videos=[frames])
+    assert int((video["input_ids"] == model.config.video_token_index).sum()) == 4
+    picture = Image.new("RGB", (60, 40))
+    answer = stream_generate(model, processor, processor.format_prompt("Hi"), picture, max_tokens=3)
+    assert len(list(answer)) == 3
