@@ -4,6 +4,7 @@
     python benchmarks/make_checkpoint.py --out /tmp/llava-7b --preset 7b      # float16, ~14 GB
     python benchmarks/make_checkpoint.py --out /tmp/llava-deep --preset deep  # float32, 1.1 GB
     python benchmarks/make_checkpoint.py --out /tmp/next-mid --next           # LLaVA-NeXT
+    python benchmarks/make_checkpoint.py --out /tmp/ov-mid --preset ov-mid    # LLaVA-OneVision
 
 The folder looks like a llava-hf hub repo (llava-hf/llava-1.5-7b-hf): `config.json` from
 transformers' `LlavaConfig`, safetensors shards with the hub's key names
@@ -14,6 +15,14 @@ vocabulary, which is fine for timing), `preprocessor_config.json`, `processor_co
 `LlavaNextConfig` with the releases' pinpoints scaled to the tower's tiles (336 -> 224 px for
 mid: a 640x480 picture is a 2 x 2 grid, 5 tower passes), `image_newline`, and a
 LlavaNextProcessor's files.
+
+The `ov-mid` preset is a llava-onevision-qwen2-*-hf repo instead (`write_onevision_hf`):
+transformers' `LlavaOnevisionConfig` with a SigLIP tower of the releases' geometry (384 px
+tiles in 14 px patches: 729 features a tile, 196 a video frame after pooling), the releases' 36
+pinpoints and "anyres_max_9", a Qwen2 decoder with GQA (4 query, 2 key-value heads; biased
+q/k/v; rope theta 1e6) and a LlavaOnevisionProcessor's files; only the widths and depths are
+cut (tower 128 wide, 4 layers; decoder 256 wide, 4 layers), so that a 16-frame video (11,664
+tower positions, 3,137 prompt positions) runs in seconds on a 2-core CPU.
 
 The writer is `llava_testing.checkpoints.write_llava_hf` (no torch: the config comes from
 transformers' `LlavaConfig`, names and shapes from our model built lazily, the tensors are drawn
@@ -34,7 +43,7 @@ import shutil
 import time
 from pathlib import Path
 
-from llava_testing.checkpoints import RandomInit, write_llava_hf
+from llava_testing.checkpoints import RandomInit, write_llava_hf, write_onevision_hf
 from mlx_llava.anyres import DEFAULT_PINPOINTS
 from mlx_llava.convert import DTYPES
 
@@ -98,6 +107,31 @@ PRESETS["deep"] = dict(
     ),
     dtype="float32",
 )
+# SigLIP so400m's geometry (384 px, patch 14, "gelu_pytorch_tanh") and Qwen2's layout at mid widths.
+PRESETS["ov-mid"] = dict(
+    vision=dict(
+        hidden_size=128,
+        intermediate_size=512,
+        num_hidden_layers=4,
+        num_attention_heads=2,
+        image_size=384,
+        patch_size=14,
+    ),
+    text=dict(
+        hidden_size=256,
+        intermediate_size=1024,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=32064,
+        max_position_embeddings=32768,
+        rms_norm_eps=1e-6,
+        rope_theta=1e6,
+        tie_word_embeddings=False,
+    ),
+    dtype="float32",
+    onevision=True,
+)
 EOS_TOKEN_ID = 2
 # Norm weights 1, biases 0.02 N(0, 1), and the lm_head row of </s> zero (see the module docstring).
 INIT = RandomInit(norm_noise=0.0, bias_std=0.02, silent_tokens=(EOS_TOKEN_ID,))
@@ -123,6 +157,9 @@ def make_checkpoint(
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
+    if spec.get("onevision"):
+        write_onevision_hf(out, spec["vision"], spec["text"], seed=seed, dtype=dtype, init=INIT)
+        return out
     fields = {}
     if llava_next:
         fields["image_grid_pinpoints"] = next_pinpoints(spec["vision"]["image_size"])
@@ -135,7 +172,7 @@ def main(argv=None) -> None:
     p.add_argument("--out", required=True, help="output folder (replaced if it exists)")
     p.add_argument("--preset", choices=list(PRESETS), default="mid")
     p.add_argument(
-        "--dtype", choices=list(DTYPES), help="default: float32 mid and deep, float16 7b"
+        "--dtype", choices=list(DTYPES), help="default: float32 mid, deep and ov-mid, float16 7b"
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--next", action="store_true", help="LLaVA-NeXT (llava_next, anyres tiles)")

@@ -341,3 +341,105 @@ def tiny_untrained_config(
         pad_token_id=tokenizer.pad_token_id,
         image_aspect_ratio="pad",
     )
+
+
+def onevision_processor_files(
+    image_size: int, patch_size: int, pinpoints: list[list[int]], aspect: str
+) -> dict:
+    """The processor files of a llava-onevision-*-hf checkpoint (LlavaOnevisionProcessor: its
+    image processor tiling along `pinpoints`, its video processor resizing frames to squares,
+    SigLIP's mean and std 0.5) for a tower of `image_size` pixels in `patch_size` patches."""
+    square = {"height": image_size, "width": image_size}
+    common = dict(
+        do_convert_rgb=True, do_normalize=True, do_rescale=True, do_resize=True,
+        image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5], resample=3,
+        rescale_factor=1 / 255, size=square, processor_class="LlavaOnevisionProcessor",
+    )  # fmt: skip
+    return {
+        "preprocessor_config.json": dict(
+            common,
+            do_pad=True,
+            image_grid_pinpoints=pinpoints,
+            image_processor_type="LlavaOnevisionImageProcessor",
+        ),
+        "video_preprocessor_config.json": dict(
+            common, video_processor_type="LlavaOnevisionVideoProcessor"
+        ),
+        "processor_config.json": {
+            "image_token": IMAGE_PLACEHOLDER,
+            "num_image_tokens": (image_size // patch_size) ** 2,
+            "processor_class": "LlavaOnevisionProcessor",
+            "video_token": "<video>",
+            "vision_aspect_ratio": aspect,
+            "vision_feature_select_strategy": "full",
+        },
+        "chat_template.json": {"chat_template": LLAVA_HF_CHAT_TEMPLATE},
+    }
+
+
+def write_onevision_hf(
+    out: str | Path,
+    vision: dict,
+    text: dict,
+    seed: int = 0,
+    dtype: str = "float32",
+    init: RandomInit = RandomInit(),
+    max_shard_bytes: int = MAX_SHARD_BYTES,
+    **fields,
+) -> Path:
+    """Write a random llava-onevision-*-hf checkpoint into `out` (`write_llava_hf`'s arguments).
+
+    `vision` holds `SiglipVisionConfig` fields, `text` `Qwen2Config` fields; `fields` other
+    `LlavaOnevisionConfig` fields (`image_grid_pinpoints` in tiles; default the releases' 36,
+    1 x 1 to 6 x 6, and "anyres_max_9"). The tokenizer is the small Llama-like one with
+    `<image>`, `<pad>` and `<video>` added, the chat template llava-hf's "USER: ...
+    ASSISTANT:" (a random model: the template only has to be the same for all who time it).
+    """
+    from transformers import LlavaOnevisionConfig
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_tokenizer(None)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<video>"]})
+    tokenizer.save_pretrained(out)
+    ids = dict(zip(("image", "pad", "video"), tokenizer.convert_tokens_to_ids(
+        [IMAGE_PLACEHOLDER, "<pad>", "<video>"])))  # fmt: skip
+    tile = vision["image_size"]
+    fields = {
+        "image_grid_pinpoints": [[h, w] for h in range(1, 7) for w in range(1, 7)],
+        "vision_aspect_ratio": "anyres_max_9",
+        **fields,
+    }
+    fields["image_grid_pinpoints"] = [
+        [h * tile, w * tile] for h, w in fields["image_grid_pinpoints"]
+    ]
+    tied = text.get("tie_word_embeddings", False)
+    config = LlavaOnevisionConfig(
+        vision_config=dict(vision, model_type="siglip_vision_model", vision_use_head=False),
+        text_config=dict(
+            {"vocab_size": pad_vocab_size(len(tokenizer))},
+            **text,
+            model_type="qwen2",
+            pad_token_id=ids["pad"],
+        ),
+        image_token_index=ids["image"],
+        video_token_index=ids["video"],
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="full",
+        tie_word_embeddings=tied,
+        pad_token_id=ids["pad"],
+        **fields,
+    )
+    config.dtype = dtype
+    config.architectures = ["LlavaOnevisionForConditionalGeneration"]
+    config.save_pretrained(out)
+    shapes = tensor_shapes(config)
+    if tied:
+        shapes = [(n, s) for n, s in shapes if n != "language_model.lm_head.weight"]
+    write_weights(out, shapes, DTYPES[dtype], seed, init, max_shard_bytes)
+    files = onevision_processor_files(
+        tile, vision["patch_size"], config.image_grid_pinpoints, config.vision_aspect_ratio
+    )
+    for name, obj in files.items():
+        (out / name).write_text(json.dumps(obj, indent=2) + "\n")
+    return out

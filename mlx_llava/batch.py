@@ -133,7 +133,7 @@ def batch_generate(
             finish reason) instead of the text alone.
         sampling: a `SamplingParams` instead of the keyword settings.
         videos: OneVision / NeXT-Video: one entry per prompt, None or the video of its
-            `<video>` (as for `generate`; the videos of one batch need one frame count).
+            `<video>` (as for `generate`; videos of different lengths may share a batch).
         num_frames: frames read from each video file.
 
     Returns:

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
 import re
-from typing import Any, Optional, Sequence
+from typing import Any, Optional, Sequence, Union
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -15,6 +16,18 @@ from .language_model import LanguageModel
 from .projector import MultiModalProjector
 from .video_pooling import VideoPooler, halve_bilinear
 from .vision import VisionTower
+
+# Videos' pixels: [V, F, H, W, 3], or a list of [F_i, H, W, 3] when their frame counts differ.
+VideoPixels = Union[mx.array, Sequence[mx.array]]
+
+
+def video_frame_counts(pixel_values_videos: Optional[VideoPixels]) -> list[int]:
+    """The frame count of each video of `pixel_values_videos` (none: [])."""
+    if pixel_values_videos is None:
+        return []
+    if isinstance(pixel_values_videos, (list, tuple)):
+        return [v.shape[0] for v in pixel_values_videos]
+    return [pixel_values_videos.shape[1]] * pixel_values_videos.shape[0]
 
 
 def merge_image_features(
@@ -166,30 +179,44 @@ class Model(nn.Module):
             )
         return [self.config.tiles(n == 1) for n in batch_num_images for _ in range(n)]
 
-    def get_video_features(self, pixel_values_videos: mx.array) -> mx.array:
-        """Projected, pooled features of videos [V, F, H, W, 3], all frames in one tower pass:
-        [V, video tokens, D_text] (`config.video_tokens(F)` each; OneVision ends each video
-        with one `image_newline`)."""
-        videos, frames = pixel_values_videos.shape[:2]
+    def get_video_features(self, pixel_values_videos: VideoPixels) -> mx.array:
+        """Projected, pooled features of videos [V, F, H, W, 3] (or a list of [F_i, H, W, 3],
+        videos of different lengths), all frames in one tower pass: [V, video tokens, D_text]
+        (`config.video_tokens(F)` each; OneVision ends each video with one `image_newline`),
+        or [all videos' tokens, D_text] for a list."""
+        if isinstance(pixel_values_videos, (list, tuple)):
+            frames = [v.shape[0] for v in pixel_values_videos]
+            features = self._frame_features(mx.concatenate(list(pixel_values_videos)))
+            ends = list(itertools.accumulate(frames))[:-1]
+            videos = [self._close_video(f[None]) for f in mx.split(features, ends)]
+            return mx.concatenate([v.reshape(-1, v.shape[-1]) for v in videos])
+        videos = pixel_values_videos.shape[0]
         frames_first = pixel_values_videos.reshape(-1, *pixel_values_videos.shape[2:])
-        features = self.vision_features(frames_first)
+        features = self._frame_features(frames_first)
+        return self._close_video(features.reshape(videos, -1, features.shape[-1]))
+
+    def _frame_features(self, frames: mx.array) -> mx.array:
+        """Frames [n, H, W, 3] -> pooled, projected features [n, tokens per frame, D_text]."""
+        features = self.vision_features(frames)
         if self.config.model_type == "llava_next_video":
-            features = self.multi_modal_projector(self.vision_resampler(features))
-        else:
-            features = halve_bilinear(self.multi_modal_projector(features))
-        features = features.reshape(videos, -1, features.shape[-1])
-        if self.config.model_type == "llava_onevision":
-            newline = self.image_newline.astype(features.dtype)
-            newline = mx.broadcast_to(newline, (videos, 1, newline.shape[-1]))
-            features = mx.concatenate([features, newline], axis=1)
-        return features
+            return self.multi_modal_projector(self.vision_resampler(features))
+        return halve_bilinear(self.multi_modal_projector(features))
+
+    def _close_video(self, features: mx.array) -> mx.array:
+        """[V, F, T, D] or [V, F * T, D] -> [V, F * T (+ 1: OneVision's newline), D]."""
+        features = features.reshape(features.shape[0], -1, features.shape[-1])
+        if self.config.model_type != "llava_onevision":
+            return features
+        newline = self.image_newline.astype(features.dtype)
+        newline = mx.broadcast_to(newline, (features.shape[0], 1, newline.shape[-1]))
+        return mx.concatenate([features, newline], axis=1)
 
     def get_input_embeddings(
         self,
         input_ids: mx.array,
         pixel_values: Optional[mx.array] = None,
         image_sizes: Optional[Sequence[tuple[int, int]]] = None,
-        pixel_values_videos: Optional[mx.array] = None,
+        pixel_values_videos: Optional[VideoPixels] = None,
         batch_num_images: Optional[Sequence[int]] = None,
     ) -> mx.array:
         """input_ids [B, L] (image positions hold `image_token_index`, video positions
@@ -251,13 +278,14 @@ class Model(nn.Module):
         cache: Optional[list[Any]] = None,
         input_embeddings: Optional[mx.array] = None,
         image_sizes: Optional[Sequence[tuple[int, int]]] = None,
-        pixel_values_videos: Optional[mx.array] = None,
+        pixel_values_videos: Optional[VideoPixels] = None,
         batch_num_images: Optional[Sequence[int]] = None,
         attention_mask: Optional[mx.array] = None,
     ) -> mx.array:
         """Logits [B, L, vocab] for input_ids [B, L], optional pixel_values [n, H, W, 3] (with
         `image_sizes`, (height, width) per picture, for the tiled models; `batch_num_images`
-        per prompt for OneVision), and videos `pixel_values_videos` [V, F, H, W, 3]: the
+        per prompt for OneVision), and videos `pixel_values_videos` [V, F, H, W, 3] (a list of
+        [F_i, H, W, 3] for videos of different lengths): the
         processor's outputs, as keywords.
 
         `attention_mask` is accepted as the processor gives it, all ones: a left-padded batch
@@ -271,9 +299,7 @@ class Model(nn.Module):
                 if image_sizes is None:
                     raise ValueError(f"{self.config.model_type} needs image_sizes for its pictures")
                 n_images = len(image_sizes)
-            frames = []
-            if pixel_values_videos is not None:
-                frames = [pixel_values_videos.shape[1]] * pixel_values_videos.shape[0]
+            frames = video_frame_counts(pixel_values_videos)
             self.check_image_tokens(input_ids, n_images, image_sizes, batch_num_images, frames)
             input_embeddings = self.get_input_embeddings(
                 input_ids, pixel_values, image_sizes, pixel_values_videos, batch_num_images

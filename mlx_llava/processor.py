@@ -253,14 +253,15 @@ class Processor:
                 used as given.
             videos: the videos for the `<video>` placeholders (OneVision, LLaVA-NeXT-Video), in
                 order: files (`num_frames` frames sampled uniformly), uint8 arrays
-                [T, H, W, 3] or lists of pictures; all of one frame count.
+                [T, H, W, 3] or lists of pictures.
 
         Returns:
             `input_ids` [B, L] int32, `attention_mask` [B, L] int32 (0 on padding),
             `pixel_values` [n, H, W, 3] float32 (one per picture; the tiled models: each
             picture's tiles), or None without images, `image_sizes`: (height, width) per
             picture for the tiled models, else None; with videos `pixel_values_videos`
-            [V, F, H, W, 3] float32, for OneVision `batch_num_images` (pictures per prompt).
+            [V, F, H, W, 3] float32 (a list of [F_i, H, W, 3] when their lengths differ),
+            for OneVision `batch_num_images` (pictures per prompt).
             Pass them on to `Model` as keywords: `model(**inputs)`.
 
         Raises:
@@ -309,10 +310,10 @@ class Processor:
         }
         if self.config.model_type == "llava_onevision":
             out["batch_num_images"] = batch_num_images
-        if frames:
-            if len({f.shape for f in frames}) != 1:
-                raise ValueError("the videos of one call need the same number of frames")
+        if len({f.shape for f in frames}) == 1:
             out["pixel_values_videos"] = mx.array(np.stack(frames))
+        elif frames:  # videos of different lengths
+            out["pixel_values_videos"] = [mx.array(f) for f in frames]
         return out
 
     def video_frames(self, videos: Sequence[VideoInput], num_frames: int) -> list[np.ndarray]:

@@ -9,6 +9,7 @@ of 8 frames, and a picture with the video. tests/test_oracle_live.py reruns tran
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from llava_testing.onevision import (
     DATA,
@@ -16,7 +17,7 @@ from llava_testing.onevision import (
     oracle,
 )
 from llava_testing.parity import build_with_counts
-from mlx_llava import convert, load
+from mlx_llava import convert, load, stream_generate
 
 CHECKPOINTS = ["ov-hub", "ov-v5", "nv-hub", "nv-v5"]
 
@@ -97,12 +98,24 @@ REAL_COUNTS = {
         total=7_063_431_168, vision_tower=303_507_456, multi_modal_projector=20_979_712
     ),
 }
+# The releases' vocabularies: llava-hf's conversion (transformers'
+# convert_llava_onevision_weights_to_hf.py) adds <image> and <video> to Qwen2-0.5B's 151936 /
+# Qwen2-7B's 152064 entries and pads to a multiple of 64: `resize_token_embeddings(vocab + 2,
+# pad_to_multiple_of=64)`; NeXT-Video keeps llava-v1.6-vicuna's 32064.
+REAL_VOCAB = {
+    "llava-onevision-qwen2-0.5b-ov-hf": 152_000,
+    "llava-onevision-qwen2-7b-ov-hf": 152_128,
+    "LLaVA-NeXT-Video-7B-hf": 32_064,
+}
 
 
 @pytest.mark.parametrize("name", REAL_COUNTS)
 def test_real_configs_build_lazily_with_transformers_parameter_counts(name):
     model = build_with_counts(DATA.parent / f"{name}.config.json", REAL_COUNTS[name])
     config = model.config
+    assert config.text_config.vocab_size == REAL_VOCAB[name]
+    assert model.language_model.model.embed_tokens.weight.shape[0] == REAL_VOCAB[name]
+    assert max(config.image_token_index, config.video_token_index) < REAL_VOCAB[name]
     if name.startswith("llava-onevision"):
         assert config.num_image_tokens == 729 and config.video_tokens(8) == 8 * 196 + 1
         assert len(config.image_grid_pinpoints) == 36 and config.max_num_patches == 9
@@ -128,3 +141,31 @@ def test_an_original_lmms_lab_release_reads_as_its_llava_hf_conversion(tmp_path)
         ids = arrays[f"{case}_input_ids"]
         arrays[f"{case}_input_ids"] = np.where(ids == 384, -200, np.where(ids == 386, -201, ids))
     assert_matches_oracle(model, processor, arrays, meta)
+
+
+def test_random_onevision_checkpoints_for_benchmarks_load_and_answer(tmp_path):
+    """`write_onevision_hf` (benchmarks/make_checkpoint.py --preset ov-mid) writes a folder that
+    transformers reads as a LlavaOnevisionConfig and that answers a picture and a video with
+    the processor's token counts (28-px tiles of 14-px patches: 4 features, 1 a frame)."""
+    from transformers import AutoConfig
+
+    from llava_testing.checkpoints import write_onevision_hf
+
+    vision = dict(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        image_size=28, patch_size=14,
+    )  # fmt: skip
+    text = dict(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2,
+    )  # fmt: skip
+    folder = write_onevision_hf(tmp_path / "ov", vision, text)
+    assert type(AutoConfig.from_pretrained(folder)).__name__ == "LlavaOnevisionConfig"
+    model, processor = load(folder)
+    assert model.config.num_image_tokens == 4 and model.config.video_tokens(3) == 3 * 1 + 1
+    frames = np.zeros((3, 40, 60, 3), np.uint8)
+    video = processor(processor.format_prompt("<video>\nHi", 0), videos=[frames])
+    assert int((video["input_ids"] == model.config.video_token_index).sum()) == 4
+    picture = Image.new("RGB", (60, 40))
+    answer = stream_generate(model, processor, processor.format_prompt("Hi"), picture, max_tokens=3)
+    assert len(list(answer)) == 3

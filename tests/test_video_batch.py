@@ -10,9 +10,12 @@ import pytest
 
 pytest.importorskip("av")
 
-from llava_testing.videos import write_clip
+from PIL import Image  # noqa: E402
 
-from mlx_llava import batch_generate, generate, load  # noqa: E402
+from llava_testing.videos import write_clip  # noqa: E402
+
+from llava_testing.onevision import oracle  # noqa: E402
+from mlx_llava import batch_generate, generate, load, stream_generate  # noqa: E402
 
 DATA = Path(__file__).parent / "fixtures" / "data"
 
@@ -33,6 +36,28 @@ def test_batch_generate_with_videos_answers_as_generate_one_by_one(next_video, t
     assert batch_generate(model, processor, prompts, videos=videos, max_tokens=8) == alone
     with pytest.raises(ValueError, match="prompt 1 has 0 <video>"):
         batch_generate(model, processor, prompts, videos=[clips[0], clips[1], None])
+
+
+@pytest.mark.parametrize("name", ["ov-hub", "nv-hub"])
+def test_batch_generate_with_videos_of_different_lengths_answers_as_one_by_one(name):
+    """Videos of 3, 6 and 8 frames (so as many frames' tokens) in one batch, beside a picture:
+    each row's tokens equal its tokens alone."""
+    model, processor = load(DATA / name, dtype="float32")
+    frames = oracle(name)[0]["video_frames"]  # uint8 [8, H, W, 3]
+    ask = "USER: <video>\n{} ASSISTANT:"
+    prompts = [ask.format(q) for q in ("What happens?", "Why?", "What happens?")]
+    prompts.append("USER: <image>\nWhat is in the picture? ASSISTANT:")
+    videos = [frames[:3], frames[::-1][:6], frames, None]
+    images = [None, None, None, Image.open(DATA / "images" / "wide.png")]
+    alone = [
+        [r.token for r in stream_generate(model, processor, p, i, video=v, max_tokens=8)]
+        for p, i, v in zip(prompts, images, videos)
+    ]
+    assert alone[0] != alone[2]  # the frames count
+    batch = batch_generate(
+        model, processor, prompts, images=images, videos=videos, max_tokens=8, return_results=True
+    )
+    assert [r.tokens for r in batch] == alone
 
 
 def test_caption_video_dir_captions_each_clip_skips_broken_ones_and_resumes(
