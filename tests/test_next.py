@@ -288,9 +288,7 @@ def test_training_loss_equals_transformers(hub_folder, anyres_data):
     ours = []
     for sample in samples:  # one at a time: transformers' loss is a mean over the batch
         batch = make_batch([sample], processor, BadSamplePolicy("stop"))
-        loss, _ = loss_fn(
-            model, batch.inputs, batch.targets, batch.mask, batch.pixel_values, batch.image_sizes
-        )
+        loss, _ = loss_fn(model, *batch.loss_inputs)
         ours.append(loss.item())
     reference = LlavaNextForConditionalGeneration.from_pretrained(
         DATA / "next-hub", dtype=torch.float32, attn_implementation="eager"

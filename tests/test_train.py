@@ -538,20 +538,11 @@ def test_a_batch_mixes_pictures_and_videos_of_different_lengths(ov_model, video_
     batch = make_batch(samples, processor, policy)
     # runs of equal frame count, in sample order: [a], [short], [b]
     assert [v.shape[:2] for v in batch.videos] == [(1, 4), (1, 3), (1, 4)]
-    loss, count = loss_fn(
-        model,
-        batch.inputs,
-        batch.targets,
-        batch.mask,
-        batch.pixel_values,
-        batch.image_sizes,
-        batch.videos,
-    )
+    loss, count = loss_fn(model, *batch.loss_inputs)
     total, n = 0.0, 0
     for sample in samples:
         one = make_batch([sample], processor, policy)
-        args = (one.inputs, one.targets, one.mask, one.pixel_values, one.image_sizes, one.videos)
-        loss_i, count_i = loss_fn(model, *args)
+        loss_i, count_i = loss_fn(model, *one.loss_inputs)
         total, n = total + loss_i.item() * count_i.item(), n + count_i.item()
     assert count.item() == n
     assert abs(loss.item() - total / n) < 1e-5 * total / n

@@ -313,14 +313,12 @@ def test_onevision_ids_and_loss_on_pictures_and_videos_equal_transformers(ov_dat
     ours = []
     for case in cases:
         b = make_batch([case["sample"]], processor, policy)
-        loss, _ = loss_fn(
-            model, b.inputs, b.targets, b.mask, b.pixel_values, b.image_sizes, b.videos
-        )
+        loss, _ = loss_fn(model, *b.loss_inputs)
         ours.append(loss.item())
     print("ours: ", ours, "\ntorch:", theirs)
     np.testing.assert_allclose(ours, theirs, rtol=1e-5)
     b = make_batch([c["sample"] for c in cases], processor, policy)
-    loss, _ = loss_fn(model, b.inputs, b.targets, b.mask, b.pixel_values, b.image_sizes, b.videos)
+    loss, _ = loss_fn(model, *b.loss_inputs)
     counts = np.array([c["n"] for c in cases])
     np.testing.assert_allclose(loss.item(), (np.array(theirs) * counts).sum() / counts.sum(), 1e-5)
 

@@ -331,6 +331,19 @@ class Batch:
     image_sizes: Optional[list[tuple[int, int]]] = None
     videos: Optional[list[mx.array]] = None
 
+    @property
+    def loss_inputs(self) -> tuple:
+        """(inputs, targets, mask, pixel_values, image_sizes, videos): `loss_fn`'s arguments
+        after the model, in its order."""
+        return (
+            self.inputs,
+            self.targets,
+            self.mask,
+            self.pixel_values,
+            self.image_sizes,
+            self.videos,
+        )
+
 
 def _video_runs(videos: list[np.ndarray]) -> Optional[list[mx.array]]:
     """Videos [F, H, W, 3] in order -> runs of equal frame count, each stacked [V, F, H, W, 3]."""

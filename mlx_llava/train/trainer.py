@@ -98,15 +98,7 @@ def evaluate(
         batch = make_batch(distributed.shard(samples_i, group), processor, policy)
         if batch is None:
             continue
-        loss, ntoks = loss_fn(
-            model,
-            batch.inputs,
-            batch.targets,
-            batch.mask,
-            batch.pixel_values,
-            batch.image_sizes,
-            batch.videos,
-        )
+        loss, ntoks = loss_fn(model, *batch.loss_inputs)
         total, count = total + loss * ntoks, count + ntoks
         mx.eval(total, count)
     total, count = distributed.sum_values([total.item(), count.item()], group)
@@ -299,16 +291,7 @@ class Trainer:
             if local == 0:
                 continue
             weight = mx.array(self.ranks * local / total, dtype=mx.float32)
-            loss, ntoks, grad = self.step(
-                batch.inputs,
-                batch.targets,
-                batch.mask,
-                batch.pixel_values,
-                batch.image_sizes,
-                batch.videos,
-                weight,
-                grad,
-            )
+            loss, ntoks, grad = self.step(*batch.loss_inputs, weight, grad)
             mx.eval(loss, ntoks, grad)
             self.pending["loss"] += loss.item() * local
             self.pending["trained"] += local
