@@ -109,9 +109,7 @@ def test_ctrl_c_while_answering_lets_the_answer_finish_then_exits(tmp_path):
     with open(log_path, "wb") as log:
         env = {**os.environ, "PATH": f"{tmp_path}{os.pathsep}{os.environ['PATH']}"}
         env["PYTHONFAULTHANDLER"] = "1"  # SIGABRT prints every thread's stack
-        process = subprocess.Popen(
-            command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env
-        )
+        process = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
     try:
 
@@ -138,7 +136,8 @@ def test_ctrl_c_while_answering_lets_the_answer_finish_then_exits(tmp_path):
         except subprocess.TimeoutExpired:
             process.send_signal(signal.SIGABRT)
             process.wait(timeout=30)
-            raise AssertionError("no exit 30 s after the answer:\n" + log_path.read_text())
+            log = log_path.read_text()
+            raise AssertionError("no exit 30 s after the answer:\n" + log) from None
         assert status == 130, log_path.read_text()
     finally:
         if process.poll() is None:

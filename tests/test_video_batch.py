@@ -12,9 +12,8 @@ pytest.importorskip("av")
 
 from PIL import Image  # noqa: E402
 
-from llava_testing.videos import write_clip  # noqa: E402
-
 from llava_testing.onevision import oracle  # noqa: E402
+from llava_testing.videos import write_clip  # noqa: E402
 from mlx_llava import batch_generate, generate, load, stream_generate  # noqa: E402
 
 DATA = Path(__file__).parent / "fixtures" / "data"
