@@ -291,6 +291,27 @@ def randomize_(model: torch.nn.Module, seed: int, std: float = 0.2) -> None:
                 param.copy_(std * noise)
 
 
+def save_random_model(model_class, config, spec: dict, out_dir: Path) -> None:
+    """A `model_class(config)` in float32 with `randomize_(spec["seed"])` values, written into
+    `out_dir` in `spec["layout"]`.
+
+    "v5" is transformers 5's `save_pretrained`, which reverts its load-time renaming and writes
+    the hub names except that the vision tower has no `vision_model.` level any more
+    (`vision_tower.embeddings.class_embedding`, `vision_tower.pre_layrnorm.weight`, ...;
+    LLaVA-NeXT's `image_newline` on top), with config.json in full and a
+    generation_config.json. Every other layout is the state dict renamed by `_to_layout`.
+    """
+    torch.manual_seed(spec["seed"])
+    model = model_class(config).to(torch.float32).eval()
+    randomize_(model, spec["seed"])
+    if spec["layout"] == "v5":
+        model.save_pretrained(out_dir)
+    else:
+        _save_safetensors(
+            _to_layout(model.state_dict(), spec["layout"]), out_dir / "model.safetensors"
+        )
+
+
 def _to_layout(state: dict[str, torch.Tensor], layout: str) -> dict[str, torch.Tensor]:
     """Renames transformers 5's in-memory LLaVA names to a checkpoint layout.
 
@@ -435,27 +456,7 @@ def build_llava_hf(out_dir: str | Path, spec: dict) -> Path:
         )
         config = LlavaConfig.from_pretrained(out_dir)
 
-    torch.manual_seed(spec["seed"])
-    model = LlavaForConditionalGeneration(config).to(torch.float32).eval()
-    randomize_(model, spec["seed"])
-
-    if spec["layout"] == "v5":
-        # transformers 5.x save_pretrained reverts its load-time renaming and writes the hub
-        # names, except that the vision tower has no `vision_model.` level any more:
-        #   language_model.lm_head.weight, language_model.model.embed_tokens.weight,
-        #   language_model.model.layers.0.input_layernorm.weight, ...,
-        #   language_model.model.norm.weight,
-        #   multi_modal_projector.linear_1.bias, ...,
-        #   vision_tower.embeddings.class_embedding, vision_tower.embeddings.patch_embedding.weight,
-        #   vision_tower.encoder.layers.0.layer_norm1.bias, ..., vision_tower.pre_layrnorm.weight,
-        #   vision_tower.post_layernorm.weight
-        # with config.json in full (dtype, rope_parameters, vision hidden_act quick_gelu, ...)
-        # and a generation_config.json.
-        model.save_pretrained(out_dir)
-    else:
-        _save_safetensors(
-            _to_layout(model.state_dict(), spec["layout"]), out_dir / "model.safetensors"
-        )
+    save_random_model(LlavaForConditionalGeneration, config, spec, out_dir)
     write_processor_files(out_dir, spec["vision"], spec["vision_feature_select_strategy"])
     return out_dir
 
@@ -1268,16 +1269,7 @@ def build_llava_next(out_dir: str | Path, spec: dict) -> Path:
             _sparse_next_config(spec, vocab_size, image_token_id, pad_id),
         )
         config = LlavaNextConfig.from_pretrained(out_dir)
-    torch.manual_seed(spec["seed"])
-    model = LlavaNextForConditionalGeneration(config).to(torch.float32).eval()
-    randomize_(model, spec["seed"])
-    if spec["layout"] == "v5":
-        # transformers 5 writes the hub names without `vision_model.`, image_newline on top.
-        model.save_pretrained(out_dir)
-    else:
-        _save_safetensors(
-            _to_layout(model.state_dict(), spec["layout"]), out_dir / "model.safetensors"
-        )
+    save_random_model(LlavaNextForConditionalGeneration, config, spec, out_dir)
     for name, obj in _next_processor_files(spec["decoder"]).items():
         _write_json(out_dir / name, obj)
     return out_dir
